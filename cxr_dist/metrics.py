@@ -1,0 +1,210 @@
+"""Classification metrics from gathered (key, prob, label) triples, computed once on the main process.
+
+Conventions used everywhere in cxr-dist:
+
+* ``probs`` is the predicted probability of **abnormal** (class 1), one float per sample;
+* ``labels`` is 0 (normal) or 1 (abnormal); abnormal is the positive class, so ``recall`` is the
+  sensitivity to abnormal studies and ``specificity`` the recall of normal ones;
+* a prediction is abnormal when ``prob >= threshold``.
+
+Distributed evaluation may pad the last batches or let several ranks see the same sample, so the
+training loop gathers ``(key, prob, label)`` from every rank and calls :func:`dedupe` before
+:func:`compute_metrics`; metrics therefore never depend on the world size or on rank order.
+
+Pure numpy/scikit-learn; nothing here needs torch or a GPU.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+ArrayLike = Sequence[float] | np.ndarray
+
+# Metrics worth one number per epoch in a log line or MLflow (confusion is a matrix, not a scalar).
+SCALAR_KEYS = (
+    "loss", "accuracy", "precision", "recall", "specificity", "f1",
+    "balanced_accuracy", "auroc", "auprc", "n", "n_pos",
+)
+
+
+def _as_arrays(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"probs and labels differ in length: {p.shape[0]} vs {y.shape[0]}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (normal) or 1 (abnormal), got values {sorted(set(y.tolist()))[:5]}")
+    if not np.isfinite(p).all():
+        raise ValueError("probs contain NaN or infinity (did the loss diverge?)")
+    return p, y.astype(np.int64)
+
+
+def dedupe(
+    keys: Sequence[str], probs: ArrayLike, labels: ArrayLike
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Drop repeated keys (keeping the first occurrence) and sort by key.
+
+    Repeats come from distributed evaluation (padding, or a sample seen by two ranks); their
+    probabilities may differ in the last bits between ranks, so the first one is kept rather than
+    compared. Two copies of a key with *different labels* mean the data is inconsistent, which is
+    an error, not something to average away. Sorting makes the result independent of rank order.
+    """
+    p, y = _as_arrays(probs, labels)
+    keys = [str(k) for k in keys]
+    if len(keys) != p.shape[0]:
+        raise ValueError(f"keys and probs differ in length: {len(keys)} vs {p.shape[0]}")
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        j = first.setdefault(k, i)
+        if j != i and y[j] != y[i]:
+            raise ValueError(f"key {k!r} appears twice with different labels ({y[j]} and {y[i]})")
+    order = sorted(first)  # sorted unique keys
+    idx = np.fromiter((first[k] for k in order), dtype=np.int64, count=len(order))
+    return order, p[idx], y[idx]
+
+
+def _div(num: float, den: float) -> float:
+    """num/den, with 0 for an empty denominator (e.g. precision when nothing is predicted abnormal)."""
+    return float(num) / float(den) if den else 0.0
+
+
+def compute_metrics(
+    probs: ArrayLike, labels: ArrayLike, threshold: float = 0.5, loss: float | None = None
+) -> dict[str, Any]:
+    """Metrics of abnormal-vs-normal predictions; abnormal (label 1) is the positive class.
+
+    Returns floats ``loss`` (only if given), ``accuracy``, ``precision``, ``recall`` (sensitivity),
+    ``specificity``, ``f1``, ``balanced_accuracy``, ``auroc``, ``auprc`` (average precision), ints
+    ``n`` and ``n_pos``, and ``confusion`` = ``[[tn, fp], [fn, tp]]``.
+
+    Degenerate inputs do not raise: with one class only, ``auroc`` is NaN (undefined) and ``auprc``
+    is NaN when there are no positives; ratios with an empty denominator are 0. Balanced accuracy
+    averages the recall of the classes present, as scikit-learn does. Empty input raises ValueError.
+    """
+    p, y = _as_arrays(probs, labels)
+    n = int(y.size)
+    if n == 0:
+        raise ValueError("compute_metrics needs at least one sample")
+    pred = (p >= threshold).astype(np.int64)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    n_pos, n_neg = tp + fn, tn + fp
+    precision = _div(tp, tp + fp)
+    recall = _div(tp, n_pos)
+    specificity = _div(tn, n_neg)
+    present = [r for r, count in ((recall, n_pos), (specificity, n_neg)) if count]
+    out: dict[str, Any] = {}
+    if loss is not None:
+        out["loss"] = float(loss)
+    out.update(
+        accuracy=_div(tp + tn, n),
+        precision=precision,
+        recall=recall,
+        specificity=specificity,
+        f1=_div(2 * precision * recall, precision + recall),
+        balanced_accuracy=float(np.mean(present)),
+        auroc=float(roc_auc_score(y, p)) if n_pos and n_neg else math.nan,
+        auprc=float(average_precision_score(y, p)) if n_pos else math.nan,
+        n=n,
+        n_pos=n_pos,
+        confusion=[[tn, fp], [fn, tp]],
+    )
+    return out
+
+
+def study_level(
+    uids: Sequence[str], probs: ArrayLike, labels: ArrayLike
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Pool image-level predictions into one per study (uid), sorted by uid.
+
+    The probability of a study is the **mean** over its views. The label belongs to the report,
+    i.e. to the study, so all views share it and a disagreement raises ValueError. Why the mean:
+    frontal and lateral views are two looks at the same finding, and averaging lets a confident
+    view outweigh an uninformative one while staying a probability; ``max`` would make a study
+    more likely to be called abnormal just because it has more views (more chances for one
+    false positive), which biases specificity by study size.
+    """
+    p, y = _as_arrays(probs, labels)
+    uids = [str(u) for u in uids]
+    if len(uids) != p.shape[0]:
+        raise ValueError(f"uids and probs differ in length: {len(uids)} vs {p.shape[0]}")
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    label_of: dict[str, int] = {}
+    for u, pi, yi in zip(uids, p.tolist(), y.tolist()):
+        if label_of.setdefault(u, yi) != yi:
+            raise ValueError(f"study {u!r} has views with different labels")
+        sums[u] = sums.get(u, 0.0) + pi
+        counts[u] = counts.get(u, 0) + 1
+    order = sorted(sums)
+    return (
+        order,
+        np.array([sums[u] / counts[u] for u in order], dtype=np.float64),
+        np.array([label_of[u] for u in order], dtype=np.int64),
+    )
+
+
+def always_abnormal(labels: ArrayLike) -> dict[str, Any]:
+    """Metrics of the trivial baseline that calls everything abnormal (probability 1.0, AUROC 0.5).
+
+    Any useful model must beat its accuracy (= prevalence of abnormal) and its AUPRC.
+    """
+    y = np.asarray(labels).reshape(-1)
+    return compute_metrics(np.ones(y.shape[0]), y)
+
+
+def curves(probs: ArrayLike, labels: ArrayLike) -> dict[str, dict[str, list[float]]]:
+    """ROC (fpr, tpr, thresholds) and precision-recall (precision, recall) points as plain lists.
+
+    With a single class present the curves are undefined and come back as empty lists. The first
+    ROC threshold, infinite in scikit-learn, is replaced by the next float above the largest score
+    (same meaning: nothing is predicted abnormal) so that the lists stay JSON-safe.
+    """
+    p, y = _as_arrays(probs, labels)
+    if y.size == 0 or y.min() == y.max():
+        return {"roc": {"fpr": [], "tpr": [], "thresholds": []}, "pr": {"precision": [], "recall": []}}
+    fpr, tpr, thr = roc_curve(y, p)
+    thr = np.where(np.isfinite(thr), thr, np.nextafter(max(1.0, float(p.max())), math.inf))
+    prec, rec, _ = precision_recall_curve(y, p)
+    return {
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist()},
+        "pr": {"precision": prec.tolist(), "recall": rec.tolist()},
+    }
+
+
+def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The scalar entries of a metrics dict as floats, keys prefixed (e.g. ``val/``), for MLflow."""
+    return {f"{prefix}{k}": float(metrics[k]) for k in SCALAR_KEYS if k in metrics}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def summary_line(
+    epoch: int,
+    phase_name: str,
+    train: dict[str, Any],
+    val: dict[str, Any],
+    total_epochs: int | None = None,
+) -> str:
+    """One line per epoch, e.g. ``epoch 3/40 [head] train loss 0.610 acc 0.700 f1 0.750 | val ...``.
+
+    ``epoch`` is printed as given (pass it 1-based); metrics missing from a dict are left out.
+    """
+    def part(name: str, m: dict[str, Any], keys: tuple[tuple[str, str], ...]) -> str:
+        items = [f"{short} {_fmt(m[k])}" for k, short in keys if k in m]
+        return f"{name} " + " ".join(items) if items else name
+
+    train_keys = (("loss", "loss"), ("accuracy", "acc"), ("f1", "f1"))
+    val_keys = train_keys + (("auroc", "auroc"), ("recall", "sens"), ("specificity", "spec"))
+    head = f"epoch {epoch}/{total_epochs}" if total_epochs else f"epoch {epoch}"
+    return f"{head} [{phase_name}] {part('train', train, train_keys)} | {part('val', val, val_keys)}"
