@@ -286,6 +286,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def from_dict(cls: type, raw: dict) -> Any:
+    """Build one config section (or the whole Config) from plain dicts, e.g. a checkpoint's copy."""
+    return _build(cls, raw, "" if cls is Config else cls.__name__.removesuffix("Config").lower())
+
+
 def replace(cfg: Any, **changes: Any) -> Any:
     """dataclasses.replace, re-exported so callers need not import dataclasses for it."""
     return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,112 @@
+"""Everything distributed lives here: the Accelerator, gathering, agreement between ranks, preemption.
+
+No other module of the training path reads RANK, WORLD_SIZE or SLURM_* (the launch side,
+`slurm_launch.py`, turns SLURM's variables into `accelerate launch` arguments). Rank and world
+size are passed explicitly to the components that need them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
+
+from .config import DataConfig, TrainConfig
+
+PREEMPT_EXIT_CODE = 99  # "checkpoint saved, requeue me": slurm/train.sh requeues on it
+PREEMPT_FILE = "PREEMPT"  # created in run_dir by the batch script when SLURM signals preemption
+
+
+def using_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(train: TrainConfig, data: DataConfig) -> Accelerator:
+    """An Accelerator that really is distributed on CPU-only machines too.
+
+    Traps handled (see docs/architecture.md): without `cpu=True` a CPU-only `--multi_gpu` launch
+    gives N unsynchronised rank-0 runs; with DeepSpeed, `cpu=True` silently disables DeepSpeed, so
+    a gloo process group is created first instead.
+    """
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": train.grad_accum_steps}
+    if train.mixed_precision:
+        kwargs["mixed_precision"] = train.mixed_precision
+    if using_deepspeed():
+        if not torch.cuda.is_available():
+            PartialState(backend="gloo")
+    elif not torch.cuda.is_available():
+        kwargs["cpu"] = True
+    accelerator = Accelerator(**kwargs)
+    if accelerator.state.deepspeed_plugin is not None:
+        # We do not pass our WebDataset loader to prepare() (it would be split twice), so
+        # DeepSpeed's "auto" batch size and clipping are filled in from the config here.
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = data.batch_size
+        ds["train_batch_size"] = data.batch_size * accelerator.num_processes * train.grad_accum_steps
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = train.clip_grad_norm
+    return accelerator
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """One item per rank (in rank order), on every rank; [obj] when not distributed."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return [obj]
+    return gather_object([obj])
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (e.g. metrics computed once on the main process)."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on at least one (a step boundary all ranks agree on)."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+class PreemptionWatch:
+    """Notices a coming preemption: SIGUSR1 to this process, or a PREEMPT file in the run folder.
+
+    SLURM's `--signal=B:USR1@N` reaches only the batch shell; slurm/train.sh turns it into the
+    file, which every rank on every node sees. `requested()` is a collective: call it at the same
+    step on all ranks.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.flag_file = Path(run_dir) / PREEMPT_FILE
+        self._signalled = False
+        try:
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        except ValueError:  # not the main thread (e.g. under some test runners): file only
+            pass
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signalled = True
+
+    def requested(self) -> bool:
+        return any_rank(self._signalled or self.flag_file.exists())
+
+    def clear(self) -> None:
+        """Called by the main process when a (requeued) run starts."""
+        self.flag_file.unlink(missing_ok=True)

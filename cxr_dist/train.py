@@ -1,0 +1,279 @@
+"""Two-phase training: `accelerate launch -m cxr_dist.train --config configs/X.toml [--train.seed 3 ...]`.
+
+The loop reads top to bottom: for each phase of the config, freeze/unfreeze, (re)build the
+optimizer and let Accelerate wrap the model; for each epoch, train a fixed number of batches,
+evaluate on the validation split, step ReduceLROnPlateau once on the reduced metric, checkpoint,
+log. Only the main process writes files, prints and logs; the others get a do-nothing tracker.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from . import dist
+from .config import Config, PhaseConfig, dump_toml, load_config, to_dict
+from .config import ConfigError
+from .errors import UserError
+from .evaluate import evaluate_split, report
+from .metrics import compute_metrics, scalar_metrics, summary_line
+from .model import CXRClassifier, build_model, count_trainable, param_groups, weights_source
+from .split import train_val_splits
+from .stream import class_counts, load_index, train_loader
+from .tracking import make_tracker
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # >0 only in a checkpoint taken mid-epoch at preemption
+    best: float = -math.inf  # best value of train.best_metric on validation
+    history: list[dict] = field(default_factory=list)  # one row of metrics per completed epoch
+
+
+def phase_at(phases: tuple[PhaseConfig, ...], epoch: int) -> int:
+    """Index of the phase that 1-based `epoch` belongs to (phases run back to back)."""
+    end = 0
+    for i, phase in enumerate(phases):
+        end += phase.epochs
+        if epoch <= end:
+            return i
+    raise ValueError(f"epoch {epoch} is past the last phase ({end} epochs in all)")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def class_weights(counts: tuple[int, int]) -> torch.Tensor:
+    """Inverse-frequency weights (n / (2 n_c)), as Keras' class_weight='balanced'."""
+    n = sum(counts)
+    return torch.tensor([n / (2 * max(c, 1)) for c in counts], dtype=torch.float32)
+
+
+def train(cfg: Config, accelerator, tracker) -> bool:
+    """Run (or resume) the whole schedule. Returns False when stopped early for preemption."""
+    t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
+    run_dir = Path(t.run_dir)
+    index = load_index(cfg.data.shards_dir)
+    train_splits, val_split = train_val_splits(cfg.data)
+    counts = class_counts(index, train_splits)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(counts) if t.class_weighted_loss else None)
+    loss_fn = loss_fn.to(accelerator.device)
+    loader, batches_per_epoch = train_loader(cfg.data, train_splits, rank, world, t.seed)
+
+    seed_everything(t.seed)
+    raw = build_model(cfg.model)
+    progress, saved = Progress(), None
+    latest = ckpt.latest_checkpoint(run_dir) if t.resume else None
+    if latest is not None:
+        model_state, saved, meta = ckpt.load_checkpoint(latest)
+        raw.load_state_dict(model_state)
+        progress = Progress(**meta["progress"])
+        accelerator.print(f"resuming from {latest} after epoch {progress.epoch} (step {progress.step_in_epoch})")
+    watch = dist.PreemptionWatch(run_dir)
+    if accelerator.is_main_process:
+        watch.clear()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(dump_toml(cfg))
+    dist.barrier()
+    tracker.log_params({
+        **to_dict(cfg), "world_size": world, "mixed_precision": accelerator.mixed_precision,
+        "weights_source": weights_source(cfg.model), "data_checksum": index.get("checksum", ""),
+        "train_counts": list(counts), "batches_per_epoch": batches_per_epoch,
+        "deepspeed": accelerator.state.deepspeed_plugin is not None,
+    })
+    tracker.log_artifact(run_dir / "config.toml")
+
+    total = t.total_epochs
+    first_epoch = 1
+    for p_idx, phase in enumerate(t.phases):
+        last_epoch = first_epoch + phase.epochs - 1
+        if progress.epoch >= last_epoch:
+            first_epoch = last_epoch + 1
+            continue
+        # Re-wrap at every phase boundary: DDP and DeepSpeed only synchronise parameters that
+        # required grad when they were built (trap in docs/architecture.md).
+        accelerator.free_memory()
+        raw.set_phase(phase.unfreeze_blocks)
+        optimizer = torch.optim.Adam(param_groups(raw, phase), weight_decay=t.weight_decay)
+        model, optimizer = accelerator.prepare(raw, optimizer)
+        # Not prepared: Accelerate would step it once per process (patience runs out N times faster).
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=t.plateau_mode, factor=t.plateau_factor, patience=t.plateau_patience)
+        if saved is not None and phase_at(t.phases, progress.epoch + 1) == p_idx:
+            _restore(saved, optimizer, scheduler, rank)
+        saved = None
+        accelerator.print(f"phase {p_idx + 1}/{len(t.phases)} '{phase.name}': epochs {first_epoch}-{last_epoch}, "
+                          f"{count_trainable(raw):,} trainable parameters")
+        for epoch in range(max(first_epoch, progress.epoch + 1), last_epoch + 1):
+            t0 = time.time()
+            train_m, stopped = train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader,
+                                           batches_per_epoch, epoch, progress, watch)
+            if stopped:
+                _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest")
+                accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
+                return False
+            val_m = evaluate_split(accelerator.unwrap_model(model), cfg.data, val_split, accelerator, loss_fn)
+            scheduler.step(val_m[t.plateau_metric])  # same reduced value on every rank
+            row = {"epoch": epoch, "phase": p_idx + 1, "epoch_time_s": time.time() - t0,
+                   "images_per_s": batches_per_epoch * cfg.data.batch_size * world / (time.time() - t0),
+                   **scalar_metrics(train_m, "train/"), **scalar_metrics(val_m, "val/"),
+                   **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}
+            progress.epoch, progress.step_in_epoch = epoch, 0
+            progress.history.append(row)
+            is_best = val_m[t.best_metric] > progress.best
+            if is_best:
+                progress.best = val_m[t.best_metric]
+            _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", best=is_best)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            accelerator.print(summary_line(epoch, phase.name, train_m, val_m, total))
+        first_epoch = last_epoch + 1
+    _finish(cfg, accelerator, raw, tracker, progress, val_split)
+    return True
+
+
+def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, epoch, progress, watch):
+    """One epoch of `n_batches` steps (the same on every rank). Returns (metrics, preempted)."""
+    t = cfg.train
+    model.train()
+    # Epoch-seeded RNG: shuffling, augmentation (dataloader workers draw their seeds from it) and
+    # dropout are a function of (seed, epoch, rank), so a resumed run replays an epoch exactly.
+    seed_everything(t.seed * 1000 + epoch * 10 + accelerator.process_index)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    skip, progress.step_in_epoch = progress.step_in_epoch, 0
+    probs, labels, loss_sum = [], [], 0.0
+    bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not accelerator.is_main_process,
+               leave=False, dynamic_ncols=True, file=sys.stderr)
+    for step, batch in enumerate(loader):
+        if step >= n_batches:
+            break
+        if step < skip:  # resuming mid-epoch: these batches were trained before the preemption
+            bar.update(1)
+            continue
+        if watch.requested():
+            progress.step_in_epoch = step
+            return {}, True
+        x = batch["image"].to(accelerator.device, non_blocking=True)
+        y = batch["label"].to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.clip_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.item() * len(y)
+        probs.append(torch.softmax(logits.detach().float(), 1)[:, 1].cpu())
+        labels.append(y.cpu())
+        if step % t.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1)
+    bar.close()
+    # Training metrics over every (augmented) sample the epoch saw, on all ranks: gathered, then
+    # computed once. Each rank sees different samples, so nothing is averaged per rank.
+    parts = dist.gather_objects((torch.cat(probs).numpy(), torch.cat(labels).numpy(), loss_sum))
+    p = np.concatenate([q for q, _, _ in parts])
+    y = np.concatenate([l for _, l, _ in parts])
+    return compute_metrics(p, y, loss=sum(s for _, _, s in parts) / max(len(y), 1)), False
+
+
+def _restore(saved: dict, optimizer, scheduler, rank: int) -> None:
+    if saved.get("optimizer") is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rngs = saved.get("rng", [])
+    if rank < len(rngs):
+        ckpt.set_rng_state(rngs[rank])
+
+
+def _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag, best=False) -> None:
+    """Checkpoint from the main process; every rank contributes its RNG state (collective)."""
+    rngs = dist.gather_objects(ckpt.rng_state())
+    if accelerator.is_main_process:
+        # DeepSpeed partitions optimizer state across ranks; its resume restores weights, schedule
+        # and RNG but restarts Adam's moments (documented in docs/training.md).
+        opt_state = None if accelerator.state.deepspeed_plugin is not None else optimizer.state_dict()
+        model_state = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
+        state = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": rngs}
+        meta = {"progress": progress.__dict__, "config": to_dict(cfg)}
+        ckpt.save_checkpoint(run_dir, tag, model_state, state, meta)
+        if best:
+            ckpt.save_checkpoint(run_dir, "best", model_state, {}, meta)
+    dist.barrier()
+
+
+def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, val_split: str) -> None:
+    """After the last epoch: the best weights on val and test, figures, evaluation JSON, model.
+
+    Collective (every rank evaluates its share); files and logging on the main process only.
+    """
+    run_dir = Path(cfg.train.run_dir)
+    state, _ = ckpt.load_model_state(run_dir / "checkpoints" / "best")
+    raw.load_state_dict(state)
+    splits = {"val": val_split}
+    if load_index(cfg.data.shards_dir)["splits"].get("test", {}).get("total", 0):
+        splits["test"] = "test"
+    preds = {name: evaluate_split(raw, cfg.data, split, accelerator, with_predictions=True)["predictions"]
+             for name, split in splits.items()}
+    if accelerator.is_main_process:
+        from .plots import confusion_figure, roc_pr_figure, training_figure
+
+        evaluation = {name: report(p) for name, p in preds.items()}
+        ckpt.write_json_atomic(run_dir / "evaluation.json", evaluation)
+        ckpt.write_json_atomic(run_dir / "history.json", progress.history)
+        for name, rep in evaluation.items():
+            tracker.log_metrics(scalar_metrics(rep["image_level"], f"best_{name}/"), step=progress.epoch)
+            if "study_level" in rep:
+                tracker.log_metrics(scalar_metrics(rep["study_level"], f"best_{name}_study/"), step=progress.epoch)
+        bounds = [float(b) + 0.5 for b in np.cumsum([p.epochs for p in cfg.train.phases])[:-1]]
+        last = "test" if "test" in preds else "val"
+        figures = [
+            training_figure(progress.history, bounds, run_dir / "training_metrics.png"),
+            roc_pr_figure(preds[last]["probs"], preds[last]["labels"], run_dir / f"roc_pr_{last}.png"),
+            confusion_figure(evaluation[last]["image_level"]["confusion"], run_dir / f"confusion_{last}.png"),
+        ]
+        for path in [*figures, run_dir / "evaluation.json", run_dir / "history.json"]:
+            tracker.log_artifact(path)
+        tracker.log_model(raw)
+        accelerator.print(json.dumps({n: {k: round(v, 4) for k, v in scalar_metrics(r["image_level"]).items()}
+                                      for n, r in evaluation.items()}))
+    dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cxr_dist.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="TOML file (see configs/); dotted overrides follow, e.g. --train.seed 3")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        accelerator = dist.make_accelerator(cfg.train, cfg.data)
+        tracker = make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir)
+        with tracker:
+            finished = train(cfg, accelerator, tracker)
+    except (UserError, ConfigError) as e:
+        print(f"cxr_dist.train: {e}", file=sys.stderr)
+        return 2
+    # No destroy_process_group(): with gloo it aborted ~1 run in 10 at exit (docs/architecture.md).
+    return 0 if finished else dist.PREEMPT_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
