@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from .model import build_model
 
     ap = argparse.ArgumentParser(prog="cxr-dist evaluate", description="Metrics of a checkpoint, as JSON.")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/x/checkpoints/best) or run dir")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/x/checkpoints/best) or a run dir (its best checkpoint)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="a folder written by `cxr-dist prepare`")
     src.add_argument("--data", help="a Kaggle-layout folder: all its images are evaluated (prepared on the fly)")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
 
-    state, meta = load_model_state(args.checkpoint)
+    state, meta = load_model_state(args.checkpoint, tag="best")
     model_cfg = from_dict(ModelConfig, meta["config"]["model"])
     data_cfg = replace(from_dict(DataConfig, meta["config"]["data"]), batch_size=args.batch_size)
     model = build_model(replace(model_cfg, pretrained=False, weights=""))  # weights come from the checkpoint

@@ -215,8 +215,8 @@ def _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag, b
         state = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": rngs}
         meta = {"progress": progress.__dict__, "config": to_dict(cfg)}
         ckpt.save_checkpoint(run_dir, tag, model_state, state, meta)
-        if best:
-            ckpt.save_checkpoint(run_dir, "best", model_state, {}, meta)
+        if best:  # hard links: checkpoints are never modified in place
+            ckpt.copy_as(run_dir, tag, "best")
     dist.barrier()
 
 

@@ -1,0 +1,81 @@
+"""The typed config: defaults, file, overrides, validation messages, round trip."""
+from pathlib import Path
+
+import pytest
+
+from cxr_dist.config import Config, ConfigError, dump_toml, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_original_experiment():
+    cfg = load_config()
+    assert cfg.model.backbone == "efficientnet_b1" and cfg.model.hidden == 256 and cfg.model.dropout == 0.5
+    assert [(p.epochs, p.unfreeze_blocks, p.lr) for p in cfg.train.phases] == [(15, 0, 1e-3), (25, 1, 1e-3)]
+    assert cfg.train.total_epochs == 40
+
+
+def test_precedence_cli_over_file_over_defaults(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nseed = 7\nrun_dir = "r"\n[data]\nbatch_size = 8\n')
+    cfg = load_config(f, ["--train.seed", "9", "--data.num_workers=0"])
+    assert (cfg.train.seed, cfg.train.run_dir, cfg.data.batch_size, cfg.data.num_workers) == (9, "r", 8, 0)
+    assert cfg.data.image_size == 256  # untouched default
+
+
+def test_phase_list_from_file_and_indexed_override(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[[train.phases]]\nname = "a"\nepochs = 2\n'
+        '[[train.phases]]\nname = "b"\nepochs = 3\nunfreeze_blocks = 1\n'
+        '[[train.phases]]\nname = "c"\nepochs = 1\nunfreeze_blocks = 3\nbackbone_lr = 1e-5\n'
+    )
+    cfg = load_config(f, ["--train.phases.1.epochs", "4"])
+    assert [p.name for p in cfg.train.phases] == ["a", "b", "c"]
+    assert cfg.train.total_epochs == 7 and cfg.train.phases[2].backbone_lr == 1e-5
+    # an indexed override also works on the default list
+    assert load_config(None, ["--train.phases.0.epochs", "2"]).train.total_epochs == 27
+
+
+def test_list_override_parses_toml():
+    assert parse_overrides(["--tracking.tags", '["fold=3"]']) == [("tracking.tags", ["fold=3"])]
+    assert load_config(None, ["--tracking.tags", '["fold=3"]']).tracking.tags == ("fold=3",)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--train.nope", "1"], "unknown config key(s) train.nope"),
+        (["--data.batch_size", "big"], "data.batch_size: expected an integer"),
+        (["--data.val_frac", "0.6", "--data.test_frac", "0.5"], "sum to less than 1"),
+        (["--data.k_folds", "3", "--data.fold", "3"], "data.fold must be in [0, 3)"),
+        (["--train.mixed_precision", "fp8"], "train.mixed_precision"),
+        (["--data.input_size", "512"], "cannot exceed data.image_size"),
+        (["--train.seed"], "has no value"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, ["--train.phases.1.unfreeze_blocks", "2", "--tracking.tags", '["a=b"]'])
+    f = tmp_path / "resolved.toml"
+    f.write_text(dump_toml(cfg))
+    assert load_config(f) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), Config)
