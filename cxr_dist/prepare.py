@@ -1,0 +1,92 @@
+"""`cxr-dist prepare --data DIR --out OUT [--config FILE] [--data.seed 3 ...]`
+
+Kaggle-layout IU X-ray folder -> uid-level splits -> WebDataset shards + index.json + skipped.jsonl.
+``--data`` and ``--out`` are shorthands for ``--data.data_dir`` and ``--data.shards_dir``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from .config import ConfigError, DataConfig, load_config
+from .errors import UserError
+
+USAGE = """usage: cxr-dist prepare --data DIR --out OUT [--config FILE] [--data.FIELD VALUE ...]
+
+  --data DIR     Kaggle-layout folder: indiana_reports.csv, indiana_projections.csv, images/
+                 (dataset raddar/chest-xrays-indiana-university)
+  --out OUT      folder for the shards (created; must be empty or hold only earlier shards)
+  --config FILE  TOML config; its [data] section is used
+  --data.seed 3, --data.image_size 384, --data.k_folds 5, --data.no_indexing abnormal, ...
+"""
+
+
+def _parse(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Pull --config out and rewrite --data/--out into dotted overrides; the rest are overrides."""
+    config, overrides = None, []
+    alias = {"--data": "--data.data_dir", "--out": "--data.shards_dir"}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--config", *alias):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{name} needs a value")
+                value, i = argv[i + 1], i + 1
+            if name == "--config":
+                config = value
+            else:
+                # Quoted so that a path like 2024 or true stays text when parsed as TOML.
+                overrides += [alias[name], '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"']
+        else:
+            overrides.append(arg)
+        i += 1
+    return config, overrides
+
+
+def summary(index: dict, seconds: float) -> str:
+    """A few lines for the terminal: samples per split, skipped by reason, No Indexing handling."""
+    t = index["totals"]
+    lines = [f"prepared {t['samples']} images of {t['uids']} uids from {t['rows']} rows in {seconds:.1f} s "
+             f"(image_size {index['image_size']}, seed {index['seed']})"]
+    for name, sp in index["splits"].items():
+        lab = sp["labels"]
+        lines.append(f"  {name:<6} {sp['total']:>6} images {sp['uids']:>5} uids  normal {lab['normal']:>5}  "
+                     f"abnormal {lab['abnormal']:>5}  {len(sp['shards'])} shards")
+    skipped = ", ".join(f"{k} {v}" for k, v in index["skipped"].items()) or "none"
+    lines.append(f"  skipped: {skipped} (details in skipped.jsonl)")
+    ni = index["no_indexing_counts"]
+    lines.append(f"  'No Indexing': {ni['images']} images of {ni['uids']} uids -> {ni['treatment']}")
+    lines.append(f"  checksum {index['checksum']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """Run prepare; DataError/ConfigError propagate (the CLI prints them). Returns 0 on success."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    config, overrides = _parse(list(argv))
+    cfg: DataConfig = load_config(config, overrides).data
+    if not cfg.data_dir:
+        raise ConfigError("no dataset folder: pass --data DIR (or data.data_dir in the config)")
+    from .shards import write_shards  # heavy imports only when there is work to do
+
+    start = time.perf_counter()
+    index = write_shards(cfg, cfg.shards_dir)
+    print(summary(index, time.perf_counter() - start))
+    print(f"wrote {cfg.shards_dir}/index.json")
+    return 0
+
+
+def _cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except (ConfigError, UserError) as e:
+        print(f"cxr-dist prepare: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_cli(sys.argv[1:]))

@@ -1,0 +1,258 @@
+"""Shards -> batches for one rank. Splits itself by rank and DataLoader worker: never pass these
+loaders to ``accelerator.prepare`` (it would split them a second time).
+
+Work is dealt to *slots*, one per (rank, worker): slot = rank * W + worker, n_slots = world * W.
+When a split has at least n_slots shards, each slot reads whole shards (shards[slot::n_slots]);
+otherwise every slot reads all shards and keeps every n_slots-th sample, so that no slot is ever
+empty ("No samples found") however many workers there are.
+
+Train stream (``train_loader``): every rank yields exactly ``batches_per_epoch`` full batches per
+epoch, computed from index.json as total_samples // (world * batch_size), so no rank waits for
+another at a collective. Each epoch the shard order is re-permuted (same permutation on every
+rank) and each slot reads its part through a shuffle buffer, wrapping around when its part is
+short and stopping when its budget is met. Epoch e's stream depends only on (seed, e, rank):
+call ``loader.set_epoch(e)`` before iterating (like DistributedSampler); without it, each
+iteration advances to the next epoch by itself.
+
+Eval stream (``eval_loader``): every sample of the split exactly once across all ranks and
+workers, in a fixed order, no augmentation; the last batch of a worker may be short and ranks
+may get different numbers of batches.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from PIL import Image
+
+from .config import DataConfig
+from .errors import DataError
+from .shards import INDEX_FORMAT
+from .transforms import eval_transform, train_transform
+
+Batch = dict[str, Any]
+
+
+def load_index(shards_dir: str | Path) -> dict:
+    """Read and check OUT/index.json; the index gets ``root`` (the folder) added. DataError if absent."""
+    root = Path(shards_dir)
+    path = root / "index.json"
+    if not path.is_file():
+        raise DataError(f"no index.json in {root}: run `cxr-dist prepare --data DIR --out {root}` first")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not readable JSON ({e}); run `cxr-dist prepare` again") from e
+    if index.get("format") != INDEX_FORMAT:
+        raise DataError(f"{path} is not a cxr-dist shard index; run `cxr-dist prepare` again")
+    missing = [s["file"] for sp in index["splits"].values() for s in sp["shards"] if not (root / s["file"]).is_file()]
+    if missing:
+        raise DataError(f"{root} lacks shard file(s) {', '.join(missing[:5])}; run `cxr-dist prepare` again")
+    index["root"] = str(root)
+    return index
+
+
+def _shards(index: dict, splits: list[str]) -> list[tuple[str, int]]:
+    out = []
+    for name in splits:
+        if name not in index["splits"]:
+            raise DataError(f"split {name!r} is not in {index['root']} (has: {', '.join(index['splits'])}); "
+                            "were the shards prepared with the same data.k_folds?")
+        out += [(str(Path(index["root"]) / s["file"]), int(s["count"])) for s in index["splits"][name]["shards"]]
+    return out
+
+
+def class_counts(index: dict, splits: list[str]) -> tuple[int, int]:
+    """(n_normal, n_abnormal) samples over the given splits, from index.json."""
+    labels = [index["splits"][s]["labels"] for s in splits]
+    return sum(x["normal"] for x in labels), sum(x["abnormal"] for x in labels)
+
+
+def _read_tar(path: str) -> Iterator[dict]:
+    from webdataset.tariterators import tarfile_samples
+
+    yield from tarfile_samples([{"url": path}])
+
+
+def _slot_samples(shards: list[tuple[str, int]], n_slots: int, slot: int) -> Iterator[dict]:
+    """The raw samples of one slot, for shards in the given order (see the module docstring)."""
+    if len(shards) >= n_slots:
+        for path, _ in shards[slot::n_slots]:
+            yield from _read_tar(path)
+        return
+    i = 0
+    for path, _ in shards:
+        for sample in _read_tar(path):
+            if i % n_slots == slot:
+                yield sample
+            i += 1
+
+
+def _slot_count(shards: list[tuple[str, int]], n_slots: int, slot: int) -> int:
+    if len(shards) >= n_slots:
+        return sum(c for _, c in shards[slot::n_slots])
+    n = sum(c for _, c in shards)
+    return max(0, (n - slot + n_slots - 1) // n_slots)
+
+
+def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle buffer: holds up to ``size`` raw (still encoded) samples, yields a random one."""
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        j = rng.randrange(len(buf))
+        buf[j], s = s, buf[j]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _collate(items: list[tuple[torch.Tensor, int, str, str]]) -> Batch:
+    return {
+        "image": torch.stack([x[0] for x in items]),
+        "label": torch.tensor([x[1] for x in items], dtype=torch.int64),
+        "key": [x[2] for x in items],
+        "uid": [x[3] for x in items],
+    }
+
+
+class _ShardStream(IterableDataset):
+    """Batches of one rank; each DataLoader worker produces its own slot's batches."""
+
+    def __init__(self, shards: list[tuple[str, int]], cfg: DataConfig, rank: int, world: int,
+                 workers: int, train: bool, seed: int, batches_per_epoch: int) -> None:
+        super().__init__()
+        self.shards, self.rank, self.world, self.workers = shards, rank, world, max(1, workers)
+        self.batch_size, self.buffer, self.train, self.seed = cfg.batch_size, cfg.shuffle_buffer, train, seed
+        self.transform = train_transform(cfg.input_size) if train and cfg.augment else eval_transform(cfg.input_size)
+        self.batches_per_epoch, self.input_size = batches_per_epoch, cfg.input_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.batches_per_epoch
+        n_slots = self.world * self.workers
+        slots = range(self.rank * self.workers, (self.rank + 1) * self.workers)
+        return sum(-(-_slot_count(self.shards, n_slots, s) // self.batch_size) for s in slots)
+
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str, str]:
+        # PIL rather than torchvision.io.decode_jpeg (deprecated in torchvision 0.29). draft():
+        # when the stored images are >= 2x input_size, libjpeg decodes at 1/2, 1/4... scale.
+        with Image.open(io.BytesIO(sample["jpg"])) as im:
+            im.draft("L", (self.input_size, self.input_size))
+            arr = np.asarray(im.convert("L"))
+        img = torch.from_numpy(arr.copy()).unsqueeze(0)
+        if self.train:
+            # Augmentation draws from torch's global RNG; swap in this stream's own state so that
+            # the stream is reproducible and never disturbs the trainer's RNG (num_workers = 0).
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self._rng_state)
+            img = self.transform(img)
+            self._rng_state = torch.get_rng_state()
+            torch.set_rng_state(saved)
+        else:
+            img = self.transform(img)
+        meta = json.loads(sample["json"])
+        return img, int(sample["cls"]), sample["__key__"], str(meta["uid"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        slot, n_slots = self.rank * self.workers + worker, self.world * self.workers
+        if not self.train:
+            yield from self._batches(_slot_samples(self.shards, n_slots, slot), None)
+            return
+        tag = f"{self.seed}-{self.epoch}"
+        order = list(self.shards)
+        random.Random(f"shards-{tag}").shuffle(order)  # same on every rank: the slots stay disjoint
+        rng = random.Random(f"buffer-{tag}-{self.rank}-{worker}")
+        gen = torch.Generator().manual_seed(random.Random(f"aug-{tag}-{self.rank}-{worker}").getrandbits(63))
+        self._rng_state = gen.get_state()
+        base, extra = divmod(self.batches_per_epoch, self.workers)
+        n_batches = base + (1 if worker < extra else 0)
+        yield from self._batches(_shuffled(self._repeat(order, n_slots, slot), self.buffer, rng), n_batches)
+
+    def _repeat(self, order: list[tuple[str, int]], n_slots: int, slot: int) -> Iterator[dict]:
+        """The slot's samples over and over (the budget stops it); all samples if the slot's part is empty."""
+        part = order if _slot_count(order, n_slots, slot) == 0 else None
+        while True:
+            yield from (_read_all(part) if part is not None else _slot_samples(order, n_slots, slot))
+
+    def _batches(self, samples: Iterator[dict], n_batches: int | None) -> Iterator[Batch]:
+        if n_batches == 0:
+            return
+        items, done = [], 0
+        for s in samples:
+            items.append(self._decode(s))
+            if len(items) == self.batch_size:
+                yield _collate(items)
+                items, done = [], done + 1
+                if n_batches is not None and done >= n_batches:
+                    return
+        if items and n_batches is None:
+            yield _collate(items)
+
+
+def _read_all(shards: list[tuple[str, int]]) -> Iterator[dict]:
+    for path, _ in shards:
+        yield from _read_tar(path)
+
+
+class EpochLoader(DataLoader):
+    """DataLoader whose stream depends on an epoch number: ``set_epoch(e)`` before iterating;
+    without it each new iteration uses the next epoch. Workers are not persistent, so each
+    epoch's workers receive the current epoch."""
+
+    def __init__(self, dataset: _ShardStream, num_workers: int) -> None:
+        # Own generator: DataLoader draws worker base seeds from it, not from the global RNG
+        # (which would otherwise shift the trainer's random numbers at every epoch).
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         generator=torch.Generator().manual_seed(0))
+        self._next_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration produce epoch ``epoch``'s stream."""
+        self._next_epoch = int(epoch)
+
+    def __iter__(self):  # type: ignore[override]
+        self.dataset.epoch = self._next_epoch
+        self._next_epoch += 1
+        return super().__iter__()
+
+
+def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int,
+                 seed: int) -> tuple[EpochLoader, int]:
+    """Augmented, shuffled training batches for ``rank`` of ``world`` from the given splits.
+
+    Returns (loader, batches_per_epoch); every rank gets the same batches_per_epoch, all batches
+    full. ``seed`` must be the same on every rank (the shard permutation is shared); the
+    per-rank streams differ by construction. Use ``loader.set_epoch(e)`` for epoch e.
+    """
+    index = load_index(data_cfg.shards_dir)
+    shards = _shards(index, splits)
+    total = sum(c for _, c in shards)
+    if total == 0:
+        raise DataError(f"splits {splits} in {data_cfg.shards_dir} hold no samples")
+    # At least one batch even for tiny data (samples then repeat within the epoch).
+    batches = max(1, total // (world * data_cfg.batch_size))
+    ds = _ShardStream(shards, data_cfg, rank, world, data_cfg.num_workers, True, seed, batches)
+    return EpochLoader(ds, data_cfg.num_workers), batches
+
+
+def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int) -> EpochLoader:
+    """Every sample of ``split`` exactly once across all ranks and workers; no augmentation.
+
+    Ranks may yield different numbers of batches (gather results without collectives inside
+    the loop). ``len(loader)`` is this rank's number of batches.
+    """
+    index = load_index(data_cfg.shards_dir)
+    ds = _ShardStream(_shards(index, [split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0)
+    return EpochLoader(ds, data_cfg.num_workers)

@@ -1,0 +1,48 @@
+"""Image transforms on uint8 tensors (C x H x W, C = 1), torchvision.transforms.v2.
+
+Both pad to a square first (black borders, aspect ratio kept: a squashed chest changes the
+apparent heart size, which is itself a finding) and end with a uint8 1 x S x S tensor.
+Normalisation to the backbone's mean/std is the model's job, not the data pipeline's.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+
+class PadToSquare(torch.nn.Module):
+    """Pad the shorter side symmetrically with zeros so that H == W (aspect ratio kept)."""
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        if h == w:
+            return img
+        d = abs(h - w)
+        a, b = d // 2, d - d // 2
+        # v2 padding order: left, top, right, bottom
+        pad = [a, 0, b, 0] if h > w else [0, a, 0, b]
+        return F.pad(img, pad, fill=0)
+
+
+def eval_transform(input_size: int) -> v2.Compose:
+    """Deterministic: pad to square, resize to input_size x input_size (antialiased)."""
+    return v2.Compose([PadToSquare(), v2.Resize((input_size, input_size), antialias=True)])
+
+
+def train_transform(input_size: int) -> v2.Compose:
+    """eval_transform plus mild augmentation that keeps a chest X-ray plausible.
+
+    Small rotation (+-7 deg), shift (5%) and zoom (0.9-1.1): patient positioning varies that much.
+    Brightness/contrast +-20%: exposure and processing differ between machines.
+    No horizontal flip: left and right are not interchangeable on a chest radiograph (the heart
+    sits on the left; a mirrored image looks like dextrocardia, itself an abnormal finding, and
+    mirrors the side markers). No vertical flip or large rotations for the same reason.
+    """
+    return v2.Compose([
+        PadToSquare(),
+        # Resize before the affine: the affine then works on input_size pixels, not image_size.
+        v2.Resize((input_size, input_size), antialias=True),
+        v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=0),
+        v2.ColorJitter(brightness=0.2, contrast=0.2),
+    ])
