@@ -1,0 +1,332 @@
+"""MLflow tracking on the main process, and a do-nothing stand-in everywhere else.
+
+    tracker = make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir)
+    with tracker:                      # exception -> run FAILED, Ctrl-C -> KILLED, else FINISHED
+        tracker.log_params(to_dict(cfg))
+        tracker.log_metrics({"train/loss": 0.4, "val/auroc": 0.8}, step=epoch)
+
+Where runs go: `tracking.uri`, else $MLFLOW_TRACKING_URI, else a SQLite file `./mlflow.db` with
+artifacts in `./mlartifacts/` (no server needed). An http(s) server is checked before training
+starts, so a wrong URL fails in seconds instead of after the first epoch.
+
+The MLflow run id is kept in `run_dir/mlflow_run_id.txt`: a resumed training continues its run.
+Logging failures after the start are warned about and skipped; a lost metric must not kill a
+multi-hour GPU job.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .config import TrackingConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_KEY = 250  # MAX_ENTITY_KEY_LENGTH
+# MLflow's HTTP client retries 7 times with exponential backoff by default (minutes of stall
+# per call when a server is down); these defaults keep a hiccup short. The user's values win.
+ENV_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def resolve_uri(uri: str = "") -> str:
+    """The tracking URI to use: `uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise UserError at once if an http(s) tracking server does not answer; other URIs pass."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError as e:
+        # An answer at all (401 behind auth, 404 behind a path prefix) means something listens;
+        # MLflow's own client reports the details. Only server errors are treated as down.
+        if e.code < 500:
+            return
+        reason = f"HTTP {e.code} from {url}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise UserError(
+        f"MLflow tracking server at {uri} cannot be reached: {reason}; start it with "
+        "`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host 127.0.0.1 --port 5000 "
+        "--workers 1 --backend-store-uri sqlite:///mlflow.db`, or unset MLFLOW_TRACKING_URI "
+        "(and tracking.uri) to log to a local file, or set tracking.enabled=false"
+    )
+
+
+def flatten_params(d: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"phases": [{"lr": 1e-3}]}} -> {"train.phases.0.lr": "0.001"}; values as strings.
+
+    Values longer than MLflow's limit are cut (marked with "...") rather than rejected.
+    """
+    out: dict[str, str] = {}
+    items = d.items() if isinstance(d, dict) else enumerate(d)
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) or (isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v)):
+            out.update(flatten_params(v, key + "."))
+            continue
+        text = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+        if len(text) > MAX_PARAM_VALUE:
+            text = text[: MAX_PARAM_VALUE - 3] + "..."
+        out[key[:MAX_KEY]] = text
+    return out
+
+
+def _as_float(v: Any) -> float | None:
+    """A finite Python float from a number, numpy scalar or 1-element tensor; None otherwise."""
+    if isinstance(v, str) or v is None:
+        return None
+    try:
+        x = float(v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _model_requirements() -> list[str]:
+    """Pinned torch/timm for the logged model; explicit, so MLflow does not infer them in a
+    subprocess (slow, may reach for the network). cxr_dist itself must be importable to load."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("torch", "torchvision", "timm"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return reqs
+
+
+class Tracker:
+    """What the training loop may call; this base does nothing (the stand-in on other ranks)."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict) -> None:
+        """Log (nested) hyper-parameters once; unchanged values are skipped on resume."""
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Log finite scalar metrics (e.g. "train/loss", "val/auroc") at `step` (the epoch)."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or folder to the run's artifacts."""
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        """Store `obj` as a JSON/YAML artifact named `name` (suffix decides the format)."""
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        """Store a matplotlib figure, or an existing image file, as artifact `name`."""
+
+    def log_model(self, model: Any, name: str = "model", **kwargs: Any) -> str | None:
+        """Log a torch model loadable with mlflow.pytorch.load_model; returns its URI."""
+        return None
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Set run tags (they may change later, unlike params)."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with FINISHED, FAILED or KILLED; later calls do nothing."""
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if exc_type is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            self.finish("FINISHED")
+        elif issubclass(exc_type, Exception):
+            self.finish("FAILED")
+        else:  # KeyboardInterrupt, a non-zero SystemExit (preemption, signals)
+            self.finish("KILLED")
+        return False  # never swallow the exception
+
+
+class NullTracker(Tracker):
+    """Used on non-main processes and with tracking.enabled = false: every call is a no-op."""
+
+
+class MLflowTracker(Tracker):
+    """One MLflow run, created or resumed on construction; see make_tracker."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, resume: bool = True) -> None:
+        for k, v in ENV_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        import mlflow  # heavy: only on the process that tracks
+
+        self._mlflow = mlflow
+        self.uri = resolve_uri(cfg.uri)
+        check_reachable(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
+        self.run_dir = Path(run_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._finished = False
+        self._warned: set[str] = set()
+
+        experiment_id = self._experiment_id(cfg.experiment)
+        id_file = self.run_dir / RUN_ID_FILE
+        old_id = id_file.read_text().strip() if resume and id_file.is_file() else ""
+        if old_id and not self._run_exists(old_id):
+            log.warning("MLflow run %s (from %s) is not in %s; starting a new run", old_id, id_file, self.uri)
+            old_id = ""
+        if mlflow.active_run() is not None:  # a leftover from an earlier tracker in this process
+            self._safe("end_run", mlflow.end_run)
+        if old_id:
+            run = mlflow.start_run(run_id=old_id)
+        else:
+            tags = dict(t.split("=", 1) for t in cfg.tags)
+            tags.setdefault("run_dir", str(self.run_dir))
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or self.run_dir.name,
+                                   tags=tags)
+            id_file.write_text(run.info.run_id + "\n")
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s in %s (%s)", self.run_id, self.uri, "resumed" if old_id else "new")
+
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):
+            # MLflow's client-side default would be ./mlruns in whatever directory the job starts
+            # in; keep artifacts next to the database, like `mlflow server` does (mlartifacts/).
+            db = Path(self.uri[len("sqlite:///"):])
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+            location = (db.parent / "mlartifacts" / slug).resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except self._mlflow.exceptions.MlflowException:
+            # Another job of a SLURM array created it in the meantime.
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _run_exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except self._mlflow.exceptions.MlflowException:
+            return False
+
+    def _safe(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call fn; on failure warn (once per kind) and go on, so training survives a tracking outage."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any tracking failure is non-fatal by design
+            level = logging.DEBUG if what in self._warned else logging.WARNING
+            self._warned.add(what)
+            log.log(level, "MLflow %s failed (training continues): %s", what, e)
+            return None
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param, RunTag
+
+        flat = flatten_params(params)
+        run = self._safe("log_params", self.client.get_run, self.run_id)
+        if run is None:
+            return
+        existing = run.data.params
+        new = [Param(k, v) for k, v in flat.items() if k not in existing]
+        # Params are immutable in MLflow; a resumed run with a changed value keeps the original
+        # and records the new one as a tag, instead of failing.
+        changed = [RunTag(f"param_changed_on_resume.{k}"[:MAX_KEY], v[:8000])
+                   for k, v in flat.items() if k in existing and existing[k] != v]
+        for k in (t.key for t in changed):
+            log.warning("param %s differs from the resumed run's; kept as tag %s", k.split(".", 1)[1], k)
+        for i in range(0, max(len(new), len(changed)), 100):  # MLflow's batch limit: 100 params/tags
+            self._safe("log_params", self.client.log_batch, self.run_id,
+                       params=new[i:i + 100], tags=changed[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        batch = [Metric(k, x, now, int(step)) for k, v in metrics.items() if (x := _as_float(v)) is not None]
+        for i in range(0, len(batch), 1000):
+            self._safe("log_metrics", self.client.log_batch, self.run_id, metrics=batch[i:i + 1000])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
+        self._safe("log_artifact", fn, self.run_id, str(p), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self._safe("log_dict", self.client.log_dict, self.run_id, obj, name)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        if isinstance(fig, (str, Path)):  # plots.py writes PNG files and returns their paths
+            parent = str(Path(name).parent)
+            self._safe("log_figure", self.client.log_artifact, self.run_id, str(fig),
+                       None if parent == "." else parent)
+        else:
+            self._safe("log_figure", self.client.log_figure, self.run_id, fig, name)
+
+    def log_model(self, model: Any, name: str = "model", **kwargs: Any) -> str | None:
+        """Log a CPU copy of `model` (DDP wrapper removed, eval mode) with mlflow.pytorch.
+
+        Serialized with pickle by default: loading needs the model's classes importable
+        (cxr_dist, timm), but any input shape works, unlike MLflow's "pt2" default which traces
+        one example. Extra kwargs go to mlflow.pytorch.log_model. Returns "models:/<id>".
+        """
+        import torch
+
+        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        cpu_copy = copy.deepcopy(inner).cpu().eval()
+        kwargs.setdefault("pip_requirements", _model_requirements())
+        kwargs.setdefault("serialization_format", "pickle")
+        info = self._safe("log_model", self._mlflow.pytorch.log_model, cpu_copy, name=name, **kwargs)
+        if info is None:
+            return None
+        self.set_tags({f"model_uri.{name}": info.model_uri})
+        return info.model_uri
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(str(k)[:MAX_KEY], str(v)[:8000]) for k, v in tags.items()]
+        self._safe("set_tags", self.client.log_batch, self.run_id, tags=batch)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._finished:
+            return
+        self._finished = True
+        active = self._mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            self._safe("end_run", self._mlflow.end_run, status)
+        else:
+            self._safe("end_run", self.client.set_terminated, self.run_id, status)
+
+
+def make_tracker(cfg: TrackingConfig, is_main: bool, run_dir: str | Path, resume: bool = True) -> Tracker:
+    """An MLflowTracker on the main process (when enabled), a NullTracker elsewhere.
+
+    `resume=False` starts a new MLflow run even if run_dir holds the id of an earlier one (pass
+    the training's own decision: resuming from a checkpoint or not). Raises UserError when an
+    http(s) tracking server cannot be reached.
+    """
+    if not (is_main and cfg.enabled):
+        return NullTracker()
+    return MLflowTracker(cfg, run_dir, resume=resume)

@@ -1,0 +1,218 @@
+"""Tracker against a real MLflow server; results read back over its REST API with plain HTTP."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr_dist.config import TrackingConfig
+from cxr_dist.errors import UserError
+from cxr_dist.plots import confusion_figure, roc_pr_figure, training_figure
+from cxr_dist.tracking import RUN_ID_FILE, MLflowTracker, NullTracker, flatten_params, make_tracker
+from tests.mlflow_server import free_port, mlflow_server  # noqa: F401 - registers the fixture
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def api(base: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    """GET (or POST with a JSON body) /api/2.0/mlflow/<endpoint> and decode the answer."""
+    url = f"{base}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def experiment_runs(base: str, name: str) -> list[dict]:
+    exp = api(base, "experiments/get-by-name", experiment_name=name)["experiment"]
+    return api(base, "runs/search", {"experiment_ids": [exp["experiment_id"]]}).get("runs", [])
+
+
+def cfg_for(url: str, **kw: object) -> TrackingConfig:
+    return TrackingConfig(uri=url, experiment=f"test-{uuid.uuid4().hex[:8]}", **kw)
+
+
+def history_rows(epochs: int = 2) -> list[dict]:
+    return [{"epoch": e, "phase": int(e > 1), **{f"{s}/{m}": 0.5 + 0.1 * e for s in ("train", "val")
+                                                  for m in ("loss", "accuracy", "f1", "auroc")}}
+            for e in range(1, epochs + 1)]
+
+
+def test_flatten_params_nested_lists_and_long_values() -> None:
+    flat = flatten_params({"train": {"lr": 1e-3, "phases": [{"epochs": 2}, {"epochs": 3}]},
+                           "tracking": {"tags": ["fold=1", "x=y"]}, "long": "a" * 7000})
+    assert flat["train.lr"] == "0.001"
+    assert flat["train.phases.1.epochs"] == "3"
+    assert flat["tracking.tags"] == "fold=1,x=y"
+    assert len(flat["long"]) == 6000 and flat["long"].endswith("...")
+
+
+def test_run_logs_params_metrics_artifacts_and_model(mlflow_server: str, tmp_path: Path) -> None:
+    import mlflow.pytorch
+
+    cfg = cfg_for(mlflow_server, tags=("fold=2", "purpose=test"))
+    run_dir = tmp_path / "run_a"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 2))
+    model.train()  # the tracker must log an eval-mode copy and leave the original alone
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    with make_tracker(cfg, True, run_dir) as tracker:
+        assert isinstance(tracker, MLflowTracker)
+        tracker.log_params({"train": {"lr": 0.001, "phases": [{"epochs": 1}, {"epochs": 1}]}})
+        for epoch in (1, 2):
+            tracker.log_metrics({"train/loss": 1.0 / epoch, "val/auroc": 0.6 + 0.1 * epoch,
+                                 "val/nan": float("nan"), "val/text": "x", "val/t": torch.tensor(0.25)}, step=epoch)
+        tracker.log_artifact(note)
+        tracker.log_dict({"epochs": 2}, "summary.json")
+        png = training_figure(history_rows(), [2], tmp_path / "training.png")
+        tracker.log_figure(png, "figures/training.png")
+        model_uri = tracker.log_model(model)
+        run_id = tracker.run_id
+    assert model.training
+
+    assert (run_dir / RUN_ID_FILE).read_text().strip() == run_id
+    runs = experiment_runs(mlflow_server, cfg.experiment)
+    assert [r["info"]["run_id"] for r in runs] == [run_id]  # exactly one run
+
+    run = api(mlflow_server, "runs/get", run_id=run_id)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    assert run["info"]["run_name"] == "run_a"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params == {"train.lr": "0.001", "train.phases.0.epochs": "1", "train.phases.1.epochs": "1"}
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["fold"] == "2" and tags["purpose"] == "test"
+    assert tags["model_uri.model"] == model_uri
+    metric_keys = {m["key"] for m in run["data"]["metrics"]}
+    assert metric_keys == {"train/loss", "val/auroc", "val/t"}  # non-finite and non-scalar skipped
+
+    hist = api(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="val/auroc")["metrics"]
+    assert sorted((m["step"], round(m["value"], 6)) for m in hist) == [(1, 0.7), (2, 0.8)]
+
+    top = {f["path"] for f in api(mlflow_server, "artifacts/list", run_id=run_id)["files"]}
+    assert {"note.txt", "summary.json", "figures"} <= top
+    figs = api(mlflow_server, "artifacts/list", run_id=run_id, path="figures")["files"]
+    assert [(f["path"], int(f["file_size"]) > 0) for f in figs] == [("figures/training.png", True)]
+
+    mlflow.set_tracking_uri(mlflow_server)
+    loaded = mlflow.pytorch.load_model(model_uri)
+    x = torch.randn(5, 4)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_exception_marks_run_failed_and_propagates(mlflow_server: str, tmp_path: Path) -> None:
+    cfg = cfg_for(mlflow_server)
+    with pytest.raises(ValueError, match="boom"):
+        with make_tracker(cfg, True, tmp_path / "r") as tracker:
+            tracker.log_metrics({"train/loss": 1.0}, step=1)
+            raise ValueError("boom")
+    assert api(mlflow_server, "runs/get", run_id=tracker.run_id)["run"]["info"]["status"] == "FAILED"
+
+
+def test_keyboard_interrupt_marks_run_killed(mlflow_server: str, tmp_path: Path) -> None:
+    cfg = cfg_for(mlflow_server)
+    with pytest.raises(KeyboardInterrupt):
+        with make_tracker(cfg, True, tmp_path / "r") as tracker:
+            raise KeyboardInterrupt
+    assert api(mlflow_server, "runs/get", run_id=tracker.run_id)["run"]["info"]["status"] == "KILLED"
+
+
+def test_resume_continues_the_same_run(mlflow_server: str, tmp_path: Path) -> None:
+    cfg = cfg_for(mlflow_server)
+    run_dir = tmp_path / "resumable"
+    with pytest.raises(KeyboardInterrupt):  # a preempted first attempt
+        with make_tracker(cfg, True, run_dir) as first:
+            first.log_params({"train": {"lr": 0.001, "seed": 1}})
+            first.log_metrics({"val/auroc": 0.6}, step=1)
+            raise KeyboardInterrupt
+    with make_tracker(cfg, True, run_dir) as second:
+        # Same values again must not fail; a changed one is kept as a tag, not an error.
+        second.log_params({"train": {"lr": 0.001, "seed": 2, "epochs": 3}})
+        second.log_metrics({"val/auroc": 0.7}, step=2)
+    assert second.run_id == first.run_id
+    assert len(experiment_runs(mlflow_server, cfg.experiment)) == 1
+    run = api(mlflow_server, "runs/get", run_id=first.run_id)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params == {"train.lr": "0.001", "train.seed": "1", "train.epochs": "3"}
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["param_changed_on_resume.train.seed"] == "2"
+    hist = api(mlflow_server, "metrics/get-history", run_id=first.run_id, metric_key="val/auroc")["metrics"]
+    assert sorted(m["step"] for m in hist) == [1, 2]
+
+    with make_tracker(cfg, True, run_dir, resume=False) as fresh:
+        pass
+    assert fresh.run_id != first.run_id
+    assert (run_dir / RUN_ID_FILE).read_text().strip() == fresh.run_id
+
+
+def test_null_tracker_creates_nothing(mlflow_server: str, tmp_path: Path) -> None:
+    cfg = cfg_for(mlflow_server)
+    for tracker in (make_tracker(cfg, False, tmp_path / "r"),
+                    make_tracker(TrackingConfig(uri=mlflow_server, experiment=cfg.experiment, enabled=False),
+                                 True, tmp_path / "r")):
+        assert isinstance(tracker, NullTracker)
+        with tracker:
+            tracker.log_params({"a": 1})
+            tracker.log_metrics({"train/loss": 1.0}, step=1)
+            tracker.log_artifact(tmp_path)
+            tracker.log_dict({}, "x.json")
+            tracker.log_figure("x.png", "x.png")
+            assert tracker.log_model(torch.nn.Linear(1, 1)) is None
+            tracker.set_tags({"a": 1})
+        assert tracker.run_id is None
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(urllib.error.HTTPError):  # the experiment was never created
+        api(mlflow_server, "experiments/get-by-name", experiment_name=cfg.experiment)
+
+
+def test_unreachable_server_fails_fast(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(UserError, match="cannot be reached") as err:
+        make_tracker(TrackingConfig(uri=url), True, tmp_path / "r")
+    assert time.monotonic() - start < 10
+    assert url in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
+
+
+def test_local_sqlite_default_without_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    note = tmp_path / "note.txt"
+    note.write_text("local")
+    with make_tracker(TrackingConfig(experiment="local"), True, "runs/local") as tracker:
+        tracker.log_params({"x": 1})
+        tracker.log_metrics({"val/auroc": 0.9}, step=1)
+        tracker.log_artifact(note)
+    assert (tmp_path / "mlflow.db").is_file()
+    assert not (tmp_path / "mlruns").exists()  # MLflow's client-side default would put artifacts here
+    assert list((tmp_path / "mlartifacts").rglob("note.txt"))
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"val/auroc": 0.9}
+    assert run.data.params == {"x": "1"}
+
+
+def test_figures_are_png_files(tmp_path: Path) -> None:
+    paths = [
+        training_figure(history_rows(4), [3], tmp_path / "a" / "training.png", phase_names=["finetune"]),
+        training_figure(history_rows(4), [1.5, 2.5], tmp_path / "training_float.png"),
+        roc_pr_figure([0.1, 0.4, 0.35, 0.8, 0.9], [0, 0, 1, 1, 1], tmp_path / "roc.png"),
+        roc_pr_figure([0.2, 0.3], [1, 1], tmp_path / "roc_one_class.png"),  # must not raise
+        confusion_figure([[5, 1], [2, 7]], tmp_path / "cm.png"),
+    ]
+    for p in paths:
+        data = Path(p).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 1000, p
