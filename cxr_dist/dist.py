@@ -18,8 +18,11 @@ from accelerate.utils import gather_object
 
 from .config import DataConfig, TrainConfig
 
-PREEMPT_EXIT_CODE = 99  # "checkpoint saved, requeue me": slurm/train.sh requeues on it
 PREEMPT_FILE = "PREEMPT"  # created in run_dir by the batch script when SLURM signals preemption
+# Written in run_dir by the main process once a preemption checkpoint is complete: "requeue me".
+# A marker rather than an exit code: torchrun turns any non-zero exit of one rank into SIGTERM
+# for the others and exit code 1 for the launcher, so the processes exit 0 after a clean stop.
+PREEMPTED_FILE = "PREEMPTED"
 
 
 def using_deepspeed() -> bool:
@@ -37,6 +40,9 @@ def make_accelerator(train: TrainConfig, data: DataConfig) -> Accelerator:
     if train.mixed_precision:
         kwargs["mixed_precision"] = train.mixed_precision
     if using_deepspeed():
+        # ACCELERATE_USE_CPU (needed for plain CPU multi-process) leaves a half-built state
+        # under DeepSpeed; the gloo group below is what makes DeepSpeed run on the CPU.
+        os.environ.pop("ACCELERATE_USE_CPU", None)
         if not torch.cuda.is_available():
             PartialState(backend="gloo")
     elif not torch.cuda.is_available():
@@ -96,6 +102,10 @@ class PreemptionWatch:
     def __init__(self, run_dir: str | Path) -> None:
         self.flag_file = Path(run_dir) / PREEMPT_FILE
         self._signalled = False
+        # Fault injection for tests: behave as if SIGUSR1 arrived before the N-th check of this
+        # process (deterministic, unlike a signal sent from outside at some moment).
+        self._inject_at = int(os.environ.get("CXR_DIST_FAULT_PREEMPT_AT_CHECK", "0"))
+        self._checks = 0
         try:
             signal.signal(signal.SIGUSR1, self._on_signal)
         except ValueError:  # not the main thread (e.g. under some test runners): file only
@@ -105,8 +115,18 @@ class PreemptionWatch:
         self._signalled = True
 
     def requested(self) -> bool:
+        self._checks += 1
+        if self._inject_at and self._checks == self._inject_at:
+            self._signalled = True
         return any_rank(self._signalled or self.flag_file.exists())
 
     def clear(self) -> None:
         """Called by the main process when a (requeued) run starts."""
         self.flag_file.unlink(missing_ok=True)
+        (self.flag_file.parent / PREEMPTED_FILE).unlink(missing_ok=True)
+
+    def mark_preempted(self, info: dict) -> None:
+        """Main process, after the checkpoint is complete: tell the batch script to requeue."""
+        import json
+
+        (self.flag_file.parent / PREEMPTED_FILE).write_text(json.dumps(info) + "\n")

@@ -8,6 +8,7 @@ log. Only the main process writes files, prints and logs; the others get a do-no
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -66,8 +67,8 @@ def class_weights(counts: tuple[int, int]) -> torch.Tensor:
     return torch.tensor([n / (2 * max(c, 1)) for c in counts], dtype=torch.float32)
 
 
-def train(cfg: Config, accelerator, tracker) -> bool:
-    """Run (or resume) the whole schedule. Returns False when stopped early for preemption."""
+def train(cfg: Config, accelerator, tracker) -> tuple[bool, CXRClassifier]:
+    """Run (or resume) the whole schedule. Returns (finished, model); not finished = preempted."""
     t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
     run_dir = Path(t.run_dir)
     index = load_index(cfg.data.shards_dir)
@@ -116,19 +117,23 @@ def train(cfg: Config, accelerator, tracker) -> bool:
         # Not prepared: Accelerate would step it once per process (patience runs out N times faster).
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=t.plateau_mode, factor=t.plateau_factor, patience=t.plateau_patience)
+        resume = None
         if saved is not None and phase_at(t.phases, progress.epoch + 1) == p_idx:
-            _restore(saved, optimizer, scheduler, rank)
+            resume = _restore(saved, optimizer, scheduler, rank)
         saved = None
         accelerator.print(f"phase {p_idx + 1}/{len(t.phases)} '{phase.name}': epochs {first_epoch}-{last_epoch}, "
                           f"{count_trainable(raw):,} trainable parameters")
         for epoch in range(max(first_epoch, progress.epoch + 1), last_epoch + 1):
             t0 = time.time()
-            train_m, stopped = train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader,
-                                           batches_per_epoch, epoch, progress, watch)
-            if stopped:
-                _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest")
+            train_m, partial = train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader,
+                                           batches_per_epoch, epoch, progress, watch, resume)
+            resume = None
+            if partial is not None:  # preempted at an agreed step
+                _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", partial=partial)
+                if accelerator.is_main_process:
+                    watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
                 accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
-                return False
+                return False, raw
             val_m = evaluate_split(accelerator.unwrap_model(model), cfg.data, val_split, accelerator, loss_fn)
             scheduler.step(val_m[t.plateau_metric])  # same reduced value on every rank
             row = {"epoch": epoch, "phase": p_idx + 1, "epoch_time_s": time.time() - t0,
@@ -145,11 +150,19 @@ def train(cfg: Config, accelerator, tracker) -> bool:
             accelerator.print(summary_line(epoch, phase.name, train_m, val_m, total))
         first_epoch = last_epoch + 1
     _finish(cfg, accelerator, raw, tracker, progress, val_split)
-    return True
+    return True, raw
 
 
-def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, epoch, progress, watch):
-    """One epoch of `n_batches` steps (the same on every rank). Returns (metrics, preempted)."""
+def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, epoch, progress, watch,
+                resume=None):
+    """One epoch of `n_batches` steps (the same on every rank).
+
+    Returns (metrics, None), or (None, partial) when preempted: this rank's predictions so far,
+    saved so that the resumed epoch reports the same metrics. Resuming mid-epoch,
+    `progress.step_in_epoch` batches are skipped (the stream is a function of the epoch, so they
+    are the ones already trained on) and `resume` (this rank's RNG state and partial
+    predictions at the preemption) is restored before the first new step.
+    """
     t = cfg.train
     model.train()
     # Epoch-seeded RNG: shuffling, augmentation (dataloader workers draw their seeds from it) and
@@ -159,6 +172,9 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
         loader.set_epoch(epoch)
     skip, progress.step_in_epoch = progress.step_in_epoch, 0
     probs, labels, loss_sum = [], [], 0.0
+    if resume and resume.get("partial"):
+        probs, labels = [resume["partial"]["probs"]], [resume["partial"]["labels"]]
+        loss_sum = resume["partial"]["loss_sum"]
     bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not accelerator.is_main_process,
                leave=False, dynamic_ncols=True, file=sys.stderr)
     for step, batch in enumerate(loader):
@@ -167,9 +183,11 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
         if step < skip:  # resuming mid-epoch: these batches were trained before the preemption
             bar.update(1)
             continue
+        if step == skip and resume is not None:
+            ckpt.set_rng_state(resume["rng"])
         if watch.requested():
             progress.step_in_epoch = step
-            return {}, True
+            return None, {"probs": _cat(probs), "labels": _cat(labels), "loss_sum": loss_sum}
         x = batch["image"].to(accelerator.device, non_blocking=True)
         y = batch["label"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
@@ -189,30 +207,35 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
     bar.close()
     # Training metrics over every (augmented) sample the epoch saw, on all ranks: gathered, then
     # computed once. Each rank sees different samples, so nothing is averaged per rank.
-    parts = dist.gather_objects((torch.cat(probs).numpy(), torch.cat(labels).numpy(), loss_sum))
+    parts = dist.gather_objects((_cat(probs).numpy(), _cat(labels).numpy(), loss_sum))
     p = np.concatenate([q for q, _, _ in parts])
     y = np.concatenate([l for _, l, _ in parts])
-    return compute_metrics(p, y, loss=sum(s for _, _, s in parts) / max(len(y), 1)), False
+    return compute_metrics(p, y, loss=sum(s for _, _, s in parts) / max(len(y), 1)), None
 
 
-def _restore(saved: dict, optimizer, scheduler, rank: int) -> None:
+def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(xs) if xs else torch.zeros(0)
+
+
+def _restore(saved: dict, optimizer, scheduler, rank: int) -> dict | None:
+    """Optimizer and scheduler state into this phase's objects; returns this rank's saved
+    {"rng", "partial"} (None if the checkpoint came from fewer ranks: a new world size)."""
     if saved.get("optimizer") is not None:
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    rngs = saved.get("rng", [])
-    if rank < len(rngs):
-        ckpt.set_rng_state(rngs[rank])
+    ranks = saved.get("ranks", [])
+    return ranks[rank] if rank < len(ranks) else None
 
 
-def _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag, best=False) -> None:
+def _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag, best=False, partial=None) -> None:
     """Checkpoint from the main process; every rank contributes its RNG state (collective)."""
-    rngs = dist.gather_objects(ckpt.rng_state())
+    ranks = dist.gather_objects({"rng": ckpt.rng_state(), "partial": partial})
     if accelerator.is_main_process:
         # DeepSpeed partitions optimizer state across ranks; its resume restores weights, schedule
         # and RNG but restarts Adam's moments (documented in docs/training.md).
         opt_state = None if accelerator.state.deepspeed_plugin is not None else optimizer.state_dict()
         model_state = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
-        state = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": rngs}
+        state = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "ranks": ranks}
         meta = {"progress": progress.__dict__, "config": to_dict(cfg)}
         ckpt.save_checkpoint(run_dir, tag, model_state, state, meta)
         if best:  # hard links: checkpoints are never modified in place
@@ -227,11 +250,12 @@ def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, v
     """
     run_dir = Path(cfg.train.run_dir)
     state, _ = ckpt.load_model_state(run_dir / "checkpoints" / "best")
-    raw.load_state_dict(state)
+    best = copy.deepcopy(raw)  # the caller keeps the final weights
+    best.load_state_dict(state)
     splits = {"val": val_split}
     if load_index(cfg.data.shards_dir)["splits"].get("test", {}).get("total", 0):
         splits["test"] = "test"
-    preds = {name: evaluate_split(raw, cfg.data, split, accelerator, with_predictions=True)["predictions"]
+    preds = {name: evaluate_split(best, cfg.data, split, accelerator, with_predictions=True)["predictions"]
              for name, split in splits.items()}
     if accelerator.is_main_process:
         from .plots import confusion_figure, roc_pr_figure, training_figure
@@ -252,7 +276,7 @@ def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, v
         ]
         for path in [*figures, run_dir / "evaluation.json", run_dir / "history.json"]:
             tracker.log_artifact(path)
-        tracker.log_model(raw)
+        tracker.log_model(best)
         accelerator.print(json.dumps({n: {k: round(v, 4) for k, v in scalar_metrics(r["image_level"]).items()}
                                       for n, r in evaluation.items()}))
     dist.barrier()
@@ -265,14 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         accelerator = dist.make_accelerator(cfg.train, cfg.data)
-        tracker = make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir)
+        resuming = cfg.train.resume and ckpt.latest_checkpoint(cfg.train.run_dir) is not None
+        tracker = make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir, resume=resuming)
         with tracker:
-            finished = train(cfg, accelerator, tracker)
+            finished, _ = train(cfg, accelerator, tracker)
+            if not finished:  # the requeued job reopens this MLflow run
+                tracker.finish("KILLED")
     except (UserError, ConfigError) as e:
         print(f"cxr_dist.train: {e}", file=sys.stderr)
         return 2
     # No destroy_process_group(): with gloo it aborted ~1 run in 10 at exit (docs/architecture.md).
-    return 0 if finished else dist.PREEMPT_EXIT_CODE
+    # A preempted run also exits 0; run_dir/PREEMPTED tells the batch script to requeue it.
+    return 0
 
 
 if __name__ == "__main__":
