@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(state)
     with tempfile.TemporaryDirectory(prefix="cxr-eval-") as tmp:
         if args.data:
-            from .shards import write_all_as_split
+            from .shards import write_shards
 
-            write_all_as_split(replace(data_cfg, data_dir=args.data), Path(tmp), args.split)
+            write_shards(replace(data_cfg, data_dir=args.data), Path(tmp), single_split=args.split)
             data_cfg = replace(data_cfg, shards_dir=tmp)
         else:
             data_cfg = replace(data_cfg, shards_dir=args.shards)

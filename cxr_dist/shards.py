@@ -159,8 +159,11 @@ def _sample(row: dict, jpg: bytes, fold: int | None) -> dict:
     }
 
 
-def write_shards(data_cfg: DataConfig, out_dir: str | Path) -> dict:
+def write_shards(data_cfg: DataConfig, out_dir: str | Path, single_split: str | None = None) -> dict:
     """Build the manifest of data_cfg.data_dir, split it, write shards into out_dir; return the index.
+
+    With `single_split`, every image goes into that one split (no uid split): `cxr-dist evaluate
+    --data DIR` uses it to score a whole external folder.
 
     Raises DataError for bad input, for an out_dir that holds foreign files, when the share of
     error skips (missing/corrupt images, rows without report) exceeds data_cfg.max_skip_frac,
@@ -190,14 +193,17 @@ def write_shards(data_cfg: DataConfig, out_dir: str | Path) -> dict:
     df = df.assign(jpg_index=np.arange(len(df)))[ok].reset_index(drop=True)
     if df.empty:
         raise DataError(f"no readable images in {data_cfg.data_dir} (skipped by reason: {counts})")
-    df["split"] = assign_splits(df, data_cfg.val_frac, data_cfg.test_frac, data_cfg.k_folds, data_cfg.seed)
+    if single_split:
+        df["split"] = single_split
+    else:
+        df["split"] = assign_splits(df, data_cfg.val_frac, data_cfg.test_frac, data_cfg.k_folds, data_cfg.seed)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)  # a half-updated folder must not look complete
     splits: dict[str, dict] = {}
     lines: list[str] = []
     written: set[str] = set()
-    for name in split_names(data_cfg.k_folds):
+    for name in [single_split] if single_split else split_names(data_cfg.k_folds):
         part = df[df["split"] == name].sort_values("key", kind="stable")
         # Seeded order inside the split, so every shard mixes uids and labels.
         rng = np.random.default_rng([data_cfg.seed, zlib.crc32(name.encode())])

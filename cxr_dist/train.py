@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
+        load_index(cfg.data.shards_dir)  # missing shards: say so before any MLflow run is opened
         accelerator = dist.make_accelerator(cfg.train, cfg.data)
         resuming = cfg.train.resume and ckpt.latest_checkpoint(cfg.train.run_dir) is not None
         tracker = make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir, resume=resuming)
