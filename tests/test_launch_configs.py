@@ -148,3 +148,34 @@ def test_deepspeed_zero2_launches_on_cpu(tmp_path):
     out = _launch(tmp_path, "deepspeed_zero2.yaml", {}, "--num_processes", "2")
     assert sorted(o["rank"] for o in out) == [0, 1]
     assert all(o["world"] == 2 and o["sum"] == 3.0 and o["type"] == "DistributedType.DEEPSPEED" for o in out)
+
+
+@pytest.mark.slow
+def test_multinode_rendezvous_with_two_simulated_nodes(tmp_path):
+    """Two launchers, as `srun --ntasks-per-node=1` starts them on a 2-node job, but both on this
+    machine: each derives its machine rank from its own SLURM_NODEID, they meet at the first host."""
+    import socket
+
+    (tmp_path / "probe_mod").mkdir()
+    (tmp_path / "probe_mod" / "__init__.py").write_text("")
+    (tmp_path / "probe_mod" / "__main__.py").write_text(PROBE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in (0, 1):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
+                   SLURM_JOB_ID="555", SLURM_JOB_NUM_NODES="2", SLURM_NODEID=str(node),
+                   SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1", SLURM_GPUS_PER_NODE="0")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cxr_dist.slurm_launch", "--accelerate-config", "launch/multinode.yaml",
+             "--procs-per-node", "1", "--main-port", str(port), "--module", "probe_mod"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    records = [probes(out) for out, _ in outs]
+    assert [[r["rank"] for r in rs] for rs in records] == [[0], [1]]  # node 0 holds global rank 0
+    assert all(r["world"] == 2 and r["sum"] == 3.0 for rs in records for r in rs)
+    assert "--machine_rank 1" in outs[1][1] and "--main_process_ip 127.0.0.1" in outs[1][1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -136,3 +137,165 @@ def test_dry_run_prints_the_command_for_this_node():
     assert "--machine_rank 1" in res.stderr and "--num_processes 8" in res.stderr
     assert "--main_process_ip localhost" in res.stderr
     assert res.stderr.rstrip().endswith("-m cxr_dist.train --config configs/tiny.toml")
+
+
+# ----------------------------------------------------------------------------- real jobs
+# Each job: 2 CPU processes (launch/cpu_2proc.yaml, picked by slurm_launch for a GPU-less job),
+# configs/tiny.toml with 3 + 1 epochs and small batches, so that an epoch lasts a few seconds and
+# the preemption signal reliably lands in the middle of training.
+
+from tests.slurm_fixture import ROOT as _ROOT, job_env, log_text, require_cluster, sbatch, wait_job  # noqa: E402
+
+TINY = _ROOT / "configs" / "tiny.toml"
+EPOCHS = 4
+EXPERIMENT = "cxr-dist-tiny"  # configs/tiny.toml
+
+
+def train_args(shards: Path, run_dir: Path, db: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY), "--data.shards_dir", str(shards), "--train.run_dir", str(run_dir),
+            "--tracking.uri", f"sqlite:///{db}", "--train.phases.0.epochs", str(EPOCHS - 1),
+            "--data.batch_size", "4", *extra]
+
+
+def mlflow_runs(db: Path, experiment: str = EXPERIMENT) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment} in {db}"
+    return client.search_runs([exp.experiment_id])
+
+
+def metric_steps(db: Path, run_id: str, key: str = "val/loss") -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(tracking_uri=f"sqlite:///{db}").get_metric_history(run_id, key))
+
+
+def history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "history.json").read_text())
+
+
+def assert_finished(run_dir: Path, db: Path, logs: str) -> object:
+    """Both phases trained, a complete final checkpoint, one FINISHED MLflow run with every epoch."""
+    meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
+    assert meta["progress"]["epoch"] == EPOCHS, logs
+    assert (run_dir / "checkpoints" / "latest" / "COMPLETE").exists()
+    assert [row["epoch"] for row in history(run_dir)] == list(range(1, EPOCHS + 1)), logs
+    assert [row["phase"] for row in history(run_dir)] == [1] * (EPOCHS - 1) + [2]
+    assert not (run_dir / "PREEMPTED").exists()
+    runs = mlflow_runs(db)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    assert runs[0].info.status == "FINISHED"
+    assert metric_steps(db, runs[0].info.run_id) == list(range(1, EPOCHS + 1))
+    assert runs[0].data.params.get("world_size") == "2", runs[0].data.params.get("world_size")
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    require_cluster()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tiny_shards, tmp_path_factory):
+    """(a) an uninterrupted run through slurm/train.sh: the reference for the preempted one."""
+    tmp = tmp_path_factory.mktemp("slurm-a")
+    run_dir, db = tmp / "run", tmp / "mlflow.db"
+    job = sbatch("train.sh", train_args(tiny_shards, run_dir, db), tmp / "logs")
+    rec = wait_job(job, timeout=300)[0]
+    logs = log_text(tmp / "logs")
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", logs
+    return run_dir, db, logs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_train_job_runs_both_phases_with_two_processes(uninterrupted):
+    run_dir, db, logs = uninterrupted
+    assert "ACCELERATE_USE_CPU=true" in logs and "--num_processes 2" in logs
+    assert_finished(run_dir, db, logs)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_job_checkpoints_requeues_and_resumes(uninterrupted, tiny_shards, tmp_path):
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    job = sbatch("train.sh", train_args(tiny_shards, run_dir, db), tmp_path / "logs")
+    try:
+        # Wait until training is under way: the checkpoint of epoch 1 exists.
+        meta = run_dir / "checkpoints" / "latest" / "meta.json"
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                if json.loads(meta.read_text())["progress"]["epoch"] >= 1:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert job_records_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log_text(tmp_path / "logs")
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no epoch-1 checkpoint after 240 s:\n" + log_text(tmp_path / "logs"))
+        # What SLURM does before a preemption / the time limit with --signal=B:USR1@N.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+        rec = wait_job(job, timeout=360, min_restarts=1)[0]
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+    logs = log_text(tmp_path / "logs")
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", logs
+    assert rec["Restarts"] == "1", rec
+    assert "got USR1" in logs and "requeueing job" in logs and "resuming from" in logs, logs
+    run = assert_finished(run_dir, db, logs)
+    # Same schedule as the uninterrupted run: the same epochs, once each, in the same phases.
+    ref_dir, ref_db, _ = uninterrupted
+    assert [(r["epoch"], r["phase"]) for r in history(run_dir)] == [(r["epoch"], r["phase"]) for r in history(ref_dir)]
+    # ... and, since a resumed run replays its epochs exactly, the same numbers (measured: equal
+    # to 6 decimals; the tolerance only absorbs float summation order).
+    for got, ref in zip(history(run_dir), history(ref_dir)):
+        for key in ("train/loss", "val/loss"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-3), (got["epoch"], key)
+    assert run.info.run_id == (run_dir / "mlflow_run_id.txt").read_text().strip()
+
+
+def job_records_state(job: str) -> str:
+    from tests.slurm_fixture import job_records
+
+    recs = job_records(job)
+    return recs[0].get("JobState", "") if recs else ""
+
+
+@pytest.fixture(scope="module")
+def kfold_shards(cluster, tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kfold-shards") / "shards"
+    res = subprocess.run([str(Path(sys.executable).parent / "cxr-dist"), "prepare", "--config", str(TINY),
+                          "--data", str(tiny_data), "--out", str(out), "--data.k_folds", "2"],
+                         cwd=out.parent, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_kfold_array_trains_every_fold_and_folds_summarises_them(kfold_shards, tmp_path):
+    db = tmp_path / "mlflow.db"
+    args = ["--config", str(TINY), "--data.shards_dir", str(kfold_shards), "--data.k_folds", "2",
+            "--tracking.uri", f"sqlite:///{db}", "--tracking.experiment", "kfold-test",
+            "--train.phases.0.epochs", "1"]
+    env = job_env(CXR_RUN_DIR=str(tmp_path / "runs" / "cv"))
+    job = sbatch("kfold.sh", args, tmp_path / "logs", sbatch_opts=["--array=0-1"], env=env)
+    records = wait_job(job, timeout=420)
+    logs = log_text(tmp_path / "logs")
+    assert len(records) == 2 and all(r["JobState"] == "COMPLETED" for r in records), logs
+    for fold in (0, 1):
+        run_dir = tmp_path / "runs" / f"cv-fold{fold}"
+        assert (run_dir / "checkpoints" / "latest" / "COMPLETE").exists(), logs
+    runs = mlflow_runs(db, "kfold-test")
+    assert sorted(r.data.tags.get("fold") for r in runs) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    res = subprocess.run([str(Path(sys.executable).parent / "cxr-dist"), "folds", "--experiment", "kfold-test",
+                          "--tracking-uri", f"sqlite:///{db}", "--json"],
+                         cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["folds"] == ["0", "1"]
+    assert summary["metrics"] and all(s["n"] == 2 for s in summary["metrics"].values())
