@@ -24,6 +24,13 @@ from .metrics import always_abnormal, compute_metrics, dedupe, study_level
 from .stream import eval_loader
 
 
+def logits_of(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """Images, or cached frozen features (train.cache_views > 0), through the model."""
+    if "features" in batch:
+        return model(batch["features"].to(device, non_blocking=True), cached=True)
+    return model(batch["image"].to(device, non_blocking=True))
+
+
 @torch.no_grad()
 def infer(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None) -> dict:
     """This rank's predictions: keys, uids, probability of abnormal, labels, summed loss."""
@@ -31,9 +38,8 @@ def infer(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | N
     model.eval()
     keys, uids, probs, labels, loss_sum = [], [], [], [], 0.0
     for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
-        logits = model(x).float()
+        logits = logits_of(model, batch, device).float()
         if loss_fn is not None:
             loss_sum += loss_fn(logits, y).item() * len(y)
         probs.append(torch.softmax(logits, 1)[:, 1].cpu())
@@ -57,14 +63,16 @@ def merge(parts: list[dict]) -> dict:
 
 
 def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, loss_fn=None,
-                   with_predictions: bool = False) -> dict:
+                   with_predictions: bool = False, batches=None) -> dict:
     """Metrics of `model` on a shard split, computed once from all ranks' predictions.
 
     A collective: every rank runs its share of the split (no collectives inside the loop, so
     uneven shares cannot hang), then predictions are gathered and deduplicated, metrics are
     computed on the main process and broadcast so that every rank steps its scheduler alike.
+    `batches` replaces the shard stream (e.g. this rank's share of a validation cache).
     """
-    loader = eval_loader(data, split, accelerator.process_index, accelerator.num_processes)
+    loader = batches if batches is not None else eval_loader(data, split, accelerator.process_index,
+                                                             accelerator.num_processes)
     with accelerator.autocast():
         mine = infer(model, loader, accelerator.device, loss_fn)
     parts = dist.gather_objects(mine)

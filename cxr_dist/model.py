@@ -101,8 +101,26 @@ class CXRClassifier(nn.Module):
             x = block(x)
         return x
 
+    @torch.no_grad()
+    def frozen_from(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+        """Continue the frozen forward from the input of block[-depth] (a cache made with
+        `depth` unfrozen blocks) to this phase's split point (`unfrozen_blocks` <= depth)."""
+        if not self.unfrozen_blocks <= depth:
+            raise ValueError(f"a cache of depth {depth} cannot feed {self.unfrozen_blocks} unfrozen blocks")
+        if depth == 0:
+            return h
+        h = h.float()
+        blocks = self.blocks()
+        for block in blocks[len(blocks) - depth : len(blocks) - self.unfrozen_blocks]:
+            h = block(h)
+        if self.unfrozen_blocks == 0:
+            bb = self.backbone
+            h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
+        return h
+
     def trainable_forward(self, h: torch.Tensor) -> torch.Tensor:
         """The trainable part: unfrozen blocks (if any), pooling, MLP head -> logits."""
+        h = h.float() if h.dtype == torch.float16 else h  # caches are stored in fp16
         if self.unfrozen_blocks:
             bb = self.backbone
             for block in self.blocks()[-self.unfrozen_blocks :]:
@@ -110,8 +128,11 @@ class CXRClassifier(nn.Module):
             h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
         return self.head(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trainable_forward(self.frozen_forward(x))
+    def forward(self, x: torch.Tensor, cached: bool = False) -> torch.Tensor:
+        """Images -> logits; with `cached=True`, x is already frozen_forward's output (the
+        frozen-compute cache), and only the trainable part runs. One entry point, so DDP's
+        gradient hooks see both modes."""
+        return self.trainable_forward(x if cached else self.frozen_forward(x))
 
 
 # ---------------------------------------------------------------------- building

@@ -128,11 +128,14 @@ class _ShardStream(IterableDataset):
     """Batches of one rank; each DataLoader worker produces its own slot's batches."""
 
     def __init__(self, shards: list[tuple[str, int]], cfg: DataConfig, rank: int, world: int,
-                 workers: int, train: bool, seed: int, batches_per_epoch: int) -> None:
+                 workers: int, train: bool, seed: int, batches_per_epoch: int, augment: bool | None = None) -> None:
         super().__init__()
         self.shards, self.rank, self.world, self.workers = shards, rank, world, max(1, workers)
         self.batch_size, self.buffer, self.train, self.seed = cfg.batch_size, cfg.shuffle_buffer, train, seed
-        self.transform = train_transform(cfg.input_size) if train and cfg.augment else eval_transform(cfg.input_size)
+        # train: shuffled, repeated, fixed length; augment (default: = train) is separate so that
+        # the frozen-compute cache can read every sample once *with* augmentation.
+        self.augment = (train if augment is None else augment) and cfg.augment
+        self.transform = train_transform(cfg.input_size) if self.augment else eval_transform(cfg.input_size)
         self.batches_per_epoch, self.input_size = batches_per_epoch, cfg.input_size
         self.epoch = 0
 
@@ -150,7 +153,7 @@ class _ShardStream(IterableDataset):
             im.draft("L", (self.input_size, self.input_size))
             arr = np.asarray(im.convert("L"))
         img = torch.from_numpy(arr.copy()).unsqueeze(0)
-        if self.train:
+        if self.augment:
             # Augmentation draws from torch's global RNG; swap in this stream's own state so that
             # the stream is reproducible and never disturbs the trainer's RNG (num_workers = 0).
             saved = torch.get_rng_state()
@@ -167,10 +170,13 @@ class _ShardStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         slot, n_slots = self.rank * self.workers + worker, self.world * self.workers
+        tag = f"{self.seed}-{self.epoch}"
         if not self.train:
+            if self.augment:
+                aug_seed = random.Random(f"aug-once-{tag}-{self.rank}-{worker}").getrandbits(63)
+                self._rng_state = torch.Generator().manual_seed(aug_seed).get_state()
             yield from self._batches(_slot_samples(self.shards, n_slots, slot), None)
             return
-        tag = f"{self.seed}-{self.epoch}"
         order = list(self.shards)
         random.Random(f"shards-{tag}").shuffle(order)  # same on every rank: the slots stay disjoint
         rng = random.Random(f"buffer-{tag}-{self.rank}-{worker}")
@@ -255,4 +261,13 @@ def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int) -> Epoc
     """
     index = load_index(data_cfg.shards_dir)
     ds = _ShardStream(_shards(index, [split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0)
+    return EpochLoader(ds, data_cfg.num_workers)
+
+
+def views_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int) -> EpochLoader:
+    """Every sample of ``splits`` exactly once across ranks, in a fixed order, augmented with a
+    stream seeded by (seed, epoch): ``set_epoch(v)`` gives view v. For the frozen-compute cache."""
+    index = load_index(data_cfg.shards_dir)
+    ds = _ShardStream(_shards(index, splits), data_cfg, rank, world, data_cfg.num_workers, False, seed, 0,
+                      augment=True)
     return EpochLoader(ds, data_cfg.num_workers)

@@ -27,7 +27,8 @@ from . import dist
 from .config import Config, PhaseConfig, dump_toml, load_config, to_dict
 from .config import ConfigError
 from .errors import UserError
-from .evaluate import evaluate_split, report
+from .cache import CachedBatches, build_cache, cached_eval_batches, seed_views
+from .evaluate import evaluate_split, logits_of, report
 from .metrics import compute_metrics, scalar_metrics, summary_line
 from .model import CXRClassifier, build_model, count_trainable, param_groups, weights_source
 from .split import train_val_splits
@@ -80,6 +81,17 @@ def train(cfg: Config, accelerator, tracker) -> tuple[bool, CXRClassifier]:
 
     seed_everything(t.seed)
     raw = build_model(cfg.model)
+    train_cache = val_cache = None
+    if t.cache_views:
+        t0 = time.time()
+        raw.set_phase(max(p.unfreeze_blocks for p in t.phases))
+        show = accelerator.is_main_process
+        train_cache = build_cache(raw, cfg.data, train_splits, rank, world, t.cache_views, seed_views(t.seed),
+                                  accelerator.device, augment=True, show=show)
+        val_cache = build_cache(raw, cfg.data, [val_split], rank, world, 1, 0, accelerator.device,
+                                augment=False, show=show)
+        accelerator.print(f"cached the frozen part: {t.cache_views} views of {len(train_cache.keys)} training "
+                          f"images on this rank, {tuple(train_cache.feats.shape[2:])} each, in {time.time() - t0:.0f} s")
     progress, saved = Progress(), None
     latest = ckpt.latest_checkpoint(run_dir) if t.resume else None
     if latest is not None:
@@ -112,6 +124,11 @@ def train(cfg: Config, accelerator, tracker) -> tuple[bool, CXRClassifier]:
         # required grad when they were built (trap in docs/architecture.md).
         accelerator.free_memory()
         raw.set_phase(phase.unfreeze_blocks)
+        val_batches = None
+        if train_cache is not None:  # carry the cache to this phase's split point
+            loader = CachedBatches(train_cache.for_phase(raw), cfg.data.batch_size, batches_per_epoch, t.seed, rank)
+            phase_val = val_cache.for_phase(raw)
+            val_batches = lambda: cached_eval_batches(phase_val)  # noqa: E731
         optimizer = torch.optim.Adam(param_groups(raw, phase), weight_decay=t.weight_decay)
         model, optimizer = accelerator.prepare(raw, optimizer)
         # Not prepared: Accelerate would step it once per process (patience runs out N times faster).
@@ -134,7 +151,8 @@ def train(cfg: Config, accelerator, tracker) -> tuple[bool, CXRClassifier]:
                     watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
                 accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
                 return False, raw
-            val_m = evaluate_split(accelerator.unwrap_model(model), cfg.data, val_split, accelerator, loss_fn)
+            val_m = evaluate_split(accelerator.unwrap_model(model), cfg.data, val_split, accelerator, loss_fn,
+                                   batches=val_batches() if val_batches else None)
             scheduler.step(val_m[t.plateau_metric])  # same reduced value on every rank
             row = {"epoch": epoch, "phase": p_idx + 1, "epoch_time_s": time.time() - t0,
                    "images_per_s": batches_per_epoch * cfg.data.batch_size * world / (time.time() - t0),
@@ -188,10 +206,9 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
         if watch.requested():
             progress.step_in_epoch = step
             return None, {"probs": _cat(probs), "labels": _cat(labels), "loss_sum": loss_sum}
-        x = batch["image"].to(accelerator.device, non_blocking=True)
         y = batch["label"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
-            logits = model(x)
+            logits = logits_of(model, batch, accelerator.device)
             loss = loss_fn(logits.float(), y)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.clip_grad_norm > 0:

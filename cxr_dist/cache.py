@@ -1,0 +1,113 @@
+"""Frozen-compute cache (`train.cache_views > 0`): run the frozen part of the network once.
+
+The backbone is frozen in phase 1 and all but its last block(s) in phase 2, yet the normal mode
+recomputes that frozen part for every image in every epoch. The cache computes it once per image
+for `cache_views` augmented views (the input of the first block that any phase unfreezes, in
+fp16) and every epoch trains on it, picking one of the views per image at random. Validation
+images are cached once, unaugmented (their frozen output never changes).
+
+What it trades: augmentation is limited to the cached views (the normal mode draws a new one
+every epoch), and each phase starts by pushing the cache through the blocks that this phase keeps
+frozen. Each rank caches its own exactly-once share of the data, so it holds 1/world of it.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import DataConfig
+from .model import CXRClassifier
+from .stream import eval_loader, views_loader
+
+
+@dataclass
+class FeatureCache:
+    """This rank's share: feats is views x N x (frozen output shape), fp16, aligned with labels/keys."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    uids: list[str]
+    depth: int  # number of unfrozen blocks the features were computed for
+
+    def for_phase(self, model: CXRClassifier, batch_size: int = 256) -> "FeatureCache":
+        """The same cache carried forward to `model`'s current split point (fewer unfrozen blocks)."""
+        if model.unfrozen_blocks == self.depth:
+            return self
+        v, n = self.feats.shape[:2]
+        flat = self.feats.reshape(v * n, *self.feats.shape[2:])
+        out = torch.cat([model.frozen_from(flat[i : i + batch_size], self.depth).half()
+                         for i in range(0, len(flat), batch_size)])
+        return FeatureCache(out.reshape(v, n, *out.shape[1:]), self.labels, self.keys, self.uids,
+                            model.unfrozen_blocks)
+
+
+@torch.no_grad()
+def build_cache(model: CXRClassifier, data: DataConfig, splits: list[str], rank: int, world: int,
+                views: int, seed: int, device: torch.device, augment: bool, show: bool) -> FeatureCache:
+    """frozen_forward of every sample of `splits` on this rank, `views` times (augmented if `augment`)."""
+    was_training = model.training
+    model.eval()
+    per_view, labels, keys, uids = [], None, None, None
+    for v in range(views):
+        loader = views_loader(data, splits, rank, world, seed) if augment else eval_loader(data, splits[0], rank, world)
+        loader.set_epoch(v)
+        feats, lab, ks, us = [], [], [], []
+        desc = f"caching {'+'.join(splits)} view {v + 1}/{views}"
+        for batch in tqdm(loader, desc=desc, disable=not show, leave=False, file=sys.stderr, dynamic_ncols=True):
+            feats.append(model.frozen_forward(batch["image"].to(device)).half().cpu())
+            lab.append(batch["label"])
+            ks += batch["key"]
+            us += batch["uid"]
+        if keys is not None and ks != keys:  # the views loader reads in a fixed order
+            raise RuntimeError("cache views are not aligned: the stream order changed between views")
+        per_view.append(torch.cat(feats))
+        labels, keys, uids = torch.cat(lab), ks, us
+    model.train(was_training)
+    return FeatureCache(torch.stack(per_view), labels, keys, uids, model.unfrozen_blocks)
+
+
+class CachedBatches:
+    """Training batches drawn from a FeatureCache: `n_batches` per epoch (the same on every rank),
+    a fresh permutation and a random view per sample each epoch, seeded by (seed, epoch, rank)."""
+
+    def __init__(self, cache: FeatureCache, batch_size: int, n_batches: int, seed: int, rank: int) -> None:
+        self.cache, self.batch_size, self.n_batches, self.seed, self.rank = cache, batch_size, n_batches, seed, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        n_views, n = self.cache.feats.shape[:2]
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        need = self.n_batches * self.batch_size
+        # Whole permutations back to back: every sample once before any repeats.
+        order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
+        views = rng.integers(0, n_views, size=need)
+        for b in range(self.n_batches):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            vi = views[b * self.batch_size : (b + 1) * self.batch_size]
+            yield {"features": self.cache.feats[torch.from_numpy(vi), torch.from_numpy(idx)],
+                   "label": self.cache.labels[torch.from_numpy(idx)],
+                   "key": [self.cache.keys[i] for i in idx], "uid": [self.cache.uids[i] for i in idx]}
+
+
+def cached_eval_batches(cache: FeatureCache, batch_size: int = 256):
+    """The (single, unaugmented) view of a validation cache, in order, as evaluation batches."""
+    for i in range(0, len(cache.keys), batch_size):
+        yield {"features": cache.feats[0, i : i + batch_size], "label": cache.labels[i : i + batch_size],
+               "key": cache.keys[i : i + batch_size], "uid": cache.uids[i : i + batch_size]}
+
+
+def seed_views(seed: int) -> int:
+    """The cache's augmentation seed, distinct from the training stream's."""
+    return random.Random(f"cache-{seed}").getrandbits(31)
