@@ -266,11 +266,14 @@ def job_records_state(job: str) -> str:
 
 @pytest.fixture(scope="module")
 def kfold_shards(cluster, tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("kfold-shards") / "shards"
-    res = subprocess.run([str(Path(sys.executable).parent / "cxr-dist"), "prepare", "--config", str(TINY),
-                          "--data", str(tiny_data), "--out", str(out), "--data.k_folds", "2"],
-                         cwd=out.parent, env=job_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
+    """Shards with 2 folds, written by slurm/prepare.sh as a job."""
+    tmp = tmp_path_factory.mktemp("kfold-shards")
+    out = tmp / "shards"
+    job = sbatch("prepare.sh", ["--config", str(TINY), "--data", str(tiny_data), "--out", str(out),
+                                "--data.k_folds", "2"], tmp / "logs")
+    rec = wait_job(job, timeout=300)[0]
+    assert rec["JobState"] == "COMPLETED", log_text(tmp / "logs")
+    assert json.loads((out / "index.json").read_text())["k_folds"] == 2
     return out
 
 
