@@ -240,6 +240,10 @@ def build_launch_command(
             f"{accelerate_config} is a single-process config (distributed_type NO) but the "
             f"allocation asks for {plan.num_processes} processes; use gpu_multi/multinode.yaml"
         )
+    if dtype == "MULTI_GPU" and plan.num_processes < 2:
+        # Accelerate refuses --multi_gpu with one process; say which config fits instead.
+        raise LaunchError(f"{accelerate_config} needs at least 2 processes in all; for one process "
+                          f"use launch/gpu_1.yaml (or --procs-per-node 2 on a CPU node)")
     cmd = [python or sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(accelerate_config),
            "--num_machines", str(plan.num_machines),

@@ -109,6 +109,12 @@ def test_single_process_config_refuses_a_multi_process_allocation():
         build_launch_command(node_env(0), "launch/gpu_1.yaml", [], config={"distributed_type": "NO"})
 
 
+def test_multi_process_config_refuses_a_single_process():
+    env = {"SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "1"}
+    with pytest.raises(LaunchError, match="gpu_1.yaml"):
+        build_launch_command(env, "launch/gpu_multi.yaml", [], config=MULTI_GPU)
+
+
 def test_bad_node_id_is_an_error():
     with pytest.raises(LaunchError):
         plan_node(node_env(2))
