@@ -101,7 +101,9 @@ def test_single_node_cpu_job_uses_the_yaml_process_count_and_localhost():
     assert opt(cmd, "--num_processes") == "2" and opt(cmd, "--num_machines") == "1"
     assert "--machine_rank" not in cmd and "--main_process_ip" not in cmd
     assert launch_env(cpu, env) == {"ACCELERATE_USE_CPU": "true"}
-    assert opt(build_launch_command(env, "c.yaml", [], config=cpu, procs_per_node=1), "--num_processes") == "1"
+    assert opt(build_launch_command(env, "c.yaml", [], config=cpu, procs_per_node=3), "--num_processes") == "3"
+    with pytest.raises(LaunchError):  # accelerate refuses --multi_gpu with 1 process
+        build_launch_command(env, "c.yaml", [], config=cpu, procs_per_node=1)
 
 
 def test_single_process_config_refuses_a_multi_process_allocation():
