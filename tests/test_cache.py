@@ -1,0 +1,73 @@
+"""The frozen-compute cache: same features as the normal path, phase hand-over, batch sampling."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cxr_dist.cache import CachedBatches, build_cache
+from cxr_dist.config import ModelConfig, load_config
+from cxr_dist.model import build_model
+from cxr_dist.stream import eval_loader
+from tests.conftest import TINY, tiny_overrides
+from tests.test_train import params_of, probe
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_shards):
+    cfg = load_config(TINY, ["--data.shards_dir", str(tiny_shards), "--data.num_workers", "0"])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(pretrained=False))
+    model.set_phase(1)
+    return cfg, model
+
+
+def test_unaugmented_cache_equals_the_normal_frozen_forward(setup):
+    cfg, model = setup
+    cache = build_cache(model, cfg.data, ["val"], 0, 1, 1, 0, torch.device("cpu"), augment=False, show=False)
+    images = torch.cat([b["image"] for b in eval_loader(cfg.data, "val", 0, 1)])
+    direct = model.frozen_forward(images)
+    torch.testing.assert_close(cache.feats[0].float(), direct, atol=2e-2, rtol=1e-2)  # stored in fp16
+    # Carried to phase 1 (head only), it equals phase 1's own frozen forward.
+    model.set_phase(0)
+    torch.testing.assert_close(cache.for_phase(model).feats[0].float(), model.frozen_forward(images),
+                               atol=2e-2, rtol=1e-2)
+    model.set_phase(1)
+
+
+def test_views_differ_and_cover_every_sample_once_per_rank(setup, tiny_shards):
+    cfg, model = setup
+    index = json.loads((tiny_shards / "index.json").read_text())
+    parts = [build_cache(model, cfg.data, ["train"], r, 2, 2, 7, torch.device("cpu"), augment=True, show=False)
+             for r in (0, 1)]
+    keys = parts[0].keys + parts[1].keys
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == index["splits"]["train"]["total"]
+    assert parts[0].feats.shape[0] == 2 and not torch.equal(parts[0].feats[0], parts[0].feats[1])
+
+
+def test_cached_batches_fixed_count_full_coverage_and_seeded(setup):
+    cfg, model = setup
+    cache = build_cache(model, cfg.data, ["train"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False)
+    n = len(cache.keys)
+    loader = CachedBatches(cache, batch_size=8, n_batches=n // 8 + 2, seed=1, rank=0)
+    loader.set_epoch(3)
+    batches = list(loader)
+    assert len(batches) == n // 8 + 2 and all(len(b["key"]) == 8 for b in batches)
+    seen = [k for b in batches for k in b["key"]]
+    assert set(seen[:n]) == set(cache.keys)  # every sample once before any repeats
+    loader.set_epoch(3)
+    assert [b["key"] for b in loader] == [b["key"] for b in batches]
+    loader.set_epoch(4)
+    assert [b["key"] for b in loader] != [b["key"] for b in batches]
+
+
+@pytest.mark.slow
+def test_two_process_cached_training_keeps_ranks_identical(tiny_shards, tmp_path):
+    res, run_dir, params = probe(tmp_path, tiny_shards, "cached", "--train.cache_views", "2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert [r["phase"] for r in json.loads((run_dir / "history.json").read_text())] == [1, 1, 2]
+    r0, r1 = params_of(params, 0), params_of(params, 1)
+    for k in r0:
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(r0[k], r1[k]), k
