@@ -316,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError) as e:
         print(f"cxr_dist.train: {e}", file=sys.stderr)
         return 2
-    # No destroy_process_group(): with gloo it aborted ~1 run in 10 at exit (docs/architecture.md).
-    # A preempted run also exits 0; run_dir/PREEMPTED tells the batch script to requeue it.
+    # A preempted run also exits 0 (run_dir/PREEMPTED tells the batch script to requeue it).
+    dist.hard_exit_if_distributed(0)
     return 0
 
 

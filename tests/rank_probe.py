@@ -30,6 +30,7 @@ def main() -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     save_file(state, f"{args.out}/rank{accelerator.process_index}.safetensors")
     print(f"rank {accelerator.process_index}/{accelerator.num_processes} finished={finished}")
+    dist.hard_exit_if_distributed(0)
     return 0
 
 
