@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from .metrics import compute_metrics, scalar_metrics, summary_line
 from .model import CXRClassifier, build_model, count_trainable, param_groups, weights_source
 from .split import train_val_splits
 from .stream import class_counts, load_index, train_loader
-from .tracking import make_tracker
+from .tracking import check_reachable, make_tracker, resolve_uri
 
 
 @dataclass
@@ -299,6 +300,10 @@ def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, v
     dist.barrier()
 
 
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxr_dist.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML file (see configs/); dotted overrides follow, e.g. --train.seed 3")
@@ -306,9 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         load_index(cfg.data.shards_dir)  # missing shards: say so before any MLflow run is opened
+        if cfg.tracking.enabled:
+            # On every rank, before the process group exists: all ranks stop with this message
+            # instead of rank 0 returning while the others die at its first barrier.
+            check_reachable(resolve_uri(cfg.tracking.uri))
         accelerator = dist.make_accelerator(cfg.train, cfg.data)
         resuming = cfg.train.resume and ckpt.latest_checkpoint(cfg.train.run_dir) is not None
         tracker = make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir, resume=resuming)
+        # SIGTERM (scancel, the time limit, torchrun stopping the other ranks after one failed)
+        # kills without unwinding and would leave the MLflow run RUNNING; as SystemExit it ends
+        # the run KILLED. (SLURM's early warning is SIGUSR1/PREEMPT, handled by dist.PreemptionWatch.)
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         with tracker:
             finished, _ = train(cfg, accelerator, tracker)
             if not finished:  # the requeued job reopens this MLflow run

@@ -381,17 +381,11 @@ def test_unreachable_server_under_accelerate_launch(unreachable_launch: dict) ->
     assert unreachable_launch["seconds"] < 90, f"took {unreachable_launch['seconds']:.0f} s"
 
 
-# Not strict: without the fix, the launcher sometimes SIGTERMs rank 1 before its barrier fails (no
-# traceback then); with the fix it passes every time (rank 1 never reaches a collective).
-@pytest.mark.xfail(strict=False, reason="train.main checks the server on rank 0 only; the other ranks "
-                   "usually die at the first barrier with a gloo traceback (fix proposed in docs/tracking.md)")
 def test_unreachable_server_stops_every_rank_without_a_traceback(unreachable_launch: dict) -> None:
     out = unreachable_launch["res"].stdout + unreachable_launch["res"].stderr
     assert "[rank1]: Traceback" not in out and "Connection closed by peer" not in out, out[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="no SIGTERM handler in train.main: a terminated job's run stays "
-                   "RUNNING (fix proposed in docs/tracking.md)")
 def test_sigterm_mid_training_does_not_leave_the_run_running(mlflow_server: str, tiny_shards: Path,
                                                             tmp_path: Path) -> None:
     """`scancel`, or the launcher stopping the survivors after one rank failed, sends SIGTERM."""
