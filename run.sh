@@ -5,7 +5,8 @@
 #
 # = install .venv, `cxr-dist prepare` (shards in $OUT/shards), train with every local CPU core
 # or GPU through `accelerate launch`, evaluate the best checkpoint on the test split.
-# CONFIG picks the config (default configs/offline.toml: ImageNet weights that need no internet;
+# CONFIG picks the config (default configs/iu_xray_cached.toml: offline ImageNet weights and the
+# frozen-compute cache, ~30 min on a 2-core CPU; configs/offline.toml is the same without the cache,
 # configs/original.toml downloads EfficientNet-B1 weights from timm's hub). OUT defaults to ./out.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,7 +23,7 @@ MSG
     exit 2
 fi
 shift
-CONFIG="${CONFIG:-configs/offline.toml}"
+CONFIG="${CONFIG:-configs/iu_xray_cached.toml}"
 OUT="${OUT:-out}"
 bash scripts/setup.sh
 mkdir -p "$OUT"
@@ -31,7 +32,8 @@ if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.device_count
     LAUNCH=(--config_file launch/gpu_multi.yaml)
 elif .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     LAUNCH=(--config_file launch/gpu_1.yaml)
-else  # CPU only: one process per core pair is slower than one process with all threads; use 1
+else  # CPU only: one process with all cores as threads, fp32 (the setting of docs/results.md;
+    # bf16 is several times slower on CPUs without bf16 units, docs/performance.md)
     LAUNCH=(--cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 fi
 RUN_DIR="$OUT/runs/$(basename "$CONFIG" .toml)"

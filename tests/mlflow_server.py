@@ -16,7 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,3 +134,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if _shared["users"] == 0 and _shared["proc"] is not None:
             stop_server(_shared["proc"])  # type: ignore[arg-type]
             _shared.update(proc=None, url="")
+
+
+# --- plain-HTTP access to the server (the tests read runs back through the REST API) ----------
+
+def api(base: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    """GET (or POST a JSON body to) /api/2.0/mlflow/<endpoint> and decode the JSON answer."""
+    url = f"{base}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=15) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def experiment_runs(base: str, name: str) -> list[dict]:
+    exp = api(base, "experiments/get-by-name", experiment_name=name)["experiment"]
+    return api(base, "runs/search", {"experiment_ids": [exp["experiment_id"]]}).get("runs", [])

@@ -10,7 +10,7 @@ from cxr_dist.cache import CachedBatches, build_cache
 from cxr_dist.config import ModelConfig, load_config
 from cxr_dist.model import build_model
 from cxr_dist.stream import eval_loader
-from tests.conftest import TINY, tiny_overrides
+from tests.conftest import TINY
 from tests.test_train import params_of, probe
 
 

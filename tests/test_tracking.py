@@ -1,7 +1,6 @@
 """Tracker against a real MLflow server; results read back over its REST API with plain HTTP."""
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.parse
@@ -16,25 +15,11 @@ from cxr_dist.config import TrackingConfig
 from cxr_dist.errors import UserError
 from cxr_dist.plots import confusion_figure, roc_pr_figure, training_figure
 from cxr_dist.tracking import RUN_ID_FILE, MLflowTracker, NullTracker, flatten_params, make_tracker
-from tests.mlflow_server import free_port, mlflow_server  # noqa: F401 - registers the fixture
+from tests.mlflow_server import api, experiment_runs, free_port, mlflow_server  # noqa: F401 - fixture
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def api(base: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
-    """GET (or POST with a JSON body) /api/2.0/mlflow/<endpoint> and decode the answer."""
-    url = f"{base}/api/2.0/mlflow/{endpoint}"
-    if query:
-        url += "?" + urllib.parse.urlencode(query)
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read() or b"{}")
-
-
-def experiment_runs(base: str, name: str) -> list[dict]:
-    exp = api(base, "experiments/get-by-name", experiment_name=name)["experiment"]
-    return api(base, "runs/search", {"experiment_ids": [exp["experiment_id"]]}).get("runs", [])
 
 
 def cfg_for(url: str, **kw: object) -> TrackingConfig:
