@@ -184,8 +184,8 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
     """
     t = cfg.train
     model.train()
-    # Epoch-seeded RNG: shuffling, augmentation (dataloader workers draw their seeds from it) and
-    # dropout are a function of (seed, epoch, rank), so a resumed run replays an epoch exactly.
+    # Epoch-seeded RNG for dropout; the stream seeds its shuffling and augmentation from
+    # (seed, epoch, rank, worker) itself. So a resumed run replays an epoch exactly.
     seed_everything(t.seed * 1000 + epoch * 10 + accelerator.process_index)
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
