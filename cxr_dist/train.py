@@ -168,7 +168,7 @@ def train(cfg: Config, accelerator, tracker) -> tuple[bool, CXRClassifier]:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             accelerator.print(summary_line(epoch, phase.name, train_m, val_m, total))
         first_epoch = last_epoch + 1
-    _finish(cfg, accelerator, raw, tracker, progress, val_split)
+    _finish(cfg, accelerator, raw, tracker, progress, val_split, index)
     return True, raw
 
 
@@ -261,7 +261,8 @@ def _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag, b
     dist.barrier()
 
 
-def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, val_split: str) -> None:
+def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, val_split: str,
+            index: dict) -> None:
     """After the last epoch: the best weights on val and test, figures, evaluation JSON, model.
 
     Collective (every rank evaluates its share); files and logging on the main process only.
@@ -271,7 +272,7 @@ def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, v
     best = copy.deepcopy(raw)  # the caller keeps the final weights
     best.load_state_dict(state)
     splits = {"val": val_split}
-    if load_index(cfg.data.shards_dir)["splits"].get("test", {}).get("total", 0):
+    if index["splits"].get("test", {}).get("total", 0):  # the index train() already read
         splits["test"] = "test"
     preds = {name: evaluate_split(best, cfg.data, split, accelerator, with_predictions=True)["predictions"]
              for name, split in splits.items()}
