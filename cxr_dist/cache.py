@@ -9,17 +9,34 @@ images are cached once, unaugmented (their frozen output never changes).
 What it trades: augmentation is limited to the cached views (the normal mode draws a new one
 every epoch), and each phase starts by pushing the cache through the blocks that this phase keeps
 frozen. Each rank caches its own exactly-once share of the data, so it holds 1/world of it.
+
+On disk (`train.cache_dir`, default RUN_DIR/cache): each rank's cache is saved as safetensors
+(tensors + JSON metadata, nothing unpickled) under a name that hashes everything its content
+depends on (shards checksum, data config, backbone and weights, depth, views, seed, rank/world).
+A resumed run, or another run with the same frozen part (say a different learning rate), loads it
+instead of recomputing it; any change to those inputs gives a new name, so a stale cache is never
+read. Files are written to a temporary name and renamed, so a killed run leaves no half cache.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import sys
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import _fsync_dir
 from .config import DataConfig
 from .model import CXRClassifier
 from .stream import eval_loader, views_loader
@@ -111,3 +128,51 @@ def cached_eval_batches(cache: FeatureCache, batch_size: int = 256):
 def seed_views(seed: int) -> int:
     """The cache's augmentation seed, distinct from the training stream's."""
     return random.Random(f"cache-{seed}").getrandbits(31)
+
+
+CACHE_FORMAT = 1
+
+
+def cache_name(kind: str, inputs: dict) -> str:
+    """File name of a cache: `kind` plus a hash of everything its content depends on."""
+    blob = json.dumps({"format": CACHE_FORMAT, **inputs}, sort_keys=True, default=str).encode()
+    return f"{kind}-{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
+
+
+def save_cache(cache: FeatureCache, path: Path) -> None:
+    """Atomically write a cache as safetensors; keys/uids/depth go in the (string) metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    meta = {"keys": json.dumps(cache.keys), "uids": json.dumps(cache.uids), "depth": str(cache.depth)}
+    try:
+        save_file({"feats": cache.feats.contiguous(), "labels": cache.labels.contiguous()}, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def load_cache(path: Path) -> FeatureCache:
+    """Read a cache written by save_cache (tensors and JSON only: no pickle)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    t = load_file(str(path))
+    return FeatureCache(t["feats"], t["labels"], json.loads(meta["keys"]), json.loads(meta["uids"]), int(meta["depth"]))
+
+
+def cached_on_disk(path: Path, build: Callable[[], FeatureCache], log: Callable[[str], None]) -> FeatureCache:
+    """Load the cache at `path` when it exists and reads back whole, else build and save it."""
+    if path.is_file():
+        try:
+            cache = load_cache(path)
+            log(f"loaded the frozen-compute cache {path}")
+            return cache
+        except (SafetensorError, OSError, KeyError, ValueError) as e:  # damaged: rebuild, never trust it
+            log(f"cache {path} is unreadable ({type(e).__name__}: {e}); computing it again")
+    cache = build()
+    save_cache(cache, path)
+    return cache

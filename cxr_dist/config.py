@@ -90,6 +90,7 @@ class TrainConfig:
     run_dir: str = "runs/default"  # checkpoints, resolved config, metrics; resumed when it holds a checkpoint
     resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
     cache_views: int = 0  # >0: compute the frozen part once over this many augmented views per image
+    cache_dir: str = ""  # where caches are kept and reused; "" -> run_dir/cache. Share it between runs.
     log_every: int = 10  # steps between progress-bar postfix updates
 
     @property

@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -22,13 +21,13 @@ from .model import build_model
 from .transforms import eval_transform
 
 
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """A file -> uint8 1 x H x W, longest side `image_size` (as stored in the shards)."""
+def load_image(path: Path, image_size: int) -> Image.Image:
+    """A file -> grayscale PIL image, longest side `image_size` (as stored in the shards)."""
     try:
         with Image.open(path) as im:
             im = im.convert("L")
             im.thumbnail((image_size, image_size), Image.BICUBIC)
-            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())[None]
+            return im
     except FileNotFoundError as e:
         raise UserError(f"no such image: {path}") from e
     except (UnidentifiedImageError, OSError) as e:

@@ -26,7 +26,6 @@ import random
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
@@ -151,8 +150,7 @@ class _ShardStream(IterableDataset):
         # when the stored images are >= 2x input_size, libjpeg decodes at 1/2, 1/4... scale.
         with Image.open(io.BytesIO(sample["jpg"])) as im:
             im.draft("L", (self.input_size, self.input_size))
-            arr = np.asarray(im.convert("L"))
-        img = torch.from_numpy(arr.copy()).unsqueeze(0)
+            img = im.convert("L")  # a new, loaded image: the transform turns it into a tensor
         if self.augment:
             # Augmentation draws from torch's global RNG; swap in this stream's own state so that
             # the stream is reproducible and never disturbs the trainer's RNG (num_workers = 0).

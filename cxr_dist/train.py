@@ -28,7 +28,7 @@ from . import dist
 from .config import Config, PhaseConfig, dump_toml, load_config, to_dict
 from .config import ConfigError
 from .errors import UserError
-from .cache import CachedBatches, build_cache, cached_eval_batches, seed_views
+from .cache import CachedBatches, FeatureCache, build_cache, cache_name, cached_eval_batches, cached_on_disk, seed_views
 from .evaluate import evaluate_split, logits_of, report
 from .metrics import compute_metrics, scalar_metrics, summary_line
 from .model import CXRClassifier, build_model, count_trainable, param_groups, weights_source
@@ -69,6 +69,30 @@ def class_weights(counts: tuple[int, int]) -> torch.Tensor:
     return torch.tensor([n / (2 * max(c, 1)) for c in counts], dtype=torch.float32)
 
 
+def _frozen_caches(cfg: Config, raw: CXRClassifier, index: dict, train_splits: list[str], val_split: str,
+                   accelerator) -> tuple[FeatureCache, FeatureCache]:
+    """This rank's train and val caches of the frozen part, loaded from train.cache_dir or built."""
+    t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
+    t0, show = time.time(), accelerator.is_main_process
+    raw.set_phase(max(p.unfreeze_blocks for p in t.phases))
+    cache_dir = Path(t.cache_dir or Path(t.run_dir) / "cache")
+    # Everything the cached tensors depend on; the frozen part does not depend on the head.
+    inputs = {"data": to_dict(cfg.data), "checksum": index.get("checksum", ""), "seed": t.seed,
+              "backbone": [cfg.model.backbone, cfg.model.pretrained, cfg.model.weights],
+              "depth": raw.unfrozen_blocks, "rank": rank, "world": world}
+    train_cache = cached_on_disk(
+        cache_dir / cache_name(f"train-r{rank}", {**inputs, "splits": train_splits, "views": t.cache_views}),
+        lambda: build_cache(raw, cfg.data, train_splits, rank, world, t.cache_views, seed_views(t.seed),
+                            accelerator.device, augment=True, show=show), accelerator.print)
+    val_cache = cached_on_disk(
+        cache_dir / cache_name(f"val-r{rank}", {**inputs, "splits": [val_split]}),
+        lambda: build_cache(raw, cfg.data, [val_split], rank, world, 1, 0, accelerator.device,
+                            augment=False, show=show), accelerator.print)
+    accelerator.print(f"frozen-compute cache: {t.cache_views} views of {len(train_cache.keys)} training images "
+                      f"on this rank, {tuple(train_cache.feats.shape[2:])} each, ready in {time.time() - t0:.0f} s")
+    return train_cache, val_cache
+
+
 def train(cfg: Config, accelerator, tracker) -> tuple[bool, CXRClassifier]:
     """Run (or resume) the whole schedule. Returns (finished, model); not finished = preempted."""
     t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
@@ -84,15 +108,7 @@ def train(cfg: Config, accelerator, tracker) -> tuple[bool, CXRClassifier]:
     raw = build_model(cfg.model)
     train_cache = val_cache = None
     if t.cache_views:
-        t0 = time.time()
-        raw.set_phase(max(p.unfreeze_blocks for p in t.phases))
-        show = accelerator.is_main_process
-        train_cache = build_cache(raw, cfg.data, train_splits, rank, world, t.cache_views, seed_views(t.seed),
-                                  accelerator.device, augment=True, show=show)
-        val_cache = build_cache(raw, cfg.data, [val_split], rank, world, 1, 0, accelerator.device,
-                                augment=False, show=show)
-        accelerator.print(f"cached the frozen part: {t.cache_views} views of {len(train_cache.keys)} training "
-                          f"images on this rank, {tuple(train_cache.feats.shape[2:])} each, in {time.time() - t0:.0f} s")
+        train_cache, val_cache = _frozen_caches(cfg, raw, index, train_splits, val_split, accelerator)
     progress, saved = Progress(), None
     latest = ckpt.latest_checkpoint(run_dir) if t.resume else None
     if latest is not None:

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from cxr_dist.cache import CachedBatches, build_cache
+from cxr_dist.cache import CachedBatches, build_cache, cache_name, cached_on_disk, load_cache
 from cxr_dist.config import ModelConfig, load_config
 from cxr_dist.model import build_model
 from cxr_dist.stream import eval_loader
 from tests.conftest import TINY
-from tests.test_train import params_of, probe
+from tests.test_train import assert_same_state, params_of, probe
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,39 @@ def test_two_process_cached_training_keeps_ranks_identical(tiny_shards, tmp_path
     for k in r0:
         if "running_" not in k and "num_batches" not in k:
             assert torch.equal(r0[k], r1[k]), k
+    # Each rank saved its train and val cache; a second run (new run_dir, same cache_dir) loads
+    # them instead of recomputing, and trains to bit-identical weights on both ranks.
+    cache_dir = run_dir / "cache"
+    assert sorted(p.name.split("-")[0] + p.name.split("-")[1] for p in cache_dir.glob("*.safetensors")) == [
+        "trainr0", "trainr1", "valr0", "valr1"]
+    res2, _, params2 = probe(tmp_path, tiny_shards, "cached-again", "--train.cache_views", "2",
+                             "--train.cache_dir", str(cache_dir))
+    assert res2.returncode == 0, res2.stdout[-3000:] + res2.stderr[-5000:]
+    assert "loaded the frozen-compute cache" in res2.stdout + res2.stderr
+    assert not (tmp_path / "cached-again" / "cache").exists()
+    for rank in (0, 1):
+        assert_same_state(params_of(params, rank), params_of(params2, rank))
+
+
+def test_disk_cache_round_trip_names_and_damage(setup, tmp_path):
+    cfg, model = setup
+    built = []
+
+    def build():
+        built.append(1)
+        return build_cache(model, cfg.data, ["val"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False)
+
+    path = tmp_path / cache_name("val-r0", {"views": 2})
+    first = cached_on_disk(path, build, print)
+    again = cached_on_disk(path, build, print)
+    assert len(built) == 1 and torch.equal(first.feats, again.feats) and torch.equal(first.labels, again.labels)
+    assert (first.keys, first.uids, first.depth) == (again.keys, again.uids, again.depth) and first.depth == 1
+    assert not list(tmp_path.glob(".*tmp*"))  # written under a temporary name, then renamed
+    # Anything the content depends on changes the name: a stale cache is never read.
+    assert cache_name("val-r0", {"views": 3}) != path.name and cache_name("val-r0", {"views": 2}) == path.name
+    # A damaged file is rebuilt, not trusted.
+    path.write_bytes(path.read_bytes()[:100])
+    messages = []
+    rebuilt = cached_on_disk(path, build, messages.append)
+    assert len(built) == 2 and "unreadable" in messages[0] and torch.equal(rebuilt.feats, first.feats)
+    assert torch.equal(load_cache(path).feats, first.feats)
