@@ -1,6 +1,7 @@
 """Print the per-epoch table and final metrics of a run folder as Markdown (for docs/results.md).
 
     .venv/bin/python bench/results_table.py out/runs/iu_xray_cached
+    .venv/bin/python bench/results_table.py --summary RUN_DIR...     # one row per run (experiments)
 """
 from __future__ import annotations
 
@@ -29,5 +30,23 @@ def main(run_dir: str) -> int:
     return 0
 
 
+def summary(run_dirs: list[str]) -> int:
+    """One row per run: best epoch (by val AUROC), val and test metrics of that checkpoint, time."""
+    print("| run | best epoch | val AUROC | test AUROC image | test AUROC study | test bal. acc image "
+          "| test bal. acc study | test acc image | s/epoch phase 2 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run_dir in run_dirs:
+        run = Path(run_dir)
+        history = json.loads((run / "history.json").read_text())
+        ev = json.loads((run / "evaluation.json").read_text())
+        best = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())["progress"]["epoch"]
+        p2 = [r["epoch_time_s"] for r in history if r["phase"] == 2]
+        img, study = ev["test"]["image_level"], ev["test"]["study_level"]
+        print(f"| {run.name} | {best} | {ev['val']['image_level']['auroc']:.3f} | {img['auroc']:.3f} | "
+              f"{study['auroc']:.3f} | {img['balanced_accuracy']:.3f} | {study['balanced_accuracy']:.3f} | "
+              f"{img['accuracy']:.3f} | {sum(p2) / max(len(p2), 1):.0f} |")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(summary(sys.argv[2:]) if sys.argv[1] == "--summary" else main(sys.argv[1]))

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# What moves test AUROC on IU X-ray: variants of the full two-phase schedule of
+# configs/iu_xray_cached.toml on the same shards and seed, one run each, then one summary row per
+# run (best epoch by val AUROC; val and test metrics of that checkpoint). docs/results.md.
+#
+#   bash bench/experiments.sh [SHARDS_DIR] [VARIANT...]       # default: all variants below
+#
+# Variants with the same frozen part share the cache (CACHE_DIR, default: the cache of
+# bench/reproduce_results.sh's run, so that run's cache is reused rather than recomputed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARDS="${1:-out/shards}"
+shift || true
+OUT="${OUT:-out/experiments}"
+CACHE_DIR="${CACHE_DIR:-out/runs/iu_xray_cached/cache}"
+
+declare -A VARIANT=(
+    # phase 2 at a tenth of the learning rates, light weight decay: does phase 2 stop overfitting?
+    [gentle]="--train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-5 --train.weight_decay 1e-4"
+    # phase 2 unfreezes all of the last two stages (6 blocks of Lite1) at lr 1e-4, for 10 epochs
+    [deep6]="--train.phases.1.unfreeze_blocks 6 --train.phases.1.epochs 10 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
+)
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=(gentle deep6)
+mkdir -p "$OUT"
+for name in "${names[@]}"; do
+    [ -n "${VARIANT[$name]+x}" ] || { echo "unknown variant $name (have: ${!VARIANT[*]})" >&2; exit 2; }
+    start=$(date +%s)
+    # shellcheck disable=SC2086  # the variant's overrides are meant to split into words
+    .venv/bin/python -m cxr_dist.train --config configs/iu_xray_cached.toml --data.shards_dir "$SHARDS" \
+        --train.run_dir "$OUT/$name" --train.cache_dir "$CACHE_DIR" ${VARIANT[$name]} \
+        --tracking.uri "sqlite:///$PWD/$OUT/mlflow.db" --tracking.experiment cxr-dist-iu-xray-experiments \
+        > "$OUT/$name.log" 2>&1
+    echo "$name: $(( $(date +%s) - start )) s ($OUT/$name.log)"
+done
+.venv/bin/python bench/results_table.py --summary "${names[@]/#/$OUT/}"
