@@ -17,11 +17,13 @@ CACHE_DIR="${CACHE_DIR:-out/runs/iu_xray_cached/cache}"
 declare -A VARIANT=(
     # phase 2 at a tenth of the learning rates, light weight decay: does phase 2 stop overfitting?
     [gentle]="--train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-5 --train.weight_decay 1e-4"
+    # the default schedule, but unfrozen blocks keep their ImageNet BatchNorm statistics
+    [bnfrozen]="--model.freeze_bn_stats true"
     # phase 2 unfreezes all of the last two stages (6 blocks of Lite1) at lr 1e-4, for 10 epochs
-    [deep6]="--train.phases.1.unfreeze_blocks 6 --train.phases.1.epochs 10 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
+    [deep6]="--model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 6 --train.phases.1.epochs 10 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
 )
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(gentle deep6)
+[ ${#names[@]} -eq 0 ] && names=(bnfrozen deep6 gentle)
 mkdir -p "$OUT"
 for name in "${names[@]}"; do
     [ -n "${VARIANT[$name]+x}" ] || { echo "unknown variant $name (have: ${!VARIANT[*]})" >&2; exit 2; }

@@ -55,6 +55,10 @@ class ModelConfig:
     hidden: int = 256  # MLP head: Linear(features, hidden) -> BN -> ReLU -> Dropout -> Linear(hidden, 2)
     dropout: float = 0.5
     num_classes: int = 2
+    # true: BatchNorm layers of unfrozen backbone blocks keep their ImageNet running statistics
+    # (eval mode) while their weights train; false: they normalise with batch statistics, as a
+    # plain model.train() does (docs/results.md measures both).
+    freeze_bn_stats: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,11 @@ LITE1_PACKAGE = "lite1-package"
 
 
 class CXRClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, hidden: int, dropout: float, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, hidden: int, dropout: float, num_classes: int,
+                 freeze_bn_stats: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
+        self.freeze_bn_stats = freeze_bn_stats
         nf = backbone.num_features
         self.head = nn.Sequential(
             nn.Linear(nf, hidden),
@@ -79,6 +81,12 @@ class CXRClassifier(nn.Module):
         self.backbone.eval()
         for m in self._tail_modules():
             m.train(mode)
+            if self.freeze_bn_stats:
+                # Switching a pretrained block's BatchNorm to batch statistics shifts the features
+                # the head was trained on (train loss jumps at the phase 2 start): keep them fixed.
+                for bn in m.modules():
+                    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                        bn.eval()
         return self
 
     # ------------------------------------------------------------------ forward
@@ -158,7 +166,7 @@ def build_model(cfg: ModelConfig) -> CXRClassifier:
         backbone.load_state_dict(lite1_package_state_dict(), strict=True)
     elif cfg.weights:
         backbone.load_state_dict(_read_state_dict(Path(cfg.weights)), strict=True)
-    return CXRClassifier(backbone, cfg.hidden, cfg.dropout, cfg.num_classes)
+    return CXRClassifier(backbone, cfg.hidden, cfg.dropout, cfg.num_classes, cfg.freeze_bn_stats)
 
 
 def weights_source(cfg: ModelConfig) -> str:

@@ -50,6 +50,27 @@ def test_frozen_part_stays_in_eval_and_builds_no_graph(b1):
     b1.set_phase(0)
 
 
+def test_freeze_bn_stats_keeps_unfrozen_blocks_batchnorm_fixed():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(pretrained=False, freeze_bn_stats=True))
+    model.set_phase(2)
+    model.train()
+    tail_bn = model.blocks()[-1].bn1
+    assert not tail_bn.training and tail_bn.weight.requires_grad  # fixed statistics, trained affine
+    assert model.blocks()[-1].training and model.head.training and model.head[1].training
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k and not k.startswith("head.")}
+    x = torch.randint(0, 255, (4, 1, 64, 64), dtype=torch.uint8)
+    model(x).sum().backward()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert tail_bn.weight.grad is not None and model.blocks()[-2].bn1.weight.grad is not None
+    # Without the option the same layer normalises with batch statistics and updates its running mean.
+    plain = build_model(ModelConfig(pretrained=False))
+    plain.set_phase(2)
+    plain.train()
+    assert plain.blocks()[-1].bn1.training
+
+
 def test_forward_equals_frozen_then_trainable(b1):
     b1.eval()
     x = torch.randint(0, 255, (2, 1, 64, 64), dtype=torch.uint8)
