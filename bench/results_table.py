@@ -32,9 +32,9 @@ def main(run_dir: str) -> int:
 
 def summary(run_dirs: list[str]) -> int:
     """One row per run: best epoch (by val AUROC), val and test metrics of that checkpoint, time."""
-    print("| run | best epoch | val AUROC | test AUROC image | test AUROC study | test bal. acc image "
+    print("| run | best val AUROC phase 1 / phase 2 | best epoch | val AUROC | test AUROC image | test AUROC study | test bal. acc image "
           "| test bal. acc study | test acc image | s/epoch phase 2 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for run_dir in run_dirs:
         run = Path(run_dir)
         history = json.loads((run / "history.json").read_text())
@@ -42,7 +42,9 @@ def summary(run_dirs: list[str]) -> int:
         best = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())["progress"]["epoch"]
         p2 = [r["epoch_time_s"] for r in history if r["phase"] == 2]
         img, study = ev["test"]["image_level"], ev["test"]["study_level"]
-        print(f"| {run.name} | {best} | {ev['val']['image_level']['auroc']:.3f} | {img['auroc']:.3f} | "
+        per_phase = " / ".join(f"{max(r['val/auroc'] for r in history if r['phase'] == k):.3f}"
+                               for k in sorted({r["phase"] for r in history}))
+        print(f"| {run.name} | {per_phase} | {best} | {ev['val']['image_level']['auroc']:.3f} | {img['auroc']:.3f} | "
               f"{study['auroc']:.3f} | {img['balanced_accuracy']:.3f} | {study['balanced_accuracy']:.3f} | "
               f"{img['accuracy']:.3f} | {sum(p2) / max(len(p2), 1):.0f} |")
     return 0
