@@ -69,15 +69,15 @@ cxr_train() {
         kill -0 "$pid" 2>/dev/null || break
     done
     trap - USR1 TERM
-    # Training says "checkpoint saved, requeue me" with run_dir/PREEMPTED (and exit 0: torchrun
-    # would turn a special exit code of the workers into 1); exit code 99 is accepted as well.
-    if [ "$rc" = 99 ] || { [ "$rc" = 0 ] && [ -f "$RUN_DIR/PREEMPTED" ]; }; then
+    # Training says "checkpoint saved, requeue me" with run_dir/PREEMPTED and exit 0 (not a
+    # special exit code: torchrun turns any non-zero worker exit into 1).
+    if [ "$rc" = 0 ] && [ -f "$RUN_DIR/PREEMPTED" ]; then
         echo "[cxr] $(date -Is) preempted: checkpoint saved in $RUN_DIR; requeueing job $SLURM_JOB_ID"
         if scontrol requeue "$SLURM_JOB_ID"; then
             exit 0
         fi
         echo "[cxr] requeue refused: resubmit with CXR_RUN_DIR=$RUN_DIR to resume" >&2
-        exit 99
+        exit 99  # preempted and not requeued: the checkpoint is there, the job is not finished
     fi
     echo "[cxr] $(date -Is) training exited with $rc"
     exit "$rc"
