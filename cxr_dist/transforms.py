@@ -3,8 +3,8 @@ in, uint8 1 x S x S tensor out.
 
 Both pad to a square first (black borders, aspect ratio kept: a squashed chest changes the
 apparent heart size, which is itself a finding). The stream hands them PIL images: PIL's C
-affine/resize on an 8-bit image is ~2.4x faster than the same v2 ops on a tensor (which go
-through float grid_sample), and augmentation is most of the stream's cost (docs/data.md).
+affine on an 8-bit image is ~9x faster than the same v2 op on a tensor (which goes through
+float grid_sample), the whole train transform ~2.4x (bench/bench_transforms.py, docs/data.md).
 Normalisation to the backbone's mean/std is the model's job, not the data pipeline's.
 """
 from __future__ import annotations
