@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .checkpoint import _fsync_dir
+from .checkpoint import fsync_dir
 from .config import DataConfig
 from .model import CXRClassifier
 from .stream import eval_loader, views_loader
@@ -151,17 +151,15 @@ def save_cache(cache: FeatureCache, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def load_cache(path: Path) -> FeatureCache:
     """Read a cache written by save_cache (tensors and JSON only: no pickle)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:  # one read: tensors and metadata together
         meta = f.metadata()
-    t = load_file(str(path))
-    return FeatureCache(t["feats"], t["labels"], json.loads(meta["keys"]), json.loads(meta["uids"]), int(meta["depth"]))
+        feats, labels = f.get_tensor("feats"), f.get_tensor("labels")
+    return FeatureCache(feats, labels, json.loads(meta["keys"]), json.loads(meta["uids"]), int(meta["depth"]))
 
 
 def cached_on_disk(path: Path, build: Callable[[], FeatureCache], log: Callable[[str], None]) -> FeatureCache:

@@ -167,7 +167,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make renames/creations in ``path`` durable (not supported on every platform/filesystem)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -212,7 +212,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _versions() -> dict[str, str]:
@@ -242,7 +242,7 @@ def _install(ckpt_root: Path, tmp: Path, tag: str) -> Path:
         if old is not None and not target.exists():
             os.replace(old, target)  # put the previous checkpoint back where readers expect it
         raise
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     # Leftovers of this save and of earlier crashed ones; never touches other tags.
     for p in ckpt_root.iterdir():
         if p.name.startswith((".tmp-", ".old-")) and _tag_of(p.name) == tag:
@@ -268,7 +268,7 @@ def _write_files(tmp: Path, files: dict[str, bytes]) -> None:
         _write_bytes(tmp / name, data)
         record[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     _write_bytes(tmp / MARKER, _json_bytes({"format": FORMAT, "files": record}))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def save_checkpoint(
@@ -325,7 +325,7 @@ def copy_as(run_dir: str | Path, src_tag: str, dst_tag: str) -> Path:
                 shutil.copy2(src / name, tmp / name)
                 with open(tmp / name, "rb+") as f:
                     os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         return _install(ckpt_root, tmp, dst_tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
