@@ -8,7 +8,7 @@ Input layout (Kaggle dataset ``raddar/chest-xrays-indiana-university``)::
 
 Image files are searched recursively under ``DIR/images/`` and matched by file name. When the
 exact name is absent, a file with the same stem and another image extension is used (the shared
-reduced copy stores ``X.dcm.jpg`` for Kaggle's ``X.dcm.png``).
+reduced copy stores ``X.dcm.jpg`` for Kaggle's ``X.dcm.png``; bench/compact_copy.py writes ``X.dcm.webp``).
 
 Label rule: ``Problems`` equal to ``normal`` (case and surrounding spaces ignored) -> 0 (normal),
 anything else -> 1 (abnormal). ``No Indexing`` reports carry no label: ``no_indexing="drop"``
@@ -30,7 +30,7 @@ REPORTS_CSV = "indiana_reports.csv"
 PROJECTIONS_CSV = "indiana_projections.csv"
 REPORT_COLUMNS = ("uid", "Problems", "findings", "impression")
 PROJECTION_COLUMNS = ("uid", "filename", "projection")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 # Skip reasons. ERROR_REASONS count toward data.max_skip_frac; no_indexing is a decision, not an error.
 ERROR_REASONS = ("missing_image", "corrupt_image", "no_report", "duplicate_key")

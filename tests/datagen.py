@@ -6,7 +6,7 @@
 Layout: ``root/indiana_reports.csv``, ``root/indiana_projections.csv``,
 ``root/images/images_normalized/{uid}_IM-{uid:04d}-{v}001.dcm.png`` (as on Kaggle).
 Images are synthetic, non-square, with a learnable signal: abnormal uids get a bright disc.
-Variety on purpose: grayscale and RGB PNGs, one JPEG named ``.png`` in the CSV (found by stem),
+Variety on purpose: grayscale and RGB PNGs, one JPEG and one WebP named ``.png`` in the CSV (found by stem),
 Problems spelt ``" Normal "`` once, and ``No Indexing`` for every 12th uid (uid % 12 == 11).
 """
 from __future__ import annotations
@@ -77,6 +77,8 @@ def make_dataset(root: str | Path, n_uids: int = 24, size: int = 64, broken: boo
             arr = _image(rng, size, bool(label))
             if uid == 5 and v == 1:  # stored as JPEG under another extension: matched by stem
                 Image.fromarray(arr).save(img_dir / name.replace(".png", ".jpg"), quality=90)
+            elif uid == 7 and v == 1:  # WebP (what bench/compact_copy.py writes), also by stem
+                Image.fromarray(arr).save(img_dir / name.replace(".png", ".webp"), lossless=True)
             elif uid % 3 == 0:
                 Image.fromarray(np.stack([arr] * 3, axis=-1)).save(img_dir / name)  # RGB PNG
             else:

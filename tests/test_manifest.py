@@ -42,6 +42,8 @@ def test_manifest_rows_and_labels(iu):
     # uid 5's frontal view is stored as .jpg while the CSV says .png: matched by stem
     row = df[df["filename"] == "5_IM-0005-1001.dcm.png"].iloc[0]
     assert row["path"].endswith("5_IM-0005-1001.dcm.jpg")
+    row = df[df["filename"] == "7_IM-0007-1001.dcm.png"].iloc[0]
+    assert row["path"].endswith("7_IM-0007-1001.dcm.webp")
 
 
 def test_no_indexing_abnormal(iu):

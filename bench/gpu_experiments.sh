@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# How far does fine-tuning with fresh augmentation every epoch (the normal, uncached mode) get on
+# IU X-ray? The question docs/results.md could not answer on a 2-core CPU. On one CUDA GPU:
+#   prepare shards -> bench/bench_gpu.py (step throughput) -> the variants below, all at once on
+#   the one GPU (bf16, 40 epochs, same shards and split) -> one summary row per run.
+#
+#   bash bench/gpu_experiments.sh DATA_DIR [extra config overrides for every run...]
+#
+# Environment: PY (default .venv/bin/python, else python3), WEIGHTS (model.weights, default
+# lite1-package; a .safetensors path works), OUT (default out/gpu), RUN_LIMIT (seconds per run,
+# default 330: a run still going is stopped and its best checkpoint so far evaluated), WORKERS
+# (data workers per run, default 3), RUNS (which variants, default all, in the order below).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DATA="${1:?usage: bash bench/gpu_experiments.sh DATA_DIR [overrides...]}"
+shift
+PY="${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+WEIGHTS="${WEIGHTS:-lite1-package}"
+OUT="${OUT:-out/gpu}"
+RUN_LIMIT="${RUN_LIMIT:-330}"
+WORKERS="${WORKERS:-3}"
+SHARDS="$OUT/shards"
+
+# Every variant: configs/iu_xray_cached.toml's 40-epoch schedule, uncached (cache_views 0).
+declare -A VARIANT=(
+    # the default schedule: 15 head epochs, then 25 with the last block (lr 1e-3 head / 1e-4 block)
+    [default]=""
+    # phase 2 unfreezes the last two stages (6 blocks), lr 1e-4, ImageNet BN statistics kept
+    [deep6]="--model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 6 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
+    # phase 2 unfreezes all 16 blocks of Lite1 (only the stem stays frozen)
+    [all16]="--model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 16 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
+    # the same with two more seeds (head init, data order, augmentation; same split)
+    [all16-s43]="--train.seed 43 --model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 16 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
+    [all16-s44]="--train.seed 44 --model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 16 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
+)
+read -r -a names <<< "${RUNS:-default deep6 all16 all16-s43 all16-s44}"
+mkdir -p "$OUT/runs"
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
+
+"$PY" -m cxr_dist.prepare --config configs/iu_xray_cached.toml --data "$DATA" --out "$SHARDS" \
+    --data.prepare_workers "$(nproc)" || exit 1
+stamp "shards ready"
+timeout 120 "$PY" bench/bench_gpu.py | tee "$OUT/bench_gpu.md"
+stamp "bench_gpu done"
+
+for name in "${names[@]}"; do
+    [ -n "${VARIANT[$name]+x}" ] || { echo "unknown variant $name (have: ${!VARIANT[*]})" >&2; exit 2; }
+    # shellcheck disable=SC2086  # the variant's overrides are meant to split into words
+    # Few intra-op threads: the GPU computes; the runs and their data workers share the cores.
+    OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$RUN_LIMIT" "$PY" -m cxr_dist.train --config configs/iu_xray_cached.toml --data.shards_dir "$SHARDS" \
+        --train.run_dir "$OUT/runs/$name" --train.cache_views 0 --train.mixed_precision bf16 \
+        --data.num_workers "$WORKERS" --model.weights "$WEIGHTS" --tracking.enabled false \
+        ${VARIANT[$name]} "$@" > "$OUT/runs/$name.log" 2>&1 &
+done
+wait
+stamp "runs done"
+
+# A run stopped by RUN_LIMIT has no history.json / evaluation.json: write them from its latest
+# checkpoint and an evaluation of its best one, so the summary still shows how far it got.
+for name in "${names[@]}"; do
+    run="$OUT/runs/$name"
+    [ -f "$run/evaluation.json" ] && continue
+    echo "$name: stopped before the end: $(tr '\r' '\n' < "$run.log" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-200)"
+    "$PY" - "$run" "$SHARDS" <<'EOF'  # with PYTHONPATH as the runs had it
+import json, subprocess, sys
+from pathlib import Path
+from cxr_dist.checkpoint import latest_checkpoint
+run, shards = Path(sys.argv[1]), sys.argv[2]
+latest = latest_checkpoint(run)
+if latest is None:
+    sys.exit(f"{run.name}: no checkpoint (stopped in its first epoch)")
+meta = json.loads((latest / "meta.json").read_text())
+(run / "history.json").write_text(json.dumps(meta["progress"]["history"]))
+ev = {split: json.loads(subprocess.run([sys.executable, "-m", "cxr_dist.evaluate", "--checkpoint", str(run),
+                                        "--shards", shards, "--split", split],
+                                       capture_output=True, text=True, check=True).stdout)
+      for split in ("val", "test")}
+(run / "evaluation.json").write_text(json.dumps(ev))
+print(f"{run.name}: evaluated its best checkpoint after {meta['progress']['epoch']} epochs")
+EOF
+done
+done_runs=()
+for name in "${names[@]}"; do [ -f "$OUT/runs/$name/evaluation.json" ] && done_runs+=("$OUT/runs/$name"); done
+[ ${#done_runs[@]} -gt 0 ] && "$PY" bench/results_table.py --summary "${done_runs[@]}" | tee "$OUT/summary.md"
+stamp "all done"
