@@ -9,7 +9,9 @@
 # Environment: PY (default .venv/bin/python, else python3), WEIGHTS (model.weights, default
 # lite1-package; a .safetensors path works), OUT (default out/gpu), RUN_LIMIT (seconds per run,
 # default 330: a run still going is stopped and its best checkpoint so far evaluated), WORKERS
-# (data workers per run, default 3), RUNS (which variants, default all, in the order below).
+# (data workers per run, default 3), RUNS (which variants run at once; default the first five
+# below), BENCH (0: skip bench_gpu.py). docs/results.md's numbers: this default on one H200, then
+# RUNS="all16-s45 all16-bnstats all16-bnstats-s43" BENCH=0 RUN_LIMIT=265 on the same machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:?usage: bash bench/gpu_experiments.sh DATA_DIR [overrides...]}"
@@ -21,17 +23,21 @@ RUN_LIMIT="${RUN_LIMIT:-330}"
 WORKERS="${WORKERS:-3}"
 SHARDS="$OUT/shards"
 
-# Every variant: configs/iu_xray_cached.toml's 40-epoch schedule, uncached (cache_views 0).
+# Each variant: a config, then overrides; all run uncached (--train.cache_views 0).
 declare -A VARIANT=(
     # the default schedule: 15 head epochs, then 25 with the last block (lr 1e-3 head / 1e-4 block)
-    [default]=""
+    [default]="configs/iu_xray_cached.toml"
     # phase 2 unfreezes the last two stages (6 blocks), lr 1e-4, ImageNet BN statistics kept
-    [deep6]="--model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 6 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
-    # phase 2 unfreezes all 16 blocks of Lite1 (only the stem stays frozen)
-    [all16]="--model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 16 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
-    # the same with two more seeds (head init, data order, augmentation; same split)
-    [all16-s43]="--train.seed 43 --model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 16 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
-    [all16-s44]="--train.seed 44 --model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 16 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
+    [deep6]="configs/iu_xray_cached.toml --model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 6 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
+    # phase 2 fine-tunes all 16 blocks of Lite1 (only the stem stays frozen), lr 1e-4, BN statistics
+    # kept; four seeds (head init, data order, augmentation; the split stays)
+    [all16]="configs/iu_xray_all16.toml"
+    [all16-s43]="configs/iu_xray_all16.toml --train.seed 43"
+    [all16-s44]="configs/iu_xray_all16.toml --train.seed 44"
+    [all16-s45]="configs/iu_xray_all16.toml --train.seed 45"
+    # all 16 blocks, their BatchNorm layers re-estimating statistics on X-rays (plain train mode)
+    [all16-bnstats]="configs/iu_xray_all16.toml --model.freeze_bn_stats false"
+    [all16-bnstats-s43]="configs/iu_xray_all16.toml --model.freeze_bn_stats false --train.seed 43"
 )
 read -r -a names <<< "${RUNS:-default deep6 all16 all16-s43 all16-s44}"
 mkdir -p "$OUT/runs"
@@ -41,17 +47,18 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
 "$PY" -m cxr_dist.prepare --config configs/iu_xray_cached.toml --data "$DATA" --out "$SHARDS" \
     --data.prepare_workers "$(nproc)" || exit 1
 stamp "shards ready"
-timeout 120 "$PY" bench/bench_gpu.py | tee "$OUT/bench_gpu.md"
+[ "${BENCH:-1}" = 1 ] && timeout 120 "$PY" bench/bench_gpu.py | tee "$OUT/bench_gpu.md"
 stamp "bench_gpu done"
 
 for name in "${names[@]}"; do
     [ -n "${VARIANT[$name]+x}" ] || { echo "unknown variant $name (have: ${!VARIANT[*]})" >&2; exit 2; }
-    # shellcheck disable=SC2086  # the variant's overrides are meant to split into words
+    read -r config overrides <<< "${VARIANT[$name]}"
     # Few intra-op threads: the GPU computes; the runs and their data workers share the cores.
-    OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$RUN_LIMIT" "$PY" -m cxr_dist.train --config configs/iu_xray_cached.toml --data.shards_dir "$SHARDS" \
-        --train.run_dir "$OUT/runs/$name" --train.cache_views 0 --train.mixed_precision bf16 \
-        --data.num_workers "$WORKERS" --model.weights "$WEIGHTS" --tracking.enabled false \
-        ${VARIANT[$name]} "$@" > "$OUT/runs/$name.log" 2>&1 &
+    # shellcheck disable=SC2086  # the variant's overrides are meant to split into words
+    OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$RUN_LIMIT" "$PY" -m cxr_dist.train --config "$config" \
+        --data.shards_dir "$SHARDS" --train.run_dir "$OUT/runs/$name" --train.cache_views 0 \
+        --train.mixed_precision bf16 --data.num_workers "$WORKERS" --model.weights "$WEIGHTS" \
+        --tracking.enabled false $overrides "$@" > "$OUT/runs/$name.log" 2>&1 &
 done
 wait
 stamp "runs done"

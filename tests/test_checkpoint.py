@@ -280,10 +280,10 @@ def test_write_json_atomic(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensors_and_rng(tmp_path):
     torch.cuda.manual_seed_all(3)
-    torch.rand(1, device="cuda")  # initialises CUDA so rng_state() records it
-    state = rng_state()
+    w = torch.randn(3, device="cuda")  # initialises CUDA so rng_state() records it
+    state = rng_state()  # after every draw but the one that checks the restore
     assert "cuda" in state
-    save_checkpoint(tmp_path, "latest", {"w": torch.randn(3, device="cuda")}, {"rng": state}, {})
+    save_checkpoint(tmp_path, "latest", {"w": w}, {"rng": state}, {})
     expected = torch.rand(4, device="cuda").cpu()
     model_state, train_state, _ = load_checkpoint(tmp_path)
     assert model_state["w"].device.type == "cpu"

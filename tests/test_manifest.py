@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -104,3 +107,25 @@ def test_empty_result_is_an_error(tmp_path, iu):
     rep.to_csv(root / "indiana_reports.csv", index=False)
     with pytest.raises(DataError, match="no usable images.*no_indexing"):
         build_manifest(root, "drop")
+
+
+def test_compact_copy_keeps_samples_and_refuses_a_non_empty_target(tmp_path):
+    # bench/compact_copy.py (how docs/results.md's GPU runs got their data): every image as WebP,
+    # found by stem, so the manifest has the same keys, uids and labels; only the pixels change.
+    script = Path(__file__).resolve().parents[1] / "bench" / "compact_copy.py"
+    iu = make_dataset(tmp_path / "src", n_uids=32, broken=True)
+    dst = tmp_path / "webp"
+    res = subprocess.run([sys.executable, str(script), str(iu), str(dst), "--quality", "90", "--workers", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "mean PSNR" in res.stdout
+    assert "1 unreadable" in res.stdout  # the corrupt PNG travels as it is
+    images = list((dst / "images").iterdir())
+    assert sum(p.suffix == ".webp" for p in images) == len(images) - 1
+    a, skip_a = build_manifest(iu, "drop")
+    b, skip_b = build_manifest(dst, "drop")
+    cols = ["key", "uid", "label", "projection"]
+    assert a[cols].sort_values("key").reset_index(drop=True).equals(b[cols].sort_values("key").reset_index(drop=True))
+    assert sorted(s["reason"] for s in skip_a) == sorted(s["reason"] for s in skip_b)
+    again = subprocess.run([sys.executable, str(script), str(iu), str(dst)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "not empty" in again.stderr
