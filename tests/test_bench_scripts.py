@@ -1,0 +1,66 @@
+"""The documented GPU experiment script (bench/gpu_experiments.sh) end to end, on the CPU.
+
+No GPU here: the script runs its real pipeline (prepare -> concurrent training runs -> summary,
+and the salvage of a run stopped by RUN_LIMIT) on a tiny dataset with a tiny schedule, in fp32,
+with the offline Lite1 weights (its default); `bench_gpu.py` refuses without CUDA and the
+script goes on. What only a
+GPU shows (speed, bf16) is in docs/performance.md, section 5.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.datagen import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_experiments_script_on_cpu(tmp_path):
+    data = make_dataset(tmp_path / "data", n_uids=40, size=64)
+    out = tmp_path / "out"
+    env = {**os.environ, "PY": sys.executable, "OUT": str(out), "WORKERS": "1", "RUNS": "default all16",
+           "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    overrides = ["--train.mixed_precision", "no", "--data.input_size", "32",
+                 "--data.batch_size", "8", "--train.phases.0.epochs", "1", "--train.phases.1.epochs", "1"]
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_experiments.sh"), str(data), *overrides],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "no CUDA device" in res.stderr + res.stdout
+    summary = (out / "summary.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in summary[2:]] == ["default", "all16"]
+    for name, depth in (("default", 1), ("all16", 16)):
+        run = out / "runs" / name
+        history = json.loads((run / "history.json").read_text())
+        assert [r["phase"] for r in history] == [1, 2]
+        assert f"unfreeze_blocks = {depth}" in (run / "config.toml").read_text()
+        assert "test" in json.loads((run / "evaluation.json").read_text())
+
+
+@pytest.mark.slow
+def test_gpu_experiments_script_salvages_a_stopped_run(tmp_path):
+    # RUN_LIMIT stops the run during its last epoch: its history comes from the latest
+    # checkpoint and its evaluation from the best one, so the summary still has a row.
+    data = make_dataset(tmp_path / "data", n_uids=40, size=64)
+    out = tmp_path / "out"
+    env = {**os.environ, "PY": sys.executable, "OUT": str(out), "WORKERS": "1", "RUNS": "default",
+           "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "BENCH": "0", "RUN_LIMIT": "45"}
+    overrides = ["--train.mixed_precision", "no", "--data.input_size", "32",
+                 "--data.batch_size", "8", "--train.phases.0.epochs", "1", "--train.phases.1.epochs", "500"]
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_experiments.sh"), str(data), *overrides],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "default: stopped before the end" in res.stdout
+    assert "evaluated its best checkpoint after" in res.stdout
+    run = out / "runs" / "default"
+    history = json.loads((run / "history.json").read_text())
+    assert 1 <= len(history) < 501
+    assert json.loads((run / "evaluation.json").read_text())["test"]["image_level"]["n"] > 0
+    assert (out / "summary.md").read_text().count("| default |") == 1
