@@ -12,7 +12,7 @@
 # (data workers per run, default 3), RUNS (which variants run at once; default the first five
 # below), BENCH (0: skip bench_gpu.py). docs/results.md's numbers: this default on one H200, then
 # RUNS="all16-s45 all16-bnstats all16-bnstats-s43" BENCH=0 RUN_LIMIT=265 on the same machine.
-set -uo pipefail
+set -uo pipefail  # no -e: one failed run must not stop the others or the summary
 cd "$(dirname "$0")/.."
 DATA="${1:?usage: bash bench/gpu_experiments.sh DATA_DIR [overrides...]}"
 shift
@@ -69,7 +69,7 @@ for name in "${names[@]}"; do
     run="$OUT/runs/$name"
     [ -f "$run/evaluation.json" ] && continue
     echo "$name: stopped before the end: $(tr '\r' '\n' < "$run.log" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-200)"
-    "$PY" - "$run" "$SHARDS" <<'EOF'  # with PYTHONPATH as the runs had it
+    "$PY" - "$run" "$SHARDS" <<'EOF'  # from the repository root, so cxr_dist imports
 import json, subprocess, sys
 from pathlib import Path
 from cxr_dist.checkpoint import latest_checkpoint
@@ -89,5 +89,6 @@ EOF
 done
 done_runs=()
 for name in "${names[@]}"; do [ -f "$OUT/runs/$name/evaluation.json" ] && done_runs+=("$OUT/runs/$name"); done
-[ ${#done_runs[@]} -gt 0 ] && "$PY" bench/results_table.py --summary "${done_runs[@]}" | tee "$OUT/summary.md"
+[ ${#done_runs[@]} -gt 0 ] || { echo "no run finished or could be evaluated (logs: $OUT/runs/*.log)" >&2; exit 1; }
+"$PY" bench/results_table.py --summary "${done_runs[@]}" | tee "$OUT/summary.md"
 stamp "all done"

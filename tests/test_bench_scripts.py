@@ -64,3 +64,15 @@ def test_gpu_experiments_script_salvages_a_stopped_run(tmp_path):
     assert 1 <= len(history) < 501
     assert json.loads((run / "evaluation.json").read_text())["test"]["image_level"]["n"] > 0
     assert (out / "summary.md").read_text().count("| default |") == 1
+
+
+def test_gpu_experiments_script_fails_when_no_run_finishes(tmp_path):
+    data = make_dataset(tmp_path / "data", n_uids=40, size=64)
+    env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out"), "WORKERS": "1", "RUNS": "default",
+           "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "BENCH": "0"}
+    # a misspelt override: the run stops at once with a config error
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_experiments.sh"), str(data), "--train.epochz", "3"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert "no checkpoint" in res.stderr + res.stdout
+    assert "no run finished or could be evaluated" in res.stderr
