@@ -3,8 +3,7 @@
 No GPU here: the script runs its real pipeline (prepare -> concurrent training runs -> summary,
 and the salvage of a run stopped by RUN_LIMIT) on a tiny dataset with a tiny schedule, in fp32,
 with the offline Lite1 weights (its default); `bench_gpu.py` refuses without CUDA and the
-script goes on. What only a
-GPU shows (speed, bf16) is in docs/performance.md, section 5.
+script goes on. What only a GPU shows (speed, bf16) is in docs/performance.md, section 5.
 """
 from __future__ import annotations
 
@@ -19,20 +18,24 @@ import pytest
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--train.mixed_precision", "no", "--data.input_size", "32", "--data.batch_size", "8",
+        "--train.phases.0.epochs", "1"]
+
+
+def run_script(tmp_path: Path, runs: str, overrides: list[str], **env: str) -> subprocess.CompletedProcess:
+    data = make_dataset(tmp_path / "data", n_uids=40, size=64)
+    env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out"), "WORKERS": "1", "RUNS": runs,
+           "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_experiments.sh"), str(data), *overrides],
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_gpu_experiments_script_on_cpu(tmp_path):
-    data = make_dataset(tmp_path / "data", n_uids=40, size=64)
-    out = tmp_path / "out"
-    env = {**os.environ, "PY": sys.executable, "OUT": str(out), "WORKERS": "1", "RUNS": "default all16",
-           "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    overrides = ["--train.mixed_precision", "no", "--data.input_size", "32",
-                 "--data.batch_size", "8", "--train.phases.0.epochs", "1", "--train.phases.1.epochs", "1"]
-    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_experiments.sh"), str(data), *overrides],
-                         env=env, capture_output=True, text=True, timeout=600)
+    res = run_script(tmp_path, "default all16", [*TINY, "--train.phases.1.epochs", "1"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "no CUDA device" in res.stderr + res.stdout
+    out = tmp_path / "out"
     summary = (out / "summary.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in summary[2:]] == ["default", "all16"]
     for name, depth in (("default", 1), ("all16", 16)):
@@ -45,34 +48,22 @@ def test_gpu_experiments_script_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_experiments_script_salvages_a_stopped_run(tmp_path):
-    # RUN_LIMIT stops the run during its last epoch: its history comes from the latest
-    # checkpoint and its evaluation from the best one, so the summary still has a row.
-    data = make_dataset(tmp_path / "data", n_uids=40, size=64)
-    out = tmp_path / "out"
-    env = {**os.environ, "PY": sys.executable, "OUT": str(out), "WORKERS": "1", "RUNS": "default",
-           "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "BENCH": "0", "RUN_LIMIT": "45"}
-    overrides = ["--train.mixed_precision", "no", "--data.input_size", "32",
-                 "--data.batch_size", "8", "--train.phases.0.epochs", "1", "--train.phases.1.epochs", "500"]
-    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_experiments.sh"), str(data), *overrides],
-                         env=env, capture_output=True, text=True, timeout=600)
+    # RUN_LIMIT stops the run in phase 2: its history comes from the latest checkpoint and its
+    # evaluation from the best one, so the summary still has a row.
+    res = run_script(tmp_path, "default", [*TINY, "--train.phases.1.epochs", "500"], BENCH="0", RUN_LIMIT="45")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "default: stopped before the end" in res.stdout
     assert "evaluated its best checkpoint after" in res.stdout
-    run = out / "runs" / "default"
+    run = tmp_path / "out" / "runs" / "default"
     history = json.loads((run / "history.json").read_text())
     assert 1 <= len(history) < 501
     assert json.loads((run / "evaluation.json").read_text())["test"]["image_level"]["n"] > 0
-    assert (out / "summary.md").read_text().count("| default |") == 1
+    assert (tmp_path / "out" / "summary.md").read_text().count("| default |") == 1
 
 
 def test_gpu_experiments_script_fails_when_no_run_finishes(tmp_path):
-    data = make_dataset(tmp_path / "data", n_uids=40, size=64)
-    env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out"), "WORKERS": "1", "RUNS": "default",
-           "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "BENCH": "0"}
-    # a misspelt override: the run stops at once with a config error
-    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_experiments.sh"), str(data), "--train.epochz", "3"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    # a misspelt override: the run stops at once with a config error, and so does the script
+    res = run_script(tmp_path, "default", ["--train.epochz", "3"], BENCH="0")
     assert res.returncode == 1
     assert "no checkpoint" in res.stderr + res.stdout
     assert "no run finished or could be evaluated" in res.stderr
