@@ -4,7 +4,9 @@
     cxr-dist evaluate --checkpoint runs/x/checkpoints/best --data /path/to/kaggle-layout-folder
 
 prints one JSON object: image-level metrics, study-level metrics (one prediction per uid, the
-mean over its views) and the always-abnormal baseline for reference.
+mean over its views) and the always-abnormal baseline for reference, at a decision threshold of
+0.5 or `--threshold T`; `--threshold val` picks the one with the best balanced accuracy on the
+validation split of the same shards (never on the split being evaluated).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from torch import nn
 
 from . import dist
 from .config import DataConfig, ModelConfig, from_dict, replace
-from .metrics import always_abnormal, compute_metrics, dedupe, study_level
+from .errors import UserError
+from .metrics import always_abnormal, balanced_threshold, compute_metrics, dedupe, study_level
+from .split import train_val_splits
 from .stream import eval_loader
 
 
@@ -86,13 +90,14 @@ def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, 
     return dist.broadcast_object(result)
 
 
-def report(preds: dict) -> dict:
-    """Image-level and study-level metrics plus the always-abnormal baseline, JSON-ready."""
-    out = {"image_level": compute_metrics(preds["probs"], preds["labels"]),
+def report(preds: dict, threshold: float = 0.5) -> dict:
+    """Image-level and study-level metrics at `threshold` plus the always-abnormal baseline, JSON-ready."""
+    out = {"threshold": threshold,
+           "image_level": compute_metrics(preds["probs"], preds["labels"], threshold),
            "always_abnormal": always_abnormal(preds["labels"])}
     uids, sp, sl = study_level(preds["uids"], preds["probs"], preds["labels"])
     if len(uids) < len(preds["keys"]):  # some studies have several views
-        out["study_level"] = compute_metrics(sp, sl)
+        out["study_level"] = compute_metrics(sp, sl, threshold)
         out["study_level_always_abnormal"] = always_abnormal(sl)
     return out
 
@@ -108,8 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--data", help="a Kaggle-layout folder: all its images are evaluated (prepared on the fly)")
     ap.add_argument("--split", default="test", help="with --shards: which split (default test)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threshold", default="0.5",
+                    help="probability from which an image is called abnormal (default 0.5), or 'val': the one "
+                         "that maximises balanced accuracy on the validation split of --shards")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
+    if args.threshold != "val":
+        try:
+            threshold = float(args.threshold)
+        except ValueError:
+            raise UserError(f"--threshold must be a number in [0, 1] or 'val', not {args.threshold!r}") from None
+        if not 0.0 <= threshold <= 1.0:
+            raise UserError(f"--threshold must be in [0, 1], not {threshold}")
+    elif not args.shards:
+        raise UserError("--threshold val needs --shards (a prepared folder with a validation split)")
 
     state, meta = load_model_state(args.checkpoint, tag="best")
     model_cfg = from_dict(ModelConfig, meta["config"]["model"])
@@ -125,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data_cfg = replace(data_cfg, shards_dir=args.shards)
         preds = merge([infer(model, eval_loader(data_cfg, args.split, 0, 1), torch.device("cpu"))])
-    out = {"checkpoint": str(args.checkpoint), "split": args.split, **report(preds)}
+        if args.threshold == "val":
+            _, val_split = train_val_splits(data_cfg)
+            val = merge([infer(model, eval_loader(data_cfg, val_split, 0, 1), torch.device("cpu"))])
+            threshold = balanced_threshold(val["probs"], val["labels"])
+    out = {"checkpoint": str(args.checkpoint), "split": args.split, **report(preds, threshold)}
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

@@ -118,6 +118,26 @@ def compute_metrics(
     return out
 
 
+def balanced_threshold(probs: ArrayLike, labels: ArrayLike) -> float:
+    """The decision threshold that maximises balanced accuracy (Youden's J) on these predictions.
+
+    Meant for the validation split: the class-weighted loss puts the balanced point near 0.5 on
+    the training data, but a model that overfits drifts away from it, and accuracy and F1 at 0.5
+    then swing from seed to seed while AUROC does not (docs/results.md). Only the predicted
+    probabilities are candidates (an observed score, so ``prob >= threshold`` is well defined),
+    which means the result is at least as good on these predictions as 0.5. Ties go to the
+    candidate closest to 0.5. Needs both classes.
+    """
+    p, y = _as_arrays(probs, labels)
+    if not (y == 1).any() or not (y == 0).any():
+        raise ValueError("balanced_threshold needs both classes")
+    fpr, tpr, thr = roc_curve(y, p)
+    ok = np.isfinite(thr)  # scikit-learn's first threshold is +inf (nothing called abnormal)
+    j, thr = (tpr - fpr)[ok], thr[ok]
+    best = np.flatnonzero(np.isclose(j, j.max()))
+    return float(thr[best[np.argmin(np.abs(thr[best] - 0.5))]])
+
+
 def study_level(
     uids: Sequence[str], probs: ArrayLike, labels: ArrayLike
 ) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -39,6 +39,27 @@ def test_evaluate_on_shards(trained, tiny_shards):
         assert key in out["image_level"]
 
 
+def test_evaluate_with_a_threshold_picked_on_val(trained, tiny_shards):
+    base = [CLI, "evaluate", "--checkpoint", str(trained), "--shards", str(tiny_shards), "--split", "test"]
+    res = run_cmd([*base, "--threshold", "val"], cwd=trained)
+    assert res.returncode == 0, res.stderr[-3000:]
+    picked = json.loads(res.stdout)
+    assert 0.0 < picked["threshold"] < 1.0
+    # The same threshold given as a number gives the same metrics: it was applied to test as is.
+    res = run_cmd([*base, "--threshold", str(picked["threshold"])], cwd=trained)
+    assert json.loads(res.stdout)["image_level"] == picked["image_level"]
+    # The training run made the same kind of choice for its evaluation.json (in bf16 there, so
+    # its probabilities, the candidates, differ in the last digits from this fp32 evaluation).
+    evaluation = json.loads((trained / "evaluation.json").read_text())
+    at_val = evaluation["test_at_val_threshold"]
+    assert 0.0 < at_val["threshold"] < 1.0 and at_val["image_level"]["n"] == picked["image_level"]["n"]
+    assert evaluation["test"]["threshold"] == 0.5
+    assert json.loads(run_cmd(base, cwd=trained).stdout)["threshold"] == 0.5
+    for bad in ("1.5", "high"):
+        res = run_cmd([*base, "--threshold", bad], cwd=trained)
+        assert res.returncode == 2 and "--threshold" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_evaluate_a_kaggle_folder_on_the_fly(trained, tiny_data, tmp_path):
     res = run_cmd([CLI, "evaluate", "--checkpoint", str(trained / "checkpoints" / "best"), "--data", str(tiny_data),
                    "--out", str(tmp_path / "e.json")], cwd=tmp_path)

@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 
 from cxr_dist.metrics import (
     always_abnormal,
+    balanced_threshold,
     compute_metrics,
     curves,
     dedupe,
@@ -168,3 +169,24 @@ def test_dedupe_accepts_python_random_order():
     random.Random(3).shuffle(pairs)
     k, p, y = dedupe([a for a, _ in pairs], [0.5] * 20, [b for _, b in pairs])
     assert len(k) == 10 and y.sum() == 5
+
+
+def test_balanced_threshold_maximises_balanced_accuracy():
+    # At 0.5 balanced accuracy is 3/4 (hand-computed example). Calling 0.3 and up abnormal gets
+    # every abnormal and 2 of 4 normal (0.7, 0.4 wrong): 3/4 too; 0.6 and up: 3/4 and 3/4 again.
+    # Shift one normal below the abnormal 0.3: from 0.3 up, recall 1 and specificity 3/4 = 7/8.
+    probs = [0.9, 0.8, 0.6, 0.3, 0.7, 0.1, 0.2, 0.25]
+    t = balanced_threshold(probs, LABELS)
+    assert t == 0.3
+    assert compute_metrics(probs, LABELS, t)["balanced_accuracy"] == pytest.approx(7 / 8)
+    # No candidate beats the best one found, 0.5 included.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    t = balanced_threshold(p, y)
+    best = compute_metrics(p, y, t)["balanced_accuracy"]
+    assert all(compute_metrics(p, y, c)["balanced_accuracy"] <= best + 1e-12 for c in [0.5, *p])
+    # Ties go to the candidate closest to 0.5: a perfect separation with a wide gap.
+    assert balanced_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 0.8
+    with pytest.raises(ValueError):
+        balanced_threshold([0.1, 0.2], [1, 1])

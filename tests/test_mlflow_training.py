@@ -205,6 +205,7 @@ def test_per_epoch_metrics_of_both_phases(mlflow_server: str, full_run: dict) ->
     # Final metrics of the best checkpoint, logged once at the last epoch.
     metrics = {m["key"]: m for m in full_run["runs"][0]["data"]["metrics"]}
     for key in ("best_val/auroc", "best_test/auroc", "best_test/f1", "best_test_study/auroc",
+                "best_test_at_val_threshold/balanced_accuracy",
                 "best_val_study/auroc"):
         assert key in metrics and metrics[key]["step"] == 3, key
 

@@ -59,6 +59,8 @@ def test_two_processes_train_both_phases(ddp_run):
     assert "328,962 trainable" in res.stdout + res.stderr and "2,304,722 trainable" in res.stdout + res.stderr
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert {"val", "test"} <= evaluation.keys() and "always_abnormal" in evaluation["test"]
+    # Picked on the val predictions of both ranks, gathered: one of those probabilities.
+    assert 0.0 < evaluation["test_at_val_threshold"]["threshold"] < 1.0
     # Only the main process prints the epoch summaries: one line per epoch, not one per rank.
     assert (res.stdout + res.stderr).count("epoch 3/3 [finetune]") == 1
 
