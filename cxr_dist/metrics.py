@@ -131,7 +131,7 @@ def balanced_threshold(probs: ArrayLike, labels: ArrayLike) -> float:
     p, y = _as_arrays(probs, labels)
     if not (y == 1).any() or not (y == 0).any():
         raise ValueError("balanced_threshold needs both classes")
-    fpr, tpr, thr = roc_curve(y, p)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # every observed score a candidate
     ok = np.isfinite(thr)  # scikit-learn's first threshold is +inf (nothing called abnormal)
     j, thr = (tpr - fpr)[ok], thr[ok]
     best = np.flatnonzero(np.isclose(j, j.max()))
