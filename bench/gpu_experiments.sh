@@ -28,7 +28,7 @@ declare -A VARIANT=(
     # the default schedule: 15 head epochs, then 25 with the last block (lr 1e-3 head / 1e-4 block)
     [default]="configs/iu_xray_cached.toml"
     # phase 2 unfreezes the last two stages (6 blocks), lr 1e-4, ImageNet BN statistics kept
-    [deep6]="configs/iu_xray_cached.toml --model.freeze_bn_stats true --train.phases.1.unfreeze_blocks 6 --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-4"
+    [deep6]="configs/iu_xray_deep6.toml --train.phases.1.epochs 25"
     # phase 2 fine-tunes all 16 blocks of Lite1 (only the stem stays frozen), lr 1e-4, BN statistics
     # kept; four seeds (head init, data order, augmentation; the split stays)
     [all16]="configs/iu_xray_all16.toml"
