@@ -10,7 +10,8 @@
 # lite1-package; a .safetensors path works), OUT (default out/gpu), RUN_LIMIT (seconds per run,
 # default 330: a run still going is stopped and its best checkpoint so far evaluated), WORKERS
 # (data workers per run, default 3), RUNS (which variants run at once; default the first five
-# below), BENCH (0: skip bench_gpu.py). docs/results.md's numbers: this default on one H200, then
+# below), BENCH (0: skip bench_gpu.py), ENSEMBLE (runs whose mean probability is scored as an
+# ensemble when two or more of them finished; default the four all16 seeds). docs/results.md's numbers: this default on one H200, then
 # RUNS="all16-s45 all16-bnstats all16-bnstats-s43" BENCH=0 RUN_LIMIT=265 on the same machine.
 set -uo pipefail  # no -e: one failed run must not stop the others or the summary
 cd "$(dirname "$0")/.."
@@ -63,8 +64,9 @@ done
 wait
 stamp "runs done"
 
-# A run stopped by RUN_LIMIT has no history.json / evaluation.json: write them from its latest
-# checkpoint and an evaluation of its best one, so the summary still shows how far it got.
+# A run stopped by RUN_LIMIT has no history.json / evaluation.json / predictions.csv: write them
+# from its latest checkpoint and an evaluation of its best one, so the summary still shows how far
+# it got and the ensemble below can use it.
 for name in "${names[@]}"; do
     run="$OUT/runs/$name"
     [ -f "$run/evaluation.json" ] && continue
@@ -73,16 +75,19 @@ for name in "${names[@]}"; do
 import json, subprocess, sys
 from pathlib import Path
 from cxr_dist.checkpoint import latest_checkpoint
+from cxr_dist.evaluate import read_predictions, report
 run, shards = Path(sys.argv[1]), sys.argv[2]
 latest = latest_checkpoint(run)
 if latest is None:
     sys.exit(f"{run.name}: no checkpoint (stopped in its first epoch)")
 meta = json.loads((latest / "meta.json").read_text())
 (run / "history.json").write_text(json.dumps(meta["progress"]["history"]))
-ev = {split: json.loads(subprocess.run([sys.executable, "-m", "cxr_dist.evaluate", "--checkpoint", str(run),
-                                        "--shards", shards, "--split", split],
-                                       capture_output=True, text=True, check=True).stdout)
-      for split in ("val", "test")}
+# test, and val for the threshold: the same three reports training writes
+at_val = json.loads(subprocess.run([sys.executable, "-m", "cxr_dist.evaluate", "--checkpoint", str(run), "--shards",
+                                    shards, "--split", "test", "--threshold", "val", "--predictions",
+                                    str(run / "predictions.csv")], capture_output=True, text=True, check=True).stdout)
+preds = read_predictions(run / "predictions.csv")
+ev = {"val": report(preds["val"]), "test": report(preds["test"]), "test_at_val_threshold": at_val}
 (run / "evaluation.json").write_text(json.dumps(ev))
 print(f"{run.name}: evaluated its best checkpoint after {meta['progress']['epoch']} epochs")
 EOF
@@ -91,4 +96,12 @@ done_runs=()
 for name in "${names[@]}"; do [ -f "$OUT/runs/$name/evaluation.json" ] && done_runs+=("$OUT/runs/$name"); done
 [ ${#done_runs[@]} -gt 0 ] || { echo "no run finished or could be evaluated (logs: $OUT/runs/*.log)" >&2; exit 1; }
 "$PY" bench/results_table.py --summary "${done_runs[@]}" | tee "$OUT/summary.md"
+# The seeds of one variant, averaged (an ensemble), from the runs' predictions.csv.
+members=()
+for name in ${ENSEMBLE:-all16 all16-s43 all16-s44 all16-s45}; do
+    [ -f "$OUT/runs/$name/predictions.csv" ] && members+=("$OUT/runs/$name")
+done
+if [ ${#members[@]} -ge 2 ]; then
+    "$PY" bench/ensemble.py "${members[@]}" --out "$OUT/ensemble.json" | tee "$OUT/ensemble.md"
+fi
 stamp "all done"

@@ -202,17 +202,22 @@ def _json_bytes(obj: Any, indent: int | None = 2) -> bytes:
     return json.dumps(obj, indent=indent, default=default).encode()
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON so that readers see either the old file or the complete new one, never half."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write a file so that readers see either the old file or the complete new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
-        _write_bytes(tmp, _json_bytes(obj))
+        _write_bytes(tmp, data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """JSON, written with write_bytes_atomic."""
+    write_bytes_atomic(path, _json_bytes(obj))
 
 
 def _versions() -> dict[str, str]:

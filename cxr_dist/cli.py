@@ -2,7 +2,7 @@
 
     cxr-dist prepare  --data DIR --out OUT [--config C] [--data.seed 3 ...]
     cxr-dist train    [--config C] [overrides]      (single process; use `accelerate launch -m cxr_dist.train` for many)
-    cxr-dist evaluate --checkpoint CKPT (--data DIR | --shards OUT --split test)
+    cxr-dist evaluate --checkpoint CKPT [CKPT...] (--data DIR | --shards OUT --split test) [--tta N]
     cxr-dist predict  --checkpoint CKPT IMAGE...
     cxr-dist compare  [--experiment NAME]
     cxr-dist folds    --experiment NAME             (mean and spread of k-fold runs)

@@ -96,6 +96,10 @@ class TrainConfig:
     cache_views: int = 0  # >0: compute the frozen part once over this many augmented views per image
     cache_dir: str = ""  # where caches are kept and reused; "" -> run_dir/cache. Share it between runs.
     log_every: int = 10  # steps between progress-bar postfix updates
+    # Views per image in the final evaluation of the best checkpoint (evaluation.json,
+    # predictions.csv): 1 = the plain view; N > 1 averages it with N-1 views drawn with the training
+    # augmentation (test-time augmentation; N times the cost). Per-epoch validation stays 1 view.
+    tta_views: int = 1
 
     @property
     def total_epochs(self) -> int:
@@ -282,8 +286,8 @@ def validate(cfg: Config) -> None:
         problems.append('train.mixed_precision must be "", "no", "bf16" or "fp16"')
     if t.plateau_mode not in ("min", "max"):
         problems.append('train.plateau_mode must be "min" or "max"')
-    if t.grad_accum_steps < 1 or t.cache_views < 0:
-        problems.append("train.grad_accum_steps must be >= 1 and train.cache_views >= 0")
+    if t.grad_accum_steps < 1 or t.cache_views < 0 or t.tta_views < 1:
+        problems.append("train.grad_accum_steps and train.tta_views must be >= 1, train.cache_views >= 0")
     for tag in cfg.tracking.tags:
         if "=" not in tag:
             problems.append(f'tracking.tags entries look like "key=value", got {tag!r}')

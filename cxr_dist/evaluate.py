@@ -7,10 +7,19 @@ prints one JSON object: image-level metrics, study-level metrics (one prediction
 mean over its views) and the always-abnormal baseline for reference, at a decision threshold of
 0.5 or `--threshold T`; `--threshold val` picks the one with the best balanced accuracy on the
 validation split of the same shards (never on the split being evaluated).
+
+Two ways to average probabilities, both off by default:
+- several checkpoints (`--checkpoint A B C`): an ensemble, e.g. runs that differ only in seed;
+- `--tta N`: each image seen N times, the plain view plus N-1 views with the training
+  augmentation (a fixed seed, so the result is reproducible).
+`--predictions F` writes the per-image probabilities as CSV, the format training writes to
+`RUN_DIR/predictions.csv`; `bench/ensemble.py` averages such files without the checkpoints.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 import tempfile
@@ -25,7 +34,7 @@ from .config import DataConfig, ModelConfig, from_dict, replace
 from .errors import UserError
 from .metrics import always_abnormal, balanced_threshold, compute_metrics, dedupe, study_level
 from .split import train_val_splits
-from .stream import eval_loader
+from .stream import eval_loader, views_loader
 
 
 def logits_of(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
@@ -66,23 +75,86 @@ def merge(parts: list[dict]) -> dict:
             "loss_sum": sum(p["loss_sum"] for p in parts), "n_seen": sum(len(p["keys"]) for p in parts)}
 
 
+def average(sets: list[dict]) -> dict:
+    """Mean probability per image over prediction sets of the same images (an ensemble, or views)."""
+    first = sets[0]
+    for other in sets[1:]:
+        if other["keys"] != first["keys"] or not np.array_equal(other["labels"], first["labels"]):
+            raise UserError("the prediction sets to average do not cover the same images with the same labels")
+    return {**first, "probs": np.mean([p["probs"] for p in sets], axis=0)}
+
+
+def view_loaders(data: DataConfig, split: str, rank: int, world: int, views: int = 1):
+    """Loaders that each show this rank's share of `split` once: the plain view, then views - 1
+    views with the training augmentation (test-time augmentation). Each view of an image is seeded
+    by (view, image key): the same on every call, whatever the number of processes and workers."""
+    yield eval_loader(data, split, rank, world)
+    if views > 1:
+        loader = views_loader(replace(data, augment=True), [split], rank, world, seed=0, keyed=True)
+        for view in range(views - 1):
+            loader.set_epoch(view)
+            yield loader
+
+
+def predict_split(model: nn.Module, data: DataConfig, split: str, views: int = 1) -> dict:
+    """One process's predictions on a whole split, on the CPU, averaged over `views` views."""
+    cpu = torch.device("cpu")
+    return average([merge([infer(model, loader, cpu)]) for loader in view_loaders(data, split, 0, 1, views)])
+
+
+PREDICTION_COLUMNS = ("split", "key", "uid", "label", "prob_abnormal")
+
+
+def predictions_csv(by_split: dict[str, dict]) -> str:
+    """Per-image predictions of several splits as CSV text (PREDICTION_COLUMNS)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PREDICTION_COLUMNS)
+    for split, p in by_split.items():
+        for key, uid, label, prob in zip(p["keys"], p["uids"], p["labels"].tolist(), p["probs"].tolist()):
+            w.writerow([split, key, uid, label, f"{prob:.6f}"])
+    return buf.getvalue()
+
+
+def read_predictions(path: str | Path) -> dict[str, dict]:
+    """A predictions CSV (as written by training or `--predictions`) -> {split: predictions}."""
+    try:
+        rows = list(csv.DictReader(Path(path).read_text().splitlines()))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read predictions {path}: {e}") from e
+    if not rows or set(PREDICTION_COLUMNS) - set(rows[0]):
+        raise UserError(f"{path} is not a predictions CSV (columns {', '.join(PREDICTION_COLUMNS)})")
+    out: dict[str, dict] = {}
+    for split in dict.fromkeys(r["split"] for r in rows):
+        part = sorted((r for r in rows if r["split"] == split), key=lambda r: r["key"])
+        out[split] = {"keys": [r["key"] for r in part], "uids": [r["uid"] for r in part],
+                      "labels": np.array([int(r["label"]) for r in part], dtype=np.int64),
+                      "probs": np.array([float(r["prob_abnormal"]) for r in part])}
+    return out
+
+
 def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, loss_fn=None,
-                   with_predictions: bool = False, batches=None) -> dict:
+                   with_predictions: bool = False, batches=None, views: int = 1) -> dict:
     """Metrics of `model` on a shard split, computed once from all ranks' predictions.
 
     A collective: every rank runs its share of the split (no collectives inside the loop, so
     uneven shares cannot hang), then predictions are gathered and deduplicated, metrics are
     computed on the main process and broadcast so that every rank steps its scheduler alike.
-    `batches` replaces the shard stream (e.g. this rank's share of a validation cache).
+    `batches` replaces the shard stream (e.g. this rank's share of a validation cache); `views`
+    > 1 averages the probabilities over that many views (view_loaders; the loss is the plain view's).
     """
-    loader = batches if batches is not None else eval_loader(data, split, accelerator.process_index,
-                                                             accelerator.num_processes)
-    with accelerator.autocast():
-        mine = infer(model, loader, accelerator.device, loss_fn)
-    parts = dist.gather_objects(mine)
+    loaders = [batches] if batches is not None else view_loaders(data, split, accelerator.process_index,
+                                                                 accelerator.num_processes, views)
+    sets = []
+    for i, loader in enumerate(loaders):
+        with accelerator.autocast():
+            mine = infer(model, loader, accelerator.device, loss_fn if i == 0 else None)
+        parts = dist.gather_objects(mine)
+        if accelerator.is_main_process:
+            sets.append(merge(parts))
     result = None
     if accelerator.is_main_process:
-        preds = merge(parts)
+        preds = average(sets)
         loss = preds["loss_sum"] / max(preds["n_seen"], 1) if loss_fn is not None else None
         result = compute_metrics(preds["probs"], preds["labels"], loss=loss)
         if with_predictions:
@@ -102,12 +174,29 @@ def report(preds: dict, threshold: float = 0.5) -> dict:
     return out
 
 
+def _threshold_arg(text: str, shards: str | None) -> float | None:
+    """--threshold as a number in [0, 1], or None for 'val' (picked later on the val split)."""
+    if text == "val":
+        if not shards:
+            raise UserError("--threshold val needs --shards (a prepared folder with a validation split)")
+        return None
+    try:
+        threshold = float(text)
+    except ValueError:
+        raise UserError(f"--threshold must be a number in [0, 1] or 'val', not {text!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], not {threshold}")
+    return threshold
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import load_model_state
     from .model import build_model
 
     ap = argparse.ArgumentParser(prog="cxr-dist evaluate", description="Metrics of a checkpoint, as JSON.")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/x/checkpoints/best) or a run dir (its best checkpoint)")
+    ap.add_argument("--checkpoint", required=True, nargs="+",
+                    help="checkpoint dir (e.g. runs/x/checkpoints/best) or a run dir (its best checkpoint); "
+                         "several: an ensemble, the mean of their probabilities")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="a folder written by `cxr-dist prepare`")
     src.add_argument("--data", help="a Kaggle-layout folder: all its images are evaluated (prepared on the fly)")
@@ -116,41 +205,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", default="0.5",
                     help="probability from which an image is called abnormal (default 0.5), or 'val': the one "
                          "that maximises balanced accuracy on the validation split of --shards")
+    ap.add_argument("--tta", type=int, default=1, metavar="N",
+                    help="test-time augmentation: mean over N views per image, the plain one and N-1 with the "
+                         "training augmentation (default 1: the plain view only)")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--predictions", help="also write the per-image probabilities here (CSV)")
     args = ap.parse_args(argv)
-    if args.threshold != "val":
-        try:
-            threshold = float(args.threshold)
-        except ValueError:
-            raise UserError(f"--threshold must be a number in [0, 1] or 'val', not {args.threshold!r}") from None
-        if not 0.0 <= threshold <= 1.0:
-            raise UserError(f"--threshold must be in [0, 1], not {threshold}")
-    elif not args.shards:
-        raise UserError("--threshold val needs --shards (a prepared folder with a validation split)")
+    threshold = _threshold_arg(args.threshold, args.shards)
+    if args.tta < 1:
+        raise UserError(f"--tta must be at least 1 (views per image), not {args.tta}")
 
-    state, meta = load_model_state(args.checkpoint, tag="best")
-    model_cfg = from_dict(ModelConfig, meta["config"]["model"])
-    data_cfg = replace(from_dict(DataConfig, meta["config"]["data"]), batch_size=args.batch_size)
-    model = build_model(replace(model_cfg, pretrained=False, weights=""))  # weights come from the checkpoint
-    model.load_state_dict(state)
+    models = []
+    for path in args.checkpoint:
+        state, meta = load_model_state(path, tag="best")
+        model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
+        model.load_state_dict(state)  # the weights come from the checkpoint
+        models.append((model, replace(from_dict(DataConfig, meta["config"]["data"]), batch_size=args.batch_size)))
     with tempfile.TemporaryDirectory(prefix="cxr-eval-") as tmp:
+        shards = args.shards
         if args.data:
             from .shards import write_shards
 
-            write_shards(replace(data_cfg, data_dir=args.data), Path(tmp), single_split=args.split)
-            data_cfg = replace(data_cfg, shards_dir=tmp)
-        else:
-            data_cfg = replace(data_cfg, shards_dir=args.shards)
-        preds = merge([infer(model, eval_loader(data_cfg, args.split, 0, 1), torch.device("cpu"))])
-        if args.threshold == "val":
-            _, val_split = train_val_splits(data_cfg)
-            val = merge([infer(model, eval_loader(data_cfg, val_split, 0, 1), torch.device("cpu"))])
-            threshold = balanced_threshold(val["probs"], val["labels"])
-    out = {"checkpoint": str(args.checkpoint), "split": args.split, **report(preds, threshold)}
+            write_shards(replace(models[0][1], data_dir=args.data), Path(tmp), single_split=args.split)
+            shards = tmp
+        models = [(m, replace(d, shards_dir=shards)) for m, d in models]
+        splits = [args.split] + (["val"] if threshold is None else [])
+        preds = {}
+        for name in splits:
+            split = train_val_splits(models[0][1])[1] if name == "val" else name
+            preds[name] = average([predict_split(m, d, split, args.tta) for m, d in models])
+    if threshold is None:
+        threshold = balanced_threshold(preds["val"]["probs"], preds["val"]["labels"])
+    out = {"checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
+           "split": args.split, "tta": args.tta, **report(preds[args.split], threshold)}
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.predictions:
+        Path(args.predictions).write_text(predictions_csv(preds))
     return 0
 
 

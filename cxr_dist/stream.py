@@ -127,7 +127,8 @@ class _ShardStream(IterableDataset):
     """Batches of one rank; each DataLoader worker produces its own slot's batches."""
 
     def __init__(self, shards: list[tuple[str, int]], cfg: DataConfig, rank: int, world: int,
-                 workers: int, train: bool, seed: int, batches_per_epoch: int, augment: bool | None = None) -> None:
+                 workers: int, train: bool, seed: int, batches_per_epoch: int, augment: bool | None = None,
+                 keyed: bool = False) -> None:
         super().__init__()
         self.shards, self.rank, self.world, self.workers = shards, rank, world, max(1, workers)
         self.batch_size, self.buffer, self.train, self.seed = cfg.batch_size, cfg.shuffle_buffer, train, seed
@@ -136,6 +137,10 @@ class _ShardStream(IterableDataset):
         self.augment = (train if augment is None else augment) and cfg.augment
         self.transform = train_transform(cfg.input_size) if self.augment else eval_transform(cfg.input_size)
         self.batches_per_epoch, self.input_size = batches_per_epoch, cfg.input_size
+        # keyed: each sample's augmentation seeded by (seed, epoch, key), so a view of an image is
+        # the same whichever rank or worker reads it (test-time augmentation gives the same answer
+        # on any number of processes). Otherwise one stream per (rank, worker), cheaper to seed.
+        self.keyed = keyed
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -155,6 +160,9 @@ class _ShardStream(IterableDataset):
             # Augmentation draws from torch's global RNG; swap in this stream's own state so that
             # the stream is reproducible and never disturbs the trainer's RNG (num_workers = 0).
             saved = torch.get_rng_state()
+            if self.keyed:
+                seed = random.Random(f"view-{self.seed}-{self.epoch}-{sample['__key__']}").getrandbits(63)
+                self._rng_state = torch.Generator().manual_seed(seed).get_state()
             torch.set_rng_state(self._rng_state)
             img = self.transform(img)
             self._rng_state = torch.get_rng_state()
@@ -262,10 +270,12 @@ def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int) -> Epoc
     return EpochLoader(ds, data_cfg.num_workers)
 
 
-def views_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int) -> EpochLoader:
+def views_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int,
+                 keyed: bool = False) -> EpochLoader:
     """Every sample of ``splits`` exactly once across ranks, in a fixed order, augmented with a
-    stream seeded by (seed, epoch): ``set_epoch(v)`` gives view v. For the frozen-compute cache."""
+    stream seeded by (seed, epoch): ``set_epoch(v)`` gives view v. For the frozen-compute cache;
+    ``keyed``: seeded per sample, the same views on any number of ranks and workers (for TTA)."""
     index = load_index(data_cfg.shards_dir)
     ds = _ShardStream(_shards(index, splits), data_cfg, rank, world, data_cfg.num_workers, False, seed, 0,
-                      augment=True)
+                      augment=True, keyed=keyed)
     return EpochLoader(ds, data_cfg.num_workers)

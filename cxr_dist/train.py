@@ -29,7 +29,7 @@ from .config import Config, PhaseConfig, dump_toml, load_config, to_dict
 from .config import ConfigError
 from .errors import UserError
 from .cache import CachedBatches, FeatureCache, build_cache, cache_name, cached_eval_batches, cached_on_disk, seed_views
-from .evaluate import evaluate_split, logits_of, report
+from .evaluate import evaluate_split, logits_of, predictions_csv, report
 from .metrics import balanced_threshold, compute_metrics, scalar_metrics, summary_line
 from .model import CXRClassifier, build_model, count_trainable, param_groups, weights_source
 from .split import train_val_splits
@@ -290,8 +290,8 @@ def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, v
     splits = {"val": val_split}
     if index["splits"].get("test", {}).get("total", 0):  # the index train() already read
         splits["test"] = "test"
-    preds = {name: evaluate_split(best, cfg.data, split, accelerator, with_predictions=True)["predictions"]
-             for name, split in splits.items()}
+    preds = {name: evaluate_split(best, cfg.data, split, accelerator, with_predictions=True,
+                                  views=cfg.train.tta_views)["predictions"] for name, split in splits.items()}
     if accelerator.is_main_process:
         from .plots import confusion_figure, roc_pr_figure, training_figure
 
@@ -302,6 +302,9 @@ def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, v
             threshold = balanced_threshold(preds["val"]["probs"], preds["val"]["labels"])
             evaluation["test_at_val_threshold"] = report(preds["test"], threshold)
         ckpt.write_json_atomic(run_dir / "evaluation.json", evaluation)
+        # Per-image probabilities: for error analysis, and for ensembles of runs without their
+        # checkpoints (bench/ensemble.py).
+        ckpt.write_bytes_atomic(run_dir / "predictions.csv", predictions_csv(preds).encode())
         ckpt.write_json_atomic(run_dir / "history.json", progress.history)
         for name, rep in evaluation.items():
             tracker.log_metrics(scalar_metrics(rep["image_level"], f"best_{name}/"), step=progress.epoch)
@@ -314,7 +317,7 @@ def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, v
             roc_pr_figure(preds[last]["probs"], preds[last]["labels"], run_dir / f"roc_pr_{last}.png"),
             confusion_figure(evaluation[last]["image_level"]["confusion"], run_dir / f"confusion_{last}.png"),
         ]
-        for path in [*figures, run_dir / "evaluation.json", run_dir / "history.json"]:
+        for path in [*figures, run_dir / "evaluation.json", run_dir / "history.json", run_dir / "predictions.csv"]:
             tracker.log_artifact(path)
         tracker.log_model(best)
         accelerator.print(json.dumps({n: {k: round(v, 4) for k, v in scalar_metrics(r["image_level"]).items()}

@@ -32,7 +32,8 @@ def run_script(tmp_path: Path, runs: str, overrides: list[str], **env: str) -> s
 
 @pytest.mark.slow
 def test_gpu_experiments_script_on_cpu(tmp_path):
-    res = run_script(tmp_path, "default all16", [*TINY, "--train.phases.1.epochs", "1"])
+    # ENSEMBLE: score the two runs' mean as well (on a GPU: the four all16 seeds)
+    res = run_script(tmp_path, "default all16", [*TINY, "--train.phases.1.epochs", "1"], ENSEMBLE="default all16")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "no CUDA device" in res.stderr + res.stdout
     out = tmp_path / "out"
@@ -44,6 +45,9 @@ def test_gpu_experiments_script_on_cpu(tmp_path):
         assert [r["phase"] for r in history] == [1, 2]
         assert f"unfreeze_blocks = {depth}" in (run / "config.toml").read_text()
         assert "test" in json.loads((run / "evaluation.json").read_text())
+    ensemble = (out / "ensemble.md").read_text()
+    assert "/runs/default |" in ensemble and "/runs/all16 |" in ensemble and "| **mean of 2** |" in ensemble
+    assert json.loads((out / "ensemble.json").read_text())["test"]["image_level"]["n"] > 0
 
 
 @pytest.mark.slow
@@ -57,7 +61,10 @@ def test_gpu_experiments_script_salvages_a_stopped_run(tmp_path):
     run = tmp_path / "out" / "runs" / "default"
     history = json.loads((run / "history.json").read_text())
     assert 1 <= len(history) < 501
-    assert json.loads((run / "evaluation.json").read_text())["test"]["image_level"]["n"] > 0
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["test"]["image_level"]["n"] > 0  # and the other files a finished run writes:
+    assert 0.0 < evaluation["test_at_val_threshold"]["threshold"] < 1.0
+    assert "val" in evaluation and (run / "predictions.csv").is_file()
     assert (tmp_path / "out" / "summary.md").read_text().count("| default |") == 1
 
 

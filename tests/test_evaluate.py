@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import VENV_BIN, run_cmd, tiny_overrides
+from tests.conftest import ROOT, VENV_BIN, accelerate_launch, run_cmd, tiny_overrides
 
 pytestmark = pytest.mark.slow
 CLI = str(VENV_BIN / "cxr-dist")
@@ -21,6 +22,21 @@ def trained(tiny_shards, tmp_path_factory) -> Path:
                                                  "--train.grad_accum_steps", "2")], cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def second(tiny_shards, tmp_path_factory) -> Path:
+    """Another run on the same shards, another seed, fp32: the second member of an ensemble."""
+    tmp = tmp_path_factory.mktemp("eval2")
+    res = run_cmd([CLI, "train", *tiny_overrides(tiny_shards, tmp / "run", "--train.seed", "7")], cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return tmp / "run"
+
+
+def _csv(path: Path) -> dict:
+    from cxr_dist.evaluate import read_predictions
+
+    return read_predictions(path)
 
 
 def test_evaluate_on_shards(trained, tiny_shards):
@@ -58,6 +74,88 @@ def test_evaluate_with_a_threshold_picked_on_val(trained, tiny_shards):
     for bad in ("1.5", "high"):
         res = run_cmd([*base, "--threshold", bad], cwd=trained)
         assert res.returncode == 2 and "--threshold" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_training_writes_its_predictions(trained, tiny_shards):
+    """RUN_DIR/predictions.csv: every val and test image once, the numbers behind evaluation.json."""
+    from cxr_dist.evaluate import report
+
+    preds = _csv(trained / "predictions.csv")
+    index = json.loads((tiny_shards / "index.json").read_text())
+    evaluation = json.loads((trained / "evaluation.json").read_text())
+    for split in ("val", "test"):
+        assert len(set(preds[split]["keys"])) == len(preds[split]["keys"]) == index["splits"][split]["total"]
+        assert int(preds[split]["labels"].sum()) == index["splits"][split]["labels"]["abnormal"]
+        again = report(preds[split])["image_level"]  # from the CSV's 6-digit probabilities
+        assert again["confusion"] == evaluation[split]["image_level"]["confusion"]
+        assert again["auroc"] == pytest.approx(evaluation[split]["image_level"]["auroc"], abs=1e-3)
+
+
+def test_evaluate_an_ensemble_of_checkpoints(trained, second, tiny_shards, tmp_path):
+    base = [CLI, "evaluate", "--shards", str(tiny_shards), "--split", "test"]
+    for name, ckpts in (("a", [trained]), ("b", [second]), ("ab", [trained, second])):
+        res = run_cmd([*base, "--checkpoint", *map(str, ckpts), "--predictions", str(tmp_path / f"{name}.csv"),
+                       "--out", str(tmp_path / f"{name}.json")], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b, ab = (_csv(tmp_path / f"{n}.csv")["test"] for n in ("a", "b", "ab"))
+    assert a["keys"] == b["keys"] == ab["keys"] and not np.allclose(a["probs"], b["probs"])
+    np.testing.assert_allclose(ab["probs"], (a["probs"] + b["probs"]) / 2, atol=2e-6)  # CSVs keep 6 digits
+    out = json.loads((tmp_path / "ab.json").read_text())
+    assert out["checkpoint"] == [str(trained), str(second)] and out["image_level"]["n"] == len(ab["keys"])
+
+
+def test_evaluate_with_test_time_augmentation(trained, tiny_shards, tmp_path):
+    base = [CLI, "evaluate", "--checkpoint", str(trained), "--shards", str(tiny_shards), "--split", "test"]
+    for name, tta in (("plain", "1"), ("tta", "3"), ("tta-again", "3")):
+        res = run_cmd([*base, "--tta", tta, "--predictions", str(tmp_path / f"{name}.csv")], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads(res.stdout)["tta"] == int(tta)
+    plain, tta, again = (_csv(tmp_path / f"{n}.csv")["test"] for n in ("plain", "tta", "tta-again"))
+    assert plain["keys"] == tta["keys"]
+    assert not np.array_equal(plain["probs"], tta["probs"])  # tiny model: its outputs barely move
+    np.testing.assert_array_equal(tta["probs"], again["probs"])  # and they are the same every time
+    res = run_cmd([*base, "--tta", "0"], cwd=tmp_path)
+    assert res.returncode == 2 and "--tta" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_tta_gives_the_same_answer_on_two_processes(tiny_shards, tmp_path):
+    """evaluate_split with 3 views on 2 real processes (gloo) = the mean of the plain view and two
+    augmented views computed here in one process. A brightness 'model' makes every view count."""
+    from cxr_dist.config import load_config, replace
+    from cxr_dist.evaluate import predict_split
+    from tests.tta_probe import TINY, Brightness
+
+    res = accelerate_launch(["-m", "tests.tta_probe", str(tiny_shards), "3", str(tmp_path / "two.csv")], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert "rank 1/2 done" in res.stdout
+    two = _csv(tmp_path / "two.csv")["test"]
+    data = replace(load_config(str(TINY), []).data, shards_dir=str(tiny_shards))
+    one, plain = (predict_split(Brightness(), data, "test", views) for views in (3, 1))
+    assert two["keys"] == one["keys"] == plain["keys"]
+    np.testing.assert_allclose(two["probs"], one["probs"], atol=2e-6)  # the CSV keeps 6 digits
+    assert np.abs(one["probs"] - plain["probs"]).mean() > 1e-3  # the augmented views moved the mean
+
+
+def test_ensemble_of_runs_from_their_predictions(trained, second, tmp_path):
+    """bench/ensemble.py: the same mean as `evaluate --checkpoint A B`, from the runs' CSVs alone."""
+    from cxr_dist.metrics import compute_metrics
+
+    script = [str(VENV_BIN / "python"), str(ROOT / "bench" / "ensemble.py")]
+    res = run_cmd([*script, str(trained), str(second), "--out", str(tmp_path / "e.json")], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert len(lines) == 5 and all(line.startswith("|") for line in lines)  # header, rule, 2 runs, mean
+    out = json.loads((tmp_path / "e.json").read_text())
+    a, b = _csv(trained / "predictions.csv")["test"], _csv(second / "predictions.csv")["test"]
+    mean = compute_metrics((a["probs"] + b["probs"]) / 2, a["labels"])
+    assert out["test"]["image_level"]["auroc"] == pytest.approx(mean["auroc"])
+    assert 0.0 < out["test_at_val_threshold"]["threshold"] < 1.0
+    # Runs over different images cannot be averaged; one run is no ensemble.
+    other = tmp_path / "other.csv"
+    other.write_text("split,key,uid,label,prob_abnormal\nval,x,u,1,0.5\ntest,y,u,1,0.5\n")
+    for bad in ([str(trained), str(other)], [str(trained)]):
+        res = run_cmd([*script, *bad], cwd=tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
 
 
 def test_evaluate_a_kaggle_folder_on_the_fly(trained, tiny_data, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from cxr_dist.config import DataConfig
 from cxr_dist.errors import DataError
 from cxr_dist.shards import write_shards
-from cxr_dist.stream import class_counts, eval_loader, load_index, train_loader
+from cxr_dist.stream import class_counts, eval_loader, load_index, train_loader, views_loader
 from cxr_dist.transforms import eval_transform, train_transform
 from tests.datagen import make_dataset
 
@@ -125,6 +125,30 @@ def test_train_stream_leaves_global_rng_alone(cfg):
     for _ in loader:
         pass
     assert torch.equal(torch.rand(3), expected)
+
+
+def _images(loader) -> dict[str, torch.Tensor]:
+    return {k: img for b in loader for k, img in zip(b["key"], b["image"])}
+
+
+def test_keyed_views_are_the_same_on_any_world_size(cfg):
+    """Test-time augmentation (keyed views): view v of an image does not depend on which rank or
+    worker reads it, so evaluating with 1 or 3 processes averages the same views."""
+    def views(world: int, workers: int, view: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for rank in range(world):
+            loader = views_loader(replace(cfg, num_workers=workers), ["train"], rank, world, seed=0, keyed=True)
+            loader.set_epoch(view)
+            out.update(_images(loader))
+        return out
+
+    one, three = views(1, 0, 0), views(3, 2, 0)
+    assert one.keys() == three.keys() and len(one) == load_index(cfg.shards_dir)["splits"]["train"]["total"]
+    assert all(torch.equal(one[k], three[k]) for k in one)
+    plain = _images(eval_loader(cfg, "train", 0, 1))
+    other = views(1, 0, 1)
+    assert sum(not torch.equal(one[k], plain[k]) for k in one) > 0.9 * len(one)  # augmented
+    assert sum(not torch.equal(one[k], other[k]) for k in one) > 0.9 * len(one)  # each view its own
 
 
 def test_unknown_split(cfg):

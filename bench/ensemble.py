@@ -1,0 +1,72 @@
+"""An ensemble of finished runs, from the predictions.csv each run wrote: no model, no GPU.
+
+    .venv/bin/python bench/ensemble.py out/runs/a out/runs/b ...   [--out ensemble.json]
+
+The ensemble's probability for an image is the mean of the runs' probabilities (the same rule as
+`cxr-dist evaluate --checkpoint A B ...`, which needs the checkpoints). Prints one markdown row
+per run and one for the ensemble (test AUROC per image and per study, balanced accuracy at 0.5),
+and writes the ensemble's full report as JSON with --out: test metrics at 0.5 and at the
+threshold picked on val. The runs must have evaluated the same images (same shards and split).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr_dist.errors import UserError  # noqa: E402
+from cxr_dist.evaluate import average, read_predictions, report  # noqa: E402
+from cxr_dist.metrics import balanced_threshold  # noqa: E402
+
+
+def row(name: str, preds: dict) -> str:
+    r = report(preds)
+    study = r.get("study_level", {}).get("auroc", float("nan"))
+    return (f"| {name} | {r['image_level']['auroc']:.4f} | {study:.4f} | "
+            f"{r['image_level']['balanced_accuracy']:.4f} |")
+
+
+def ensemble_report(runs: dict[str, dict[str, dict]]) -> dict:
+    """{run: {split: predictions}} -> the ensemble's report on test, at 0.5 and at the val threshold."""
+    for split in ("val", "test"):
+        if any(split not in r for r in runs.values()):
+            raise UserError(f"every run needs {split} predictions (a run without a test split cannot be scored)")
+    mean = {split: average([r[split] for r in runs.values()]) for split in ("val", "test")}
+    threshold = balanced_threshold(mean["val"]["probs"], mean["val"]["labels"])
+    return {"runs": list(runs), "test": report(mean["test"]), "test_at_val_threshold": report(mean["test"], threshold),
+            "val": report(mean["val"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="run directories (with predictions.csv) or predictions CSV files")
+    ap.add_argument("--out", help="write the ensemble's report here (JSON)")
+    args = ap.parse_args(argv)
+    if len(args.runs) < 2:
+        raise UserError("an ensemble needs at least two runs")
+    runs = {}
+    for path in map(Path, args.runs):
+        csv = path / "predictions.csv" if path.is_dir() else path
+        if not csv.is_file():
+            raise UserError(f"{csv} not found (runs write it at the end of training)")
+        runs[str(path)] = read_predictions(csv)
+    result = ensemble_report(runs)
+    print("| run | test AUROC (image) | test AUROC (study) | balanced accuracy (image, 0.5) |")
+    print("|---|---|---|---|")
+    for name, preds in runs.items():
+        print(row(name, preds["test"]))
+    print(row(f"**mean of {len(runs)}**", average([r["test"] for r in runs.values()])))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"ensemble.py: {e}", file=sys.stderr)
+        sys.exit(2)
