@@ -52,6 +52,7 @@ def test_list_override_parses_toml():
         (["--train.mixed_precision", "fp8"], "train.mixed_precision"),
         (["--data.input_size", "512"], "cannot exceed data.image_size"),
         (["--train.seed"], "has no value"),
+        (["--train.tta_views", "0"], "train.tta_views must be >= 1"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):

@@ -26,9 +26,11 @@ def trained(tiny_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def second(tiny_shards, tmp_path_factory) -> Path:
-    """Another run on the same shards, another seed, fp32: the second member of an ensemble."""
+    """Another run on the same shards, another seed, fp32, its final evaluation over 2 views: the
+    second member of an ensemble."""
     tmp = tmp_path_factory.mktemp("eval2")
-    res = run_cmd([CLI, "train", *tiny_overrides(tiny_shards, tmp / "run", "--train.seed", "7")], cwd=tmp)
+    res = run_cmd([CLI, "train", *tiny_overrides(tiny_shards, tmp / "run", "--train.seed", "7",
+                                                 "--train.tta_views", "2")], cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return tmp / "run"
 
@@ -89,6 +91,15 @@ def test_training_writes_its_predictions(trained, tiny_shards):
         again = report(preds[split])["image_level"]  # from the CSV's 6-digit probabilities
         assert again["confusion"] == evaluation[split]["image_level"]["confusion"]
         assert again["auroc"] == pytest.approx(evaluation[split]["image_level"]["auroc"], abs=1e-3)
+
+
+def test_training_evaluates_its_best_checkpoint_with_tta_views(second, tiny_shards, tmp_path):
+    res = run_cmd([CLI, "evaluate", "--checkpoint", str(second), "--shards", str(tiny_shards), "--tta", "2",
+                   "--predictions", str(tmp_path / "p.csv")], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    by_cli, by_training = _csv(tmp_path / "p.csv")["test"], _csv(second / "predictions.csv")["test"]
+    assert by_cli["keys"] == by_training["keys"]
+    np.testing.assert_allclose(by_cli["probs"], by_training["probs"], atol=2e-6)
 
 
 def test_evaluate_an_ensemble_of_checkpoints(trained, second, tiny_shards, tmp_path):

@@ -242,7 +242,7 @@ def test_artifacts_figures_and_evaluation(mlflow_server: str, full_run: dict) ->
     run_id = full_run["runs"][0]["info"]["run_id"]
     files = {f["path"]: f for f in api(mlflow_server, "artifacts/list", run_id=run_id)["files"]}
     expected = {"config.toml", "training_metrics.png", "roc_pr_test.png", "confusion_test.png",
-                "evaluation.json", "history.json"}
+                "evaluation.json", "history.json", "predictions.csv"}
     assert expected <= files.keys(), sorted(files)
     for name in ("training_metrics.png", "roc_pr_test.png", "confusion_test.png"):
         data = artifact_bytes(mlflow_server, run_id, name)
@@ -254,6 +254,7 @@ def test_artifacts_figures_and_evaluation(mlflow_server: str, full_run: dict) ->
     config = artifact_bytes(mlflow_server, run_id, "config.toml").decode()
     assert config == (full_run["run_dir"] / "config.toml").read_text()
     assert len(json.loads(artifact_bytes(mlflow_server, run_id, "history.json"))) == 3
+    assert artifact_bytes(mlflow_server, run_id, "predictions.csv") == (full_run["run_dir"] / "predictions.csv").read_bytes()
 
 
 def test_logged_model_loads_and_predicts_like_the_best_checkpoint(mlflow_server: str, full_run: dict,
