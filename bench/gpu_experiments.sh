@@ -9,10 +9,12 @@
 # Environment: PY (default .venv/bin/python, else python3), WEIGHTS (model.weights, default
 # lite1-package; a .safetensors path works), OUT (default out/gpu), RUN_LIMIT (seconds per run,
 # default 330: a run still going is stopped and its best checkpoint so far evaluated), WORKERS
-# (data workers per run, default 3), RUNS (which variants run at once; default the first five
-# below), BENCH (0: skip bench_gpu.py), ENSEMBLE (runs whose mean probability is scored as an
-# ensemble when two or more of them finished; default the four all16 seeds). docs/results.md's numbers: this default on one H200, then
-# RUNS="all16-s45 all16-bnstats all16-bnstats-s43" BENCH=0 RUN_LIMIT=265 on the same machine.
+# (data workers per run, default 3), RUNS (which variants run at once; default: the default
+# schedule and the four all16 seeds), BENCH (0: skip bench_gpu.py), ENSEMBLE (runs whose mean
+# probability is scored as an ensemble when two or more finished; default the four all16 seeds).
+# docs/results.md's table (one H200, before all16 evaluated with 8 views, hence the override):
+#   RUNS="default deep6 all16 all16-s43 all16-s44" bash bench/gpu_experiments.sh DATA --train.tta_views 1
+#   RUNS="all16-s45 all16-bnstats all16-bnstats-s43" BENCH=0 RUN_LIMIT=265 ...   (same machine)
 set -uo pipefail  # no -e: one failed run must not stop the others or the summary
 cd "$(dirname "$0")/.."
 DATA="${1:?usage: bash bench/gpu_experiments.sh DATA_DIR [overrides...]}"
@@ -40,7 +42,7 @@ declare -A VARIANT=(
     [all16-bnstats]="configs/iu_xray_all16.toml --model.freeze_bn_stats false"
     [all16-bnstats-s43]="configs/iu_xray_all16.toml --model.freeze_bn_stats false --train.seed 43"
 )
-read -r -a names <<< "${RUNS:-default deep6 all16 all16-s43 all16-s44}"
+read -r -a names <<< "${RUNS:-default all16 all16-s43 all16-s44 all16-s45}"
 mkdir -p "$OUT/runs"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
@@ -82,9 +84,10 @@ if latest is None:
     sys.exit(f"{run.name}: no checkpoint (stopped in its first epoch)")
 meta = json.loads((latest / "meta.json").read_text())
 (run / "history.json").write_text(json.dumps(meta["progress"]["history"]))
-# test, and val for the threshold: the same three reports training writes
+# test, and val for the threshold, over the run's train.tta_views: the three reports training writes
+views = str(meta["config"]["train"].get("tta_views", 1))
 at_val = json.loads(subprocess.run([sys.executable, "-m", "cxr_dist.evaluate", "--checkpoint", str(run), "--shards",
-                                    shards, "--split", "test", "--threshold", "val", "--predictions",
+                                    shards, "--split", "test", "--threshold", "val", "--tta", views, "--predictions",
                                     str(run / "predictions.csv")], capture_output=True, text=True, check=True).stdout)
 preds = read_predictions(run / "predictions.csv")
 ev = {"val": report(preds["val"]), "test": report(preds["test"]), "test_at_val_threshold": at_val}

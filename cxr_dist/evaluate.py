@@ -127,9 +127,13 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for split in dict.fromkeys(r["split"] for r in rows):
         part = sorted((r for r in rows if r["split"] == split), key=lambda r: r["key"])
+        try:
+            labels = np.array([int(r["label"]) for r in part], dtype=np.int64)
+            probs = np.array([float(r["prob_abnormal"]) for r in part])
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: a label or probability is not a number ({e})") from e
         out[split] = {"keys": [r["key"] for r in part], "uids": [r["uid"] for r in part],
-                      "labels": np.array([int(r["label"]) for r in part], dtype=np.int64),
-                      "probs": np.array([float(r["prob_abnormal"]) for r in part])}
+                      "labels": labels, "probs": probs}
     return out
 
 

@@ -162,9 +162,10 @@ def test_ensemble_of_runs_from_their_predictions(trained, second, tmp_path):
     assert out["test"]["image_level"]["auroc"] == pytest.approx(mean["auroc"])
     assert 0.0 < out["test_at_val_threshold"]["threshold"] < 1.0
     # Runs over different images cannot be averaged; one run is no ensemble.
-    other = tmp_path / "other.csv"
+    other, broken = tmp_path / "other.csv", tmp_path / "broken.csv"
     other.write_text("split,key,uid,label,prob_abnormal\nval,x,u,1,0.5\ntest,y,u,1,0.5\n")
-    for bad in ([str(trained), str(other)], [str(trained)]):
+    broken.write_text("split,key,uid,label,prob_abnormal\nval,x,u,1,high\n")
+    for bad in ([str(trained), str(other)], [str(trained)], [str(trained), str(broken)]):
         res = run_cmd([*script, *bad], cwd=tmp_path)
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
 
