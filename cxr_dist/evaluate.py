@@ -11,7 +11,7 @@ validation split of the same shards (never on the split being evaluated).
 Two ways to average probabilities, both off by default:
 - several checkpoints (`--checkpoint A B C`): an ensemble, e.g. runs that differ only in seed;
 - `--tta N`: each image seen N times, the plain view plus N-1 views with the training
-  augmentation (a fixed seed, so the result is reproducible).
+  augmentation (seeded per view and image: reproducible, the same on any number of processes).
 `--predictions F` writes the per-image probabilities as CSV, the format training writes to
 `RUN_DIR/predictions.csv`; `bench/ensemble.py` averages such files without the checkpoints.
 """
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             write_shards(replace(models[0][1], data_dir=args.data), Path(tmp), single_split=args.split)
             shards = tmp
         models = [(m, replace(d, shards_dir=shards)) for m, d in models]
-        splits = [args.split] + (["val"] if threshold is None else [])
+        splits = list(dict.fromkeys([args.split] + (["val"] if threshold is None else [])))
         preds = {}
         for name in splits:
             split = train_val_splits(models[0][1])[1] if name == "val" else name
