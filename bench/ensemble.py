@@ -29,15 +29,17 @@ def row(name: str, preds: dict) -> str:
             f"{r['image_level']['balanced_accuracy']:.4f} |")
 
 
-def ensemble_report(runs: dict[str, dict[str, dict]]) -> dict:
-    """{run: {split: predictions}} -> the ensemble's report on test, at 0.5 and at the val threshold."""
+def ensemble(runs: dict[str, dict[str, dict]]) -> tuple[dict, dict]:
+    """{run: {split: predictions}} -> (the ensemble's report: test at 0.5 and at the val threshold,
+    val; its mean predictions per split)."""
     for split in ("val", "test"):
         if any(split not in r for r in runs.values()):
             raise UserError(f"every run needs {split} predictions (a run without a test split cannot be scored)")
     mean = {split: average([r[split] for r in runs.values()]) for split in ("val", "test")}
     threshold = balanced_threshold(mean["val"]["probs"], mean["val"]["labels"])
-    return {"runs": list(runs), "test": report(mean["test"]), "test_at_val_threshold": report(mean["test"], threshold),
-            "val": report(mean["val"])}
+    result = {"runs": list(runs), "test": report(mean["test"]),
+              "test_at_val_threshold": report(mean["test"], threshold), "val": report(mean["val"])}
+    return result, mean
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         if not csv.is_file():
             raise UserError(f"{csv} not found (runs write it at the end of training)")
         runs[str(path)] = read_predictions(csv)
-    result = ensemble_report(runs)
+    result, mean = ensemble(runs)
     print("| run | test AUROC (image) | test AUROC (study) | balanced accuracy (image, 0.5) |")
     print("|---|---|---|---|")
     for name, preds in runs.items():
         print(row(name, preds["test"]))
-    print(row(f"**mean of {len(runs)}**", average([r["test"] for r in runs.values()])))
+    print(row(f"**mean of {len(runs)}**", mean["test"]))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -134,7 +134,8 @@ def test_tta_gives_the_same_answer_on_two_processes(tiny_shards, tmp_path):
     augmented views computed here in one process. A brightness 'model' makes every view count."""
     from cxr_dist.config import load_config, replace
     from cxr_dist.evaluate import predict_split
-    from tests.tta_probe import TINY, Brightness
+    from tests.conftest import TINY
+    from tests.tta_probe import Brightness
 
     res = accelerate_launch(["-m", "tests.tta_probe", str(tiny_shards), "3", str(tmp_path / "two.csv")], cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]

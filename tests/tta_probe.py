@@ -11,8 +11,7 @@ import torch
 from cxr_dist import dist
 from cxr_dist.config import TrainConfig, load_config, replace
 from cxr_dist.evaluate import evaluate_split, predictions_csv
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+from tests.conftest import TINY
 
 
 class Brightness(torch.nn.Module):
