@@ -4,9 +4,10 @@
 
 The ensemble's probability for an image is the mean of the runs' probabilities (the same rule as
 `cxr-dist evaluate --checkpoint A B ...`, which needs the checkpoints). Prints one markdown row
-per run and one for the ensemble (test AUROC per image and per study, balanced accuracy at 0.5),
-and writes the ensemble's full report as JSON with --out: test metrics at 0.5 and at the
-threshold picked on val. The runs must have evaluated the same images (same shards and split).
+per run and one for the ensemble (test AUROC per image and per study with their 95% bootstrap
+intervals, balanced accuracy at 0.5), and writes the ensemble's full report as JSON with --out:
+test metrics at 0.5 and at the threshold picked on val. The runs must have evaluated the same
+images (same shards and split). Given one run, it scores that run alone (no mean row).
 """
 from __future__ import annotations
 
@@ -22,10 +23,17 @@ from cxr_dist.evaluate import average, read_predictions, report  # noqa: E402
 from cxr_dist.metrics import balanced_threshold  # noqa: E402
 
 
+def _auroc(level: dict | None) -> str:
+    """'0.8040 (0.7712-0.8351)': the AUROC and its 95% bootstrap interval."""
+    if level is None:
+        return "n/a"
+    low, high = level["auroc_ci95"]
+    return f"{level['auroc']:.4f} ({low:.4f}-{high:.4f})"
+
+
 def row(name: str, preds: dict) -> str:
     r = report(preds)
-    study = r.get("study_level", {}).get("auroc", float("nan"))
-    return (f"| {name} | {r['image_level']['auroc']:.4f} | {study:.4f} | "
+    return (f"| {name} | {_auroc(r['image_level'])} | {_auroc(r.get('study_level'))} | "
             f"{r['image_level']['balanced_accuracy']:.4f} |")
 
 
@@ -47,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", help="run directories (with predictions.csv) or predictions CSV files")
     ap.add_argument("--out", help="write the ensemble's report here (JSON)")
     args = ap.parse_args(argv)
-    if len(args.runs) < 2:
-        raise UserError("an ensemble needs at least two runs")
     runs = {}
     for path in map(Path, args.runs):
         csv = path / "predictions.csv" if path.is_dir() else path
@@ -56,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{csv} not found (runs write it at the end of training)")
         runs[str(path)] = read_predictions(csv)
     result, mean = ensemble(runs)
-    print("| run | test AUROC (image) | test AUROC (study) | balanced accuracy (image, 0.5) |")
+    print("| run | test AUROC, image (95% CI) | test AUROC, study (95% CI) | balanced accuracy (image, 0.5) |")
     print("|---|---|---|---|")
     for name, preds in runs.items():
         print(row(name, preds["test"]))
-    print(row(f"**mean of {len(runs)}**", mean["test"]))
+    if len(runs) > 1:
+        print(row(f"**mean of {len(runs)}**", mean["test"]))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -32,7 +32,7 @@ from torch import nn
 from . import dist
 from .config import DataConfig, ModelConfig, from_dict, replace
 from .errors import UserError
-from .metrics import always_abnormal, balanced_threshold, compute_metrics, dedupe, study_level
+from .metrics import always_abnormal, auroc_interval, balanced_threshold, compute_metrics, dedupe, study_level
 from .split import train_val_splits
 from .stream import eval_loader, views_loader
 
@@ -167,13 +167,16 @@ def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, 
 
 
 def report(preds: dict, threshold: float = 0.5) -> dict:
-    """Image-level and study-level metrics at `threshold` plus the always-abnormal baseline, JSON-ready."""
-    out = {"threshold": threshold,
-           "image_level": compute_metrics(preds["probs"], preds["labels"], threshold),
-           "always_abnormal": always_abnormal(preds["labels"])}
+    """Image-level and study-level metrics at `threshold` plus the always-abnormal baseline, JSON-ready.
+
+    Each level's `auroc_ci95` is a 95% bootstrap interval that draws whole studies (metrics.auroc_interval).
+    """
+    image = compute_metrics(preds["probs"], preds["labels"], threshold)
+    image["auroc_ci95"] = auroc_interval(preds["probs"], preds["labels"], preds["uids"])
+    out = {"threshold": threshold, "image_level": image, "always_abnormal": always_abnormal(preds["labels"])}
     uids, sp, sl = study_level(preds["uids"], preds["probs"], preds["labels"])
     if len(uids) < len(preds["keys"]):  # some studies have several views
-        out["study_level"] = compute_metrics(sp, sl, threshold)
+        out["study_level"] = {**compute_metrics(sp, sl, threshold), "auroc_ci95": auroc_interval(sp, sl, uids)}
         out["study_level_always_abnormal"] = always_abnormal(sl)
     return out
 

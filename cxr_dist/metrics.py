@@ -138,6 +138,49 @@ def balanced_threshold(probs: ArrayLike, labels: ArrayLike) -> float:
     return float(thr[best[np.argmin(np.abs(thr[best] - 0.5))]])
 
 
+def _weighted_auroc(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """AUROC of the same predictions under several sample weightings at once (rows of ``w``).
+
+    The Mann-Whitney form: the weighted share of (abnormal, normal) pairs ranked the right way,
+    ties counting one half. One sort for all rows, so a 2,000-draw bootstrap costs milliseconds.
+    """
+    _, tie = np.unique(p, return_inverse=True)  # rank of each score among the distinct scores
+    m = int(tie.max()) + 1
+    pos = np.stack([np.bincount(tie, row * (y == 1), minlength=m) for row in w])  # weight per score
+    neg = np.stack([np.bincount(tie, row * (y == 0), minlength=m) for row in w])
+    below = np.cumsum(neg, axis=1) - neg  # normal weight strictly below each score
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+def auroc_interval(
+    probs: ArrayLike, labels: ArrayLike, groups: Sequence[str] | None = None,
+    level: float = 0.95, draws: int = 2000, seed: int = 0,
+) -> list[float]:
+    """A bootstrap confidence interval ``[low, high]`` of the AUROC (percentile method).
+
+    How far one test split's AUROC is from the truth: ~1,000 test images give an interval ~0.06
+    wide, which is the scale on which "0.80" can be judged. ``groups`` (the study uid of each
+    image) makes it a cluster bootstrap: whole studies are drawn with replacement, because the
+    frontal and lateral views of a study are not independent samples. Seeded: the same numbers
+    every time. ``[nan, nan]`` when the AUROC itself is undefined (one class only).
+    """
+    p, y = _as_arrays(probs, labels)
+    if not ((y == 1).any() and (y == 0).any()):
+        return [math.nan, math.nan]
+    names = list(range(y.size)) if groups is None else [str(g) for g in groups]
+    if len(names) != y.size:
+        raise ValueError(f"groups and probs differ in length: {len(names)} vs {y.size}")
+    _, group = np.unique(names, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    draw = np.random.default_rng(seed).integers(0, n_groups, size=(draws, n_groups))
+    weight = np.stack([np.bincount(d, minlength=n_groups) for d in draw])[:, group].astype(np.float64)
+    auc = _weighted_auroc(p, y, weight)
+    auc = auc[np.isfinite(auc)]  # a draw without one of the classes has no AUROC
+    low, high = np.quantile(auc, [(1 - level) / 2, (1 + level) / 2])
+    return [float(low), float(high)]
+
+
 def study_level(
     uids: Sequence[str], probs: ArrayLike, labels: ArrayLike
 ) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -2,7 +2,11 @@
 
 Images are read like `prepare` reads them (any size, PNG or JPEG, grayscale or RGB), stored-size
 resized with the aspect ratio kept, then given the evaluation transform: the model sees exactly
-what it saw on validation.
+what it saw on validation. With test-time augmentation (`--tta N`; by default the number of
+views the run's own final evaluation used, `train.tta_views`), the probability is the mean over
+the plain view and N-1 augmented views, drawn per (view, file name) as `evaluate --tta` draws
+them per shard sample. `--threshold T` adds a label: abnormal when the probability is >= T (a
+run's threshold picked on validation is `test_at_val_threshold.threshold` in its evaluation.json).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from PIL import Image, UnidentifiedImageError
 from .checkpoint import load_model_state
 from .config import DataConfig, ModelConfig, from_dict, replace
 from .errors import UserError
+from .manifest import sample_key
 from .model import build_model
-from .transforms import eval_transform
+from .transforms import eval_transform, seeded_transform, train_transform, view_seed
 
 
 def load_image(path: Path, image_size: int) -> Image.Image:
@@ -35,30 +40,49 @@ def load_image(path: Path, image_size: int) -> Image.Image:
 
 
 @torch.no_grad()
-def predict(checkpoint: str, images: list[str], batch_size: int = 16) -> list[dict]:
+def predict(checkpoint: str, images: list[str], batch_size: int = 16, views: int | None = None,
+            threshold: float | None = None) -> list[dict]:
+    """One dict per image: its path, `prob_abnormal`, `views`, and `label` when `threshold` is given."""
     state, meta = load_model_state(checkpoint, tag="best")
     data = from_dict(DataConfig, meta["config"]["data"])
+    views = views or int(meta["config"]["train"].get("tta_views", 1))  # older checkpoints: 1 view
     model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
     model.load_state_dict(state)
     model.eval()
-    tf = eval_transform(data.input_size)
+    plain, augment = eval_transform(data.input_size), train_transform(data.input_size)
     out = []
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]
-        x = torch.stack([tf(load_image(Path(p), data.image_size)) for p in chunk])
-        probs = torch.softmax(model(x).float(), 1)[:, 1]
-        out += [{"image": p, "prob_abnormal": round(float(q), 6)} for p, q in zip(chunk, probs)]
+        pics = [(load_image(Path(p), data.image_size), sample_key(Path(p).name)) for p in chunk]
+        probs = torch.zeros(len(chunk))
+        for view in range(views):  # view 0 plain; view v the augmented view v-1, as in evaluate
+            x = torch.stack([plain(im) if view == 0 else seeded_transform(augment, im, view_seed(0, view - 1, key))
+                             for im, key in pics])
+            probs += torch.softmax(model(x).float(), 1)[:, 1]
+        for path, prob in zip(chunk, (probs / views).tolist()):
+            row = {"image": path, "prob_abnormal": round(prob, 6), "views": views}
+            if threshold is not None:
+                row["label"] = "abnormal" if prob >= threshold else "normal"
+            out.append(row)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cxr-dist predict", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/x/checkpoints/best) or a run dir (its best checkpoint)")
+    ap.add_argument("--tta", type=int, metavar="N",
+                    help="views per image: the plain one and N-1 augmented (default: the run's train.tta_views)")
+    ap.add_argument("--threshold", type=float, metavar="T", help="also print a label: abnormal when prob >= T")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     ap.add_argument("images", nargs="+")
     args = ap.parse_args(argv)
-    for row in predict(args.checkpoint, args.images):
-        print(json.dumps(row) if args.json else f"{row['prob_abnormal']:.4f}  {row['image']}")
+    if args.tta is not None and args.tta < 1:
+        raise UserError(f"--tta must be at least 1 (views per image), not {args.tta}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], not {args.threshold}")
+    for row in predict(args.checkpoint, args.images, views=args.tta, threshold=args.threshold):
+        label = f"{row['label']:<8}  " if "label" in row else ""
+        print(json.dumps(row) if args.json else f"{row['prob_abnormal']:.4f}  {label}{row['image']}")
     return 0
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 from .config import DataConfig
 from .errors import DataError
 from .shards import INDEX_FORMAT
-from .transforms import eval_transform, train_transform
+from .transforms import eval_transform, train_transform, view_seed
 
 Batch = dict[str, Any]
 
@@ -161,7 +161,7 @@ class _ShardStream(IterableDataset):
             # the stream is reproducible and never disturbs the trainer's RNG (num_workers = 0).
             saved = torch.get_rng_state()
             if self.keyed:
-                seed = random.Random(f"view-{self.seed}-{self.epoch}-{sample['__key__']}").getrandbits(63)
+                seed = view_seed(self.seed, self.epoch, sample["__key__"])
                 self._rng_state = torch.Generator().manual_seed(seed).get_state()
             torch.set_rng_state(self._rng_state)
             img = self.transform(img)

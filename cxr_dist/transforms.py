@@ -9,6 +9,8 @@ Normalisation to the backbone's mean/std is the model's job, not the data pipeli
 """
 from __future__ import annotations
 
+import random
+
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -51,3 +53,17 @@ def train_transform(input_size: int) -> v2.Compose:
         v2.ColorJitter(brightness=0.2, contrast=0.2),
         v2.PILToTensor(),  # PIL -> uint8 1 x S x S (a tensor input passes through)
     ])
+
+
+def view_seed(seed: int, view: int, key: str) -> int:
+    """The RNG seed of augmented view `view` of the image `key` (test-time augmentation): a view
+    depends on nothing else, so it is the same on any number of processes and workers, and
+    `cxr-dist predict` draws the same views of a file as `evaluate` does of its shard sample."""
+    return random.Random(f"view-{seed}-{view}-{key}").getrandbits(63)
+
+
+def seeded_transform(transform: v2.Compose, img: Image.Image, seed: int) -> torch.Tensor:
+    """transform(img) with torch's CPU RNG seeded by `seed`; the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(torch.Generator().manual_seed(seed).get_state())
+        return transform(img)

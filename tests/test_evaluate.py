@@ -55,6 +55,9 @@ def test_evaluate_on_shards(trained, tiny_shards):
     assert out["study_level"]["n"] == test["uids"]  # one prediction per study
     for key in ("accuracy", "precision", "recall", "f1", "auroc", "specificity", "balanced_accuracy", "confusion"):
         assert key in out["image_level"]
+    for level in ("image_level", "study_level"):  # a 95% interval around each AUROC
+        low, high = out[level]["auroc_ci95"]
+        assert low <= out[level]["auroc"] <= high  # [1, 1] here: the tiny set is separable
 
 
 def test_evaluate_with_a_threshold_picked_on_val(trained, tiny_shards):
@@ -162,11 +165,17 @@ def test_ensemble_of_runs_from_their_predictions(trained, second, tmp_path):
     mean = compute_metrics((a["probs"] + b["probs"]) / 2, a["labels"])
     assert out["test"]["image_level"]["auroc"] == pytest.approx(mean["auroc"])
     assert 0.0 < out["test_at_val_threshold"]["threshold"] < 1.0
-    # Runs over different images cannot be averaged; one run is no ensemble.
+    # One run is scored alone: its row, no mean; its report is the run's own.
+    res = run_cmd([*script, str(trained / "predictions.csv"), "--out", str(tmp_path / "one.json")], cwd=tmp_path)
+    assert res.returncode == 0 and len(res.stdout.splitlines()) == 3 and "mean" not in res.stdout, res.stderr
+    one = json.loads((tmp_path / "one.json").read_text())["test"]["image_level"]
+    assert one["auroc"] == pytest.approx(compute_metrics(a["probs"], a["labels"])["auroc"])
+    assert one["auroc_ci95"][0] <= one["auroc"] <= one["auroc_ci95"][1]
+    # Runs over different images cannot be averaged.
     other, broken = tmp_path / "other.csv", tmp_path / "broken.csv"
     other.write_text("split,key,uid,label,prob_abnormal\nval,x,u,1,0.5\ntest,y,u,1,0.5\n")
     broken.write_text("split,key,uid,label,prob_abnormal\nval,x,u,1,high\n")
-    for bad in ([str(trained), str(other)], [str(trained)], [str(trained), str(broken)]):
+    for bad in ([str(trained), str(other)], [str(trained), str(broken)]):
         res = run_cmd([*script, *bad], cwd=tmp_path)
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
 
@@ -191,7 +200,31 @@ def test_predict_prints_a_probability_per_image(trained, tiny_data):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["image"] for r in rows] == [str(p) for p in images]
-    assert all(0.0 <= r["prob_abnormal"] <= 1.0 for r in rows)
+    assert all(0.0 <= r["prob_abnormal"] <= 1.0 and r["views"] == 1 and "label" not in r for r in rows)
+
+
+def test_predict_with_views_and_a_threshold(trained, second, tiny_data):
+    """--tta averages augmented views (reproducibly); the default is the run's own train.tta_views;
+    --threshold adds the label the threshold gives."""
+    images = sorted((tiny_data / "images").rglob("*.png"))[:4]
+
+    def rows(ckpt, *args):
+        res = run_cmd([CLI, "predict", "--checkpoint", str(ckpt), "--json", *args, *map(str, images)], cwd=ckpt)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return [json.loads(line) for line in res.stdout.splitlines()]
+
+    plain, tta, again = rows(trained), rows(trained, "--tta", "3"), rows(trained, "--tta", "3")
+    assert [r["views"] for r in tta] == [3] * 4 and tta == again
+    assert [r["prob_abnormal"] for r in tta] != [r["prob_abnormal"] for r in plain]
+    assert [r["views"] for r in rows(second)] == [2] * 4  # trained with train.tta_views = 2
+    probs = [r["prob_abnormal"] for r in plain]
+    middle = (min(probs) + max(probs)) / 2
+    labelled = rows(trained, "--threshold", str(middle))
+    assert [r["label"] for r in labelled] == ["abnormal" if r["prob_abnormal"] >= middle else "normal" for r in plain]
+    assert {r["label"] for r in labelled} == {"abnormal", "normal"}
+    for bad in (["--tta", "0"], ["--threshold", "2"]):
+        res = run_cmd([CLI, "predict", "--checkpoint", str(trained), *bad, str(images[0])], cwd=trained)
+        assert res.returncode == 2 and bad[0] in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("what", ["missing", "garbage", "pickle"])

@@ -10,7 +10,9 @@ import pytest
 from sklearn import metrics as skm
 
 from cxr_dist.metrics import (
+    _weighted_auroc,
     always_abnormal,
+    auroc_interval,
     balanced_threshold,
     compute_metrics,
     curves,
@@ -190,3 +192,49 @@ def test_balanced_threshold_maximises_balanced_accuracy():
     assert balanced_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 0.8
     with pytest.raises(ValueError):
         balanced_threshold([0.1, 0.2], [1, 1])
+
+
+def test_weighted_auroc_agrees_with_sklearn_including_ties():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    p = np.round(rng.random(300) * 0.6 + 0.3 * y, 1)  # coarse: many tied scores across classes
+    w = rng.integers(0, 4, size=(4, 300)).astype(float)
+    expected = [skm.roc_auc_score(y, p, sample_weight=row) for row in w]
+    np.testing.assert_allclose(_weighted_auroc(p, y, w), expected, rtol=1e-12)
+
+
+def test_auroc_interval_brackets_the_auroc_and_shrinks_with_more_data():
+    rng = np.random.default_rng(4)
+
+    def sample(n):
+        y = rng.integers(0, 2, n)
+        return np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1), y
+
+    p, y = sample(200)
+    low, high = auroc_interval(p, y)
+    assert low < skm.roc_auc_score(y, p) < high
+    assert auroc_interval(p, y) == [low, high]  # seeded: the same every time
+    assert auroc_interval(p, y, seed=1) != [low, high]
+    big_low, big_high = auroc_interval(*sample(5000))
+    assert big_high - big_low < (high - low) / 3  # ~1/sqrt(n): 25x the data, ~1/5 the width
+    assert auroc_interval(p, y, level=0.5)[1] - auroc_interval(p, y, level=0.5)[0] < high - low
+
+
+def test_auroc_interval_draws_whole_studies():
+    """Two identical views per study carry no more information than one: drawing studies gives
+    the interval of the single views; treating the views as independent would be too narrow."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 150)
+    p = np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1)
+    uids = [f"s{i}" for i in range(150)]
+    single = auroc_interval(p, y, uids)
+    doubled = auroc_interval(np.repeat(p, 2), np.repeat(y, 2), np.repeat(uids, 2))
+    np.testing.assert_allclose(doubled, single, rtol=1e-12)
+    naive = auroc_interval(np.repeat(p, 2), np.repeat(y, 2))
+    assert naive[1] - naive[0] < 0.85 * (single[1] - single[0])
+
+
+def test_auroc_interval_edge_cases():
+    assert all(math.isnan(v) for v in auroc_interval([0.2, 0.7], [1, 1]))
+    with pytest.raises(ValueError, match="groups"):
+        auroc_interval(PROBS, LABELS, ["a"])

@@ -12,7 +12,7 @@ from cxr_dist.config import DataConfig
 from cxr_dist.errors import DataError
 from cxr_dist.shards import write_shards
 from cxr_dist.stream import class_counts, eval_loader, load_index, train_loader, views_loader
-from cxr_dist.transforms import eval_transform, train_transform
+from cxr_dist.transforms import eval_transform, seeded_transform, train_transform, view_seed
 from tests.datagen import make_dataset
 
 
@@ -149,6 +149,32 @@ def test_keyed_views_are_the_same_on_any_world_size(cfg):
     other = views(1, 0, 1)
     assert sum(not torch.equal(one[k], plain[k]) for k in one) > 0.9 * len(one)  # augmented
     assert sum(not torch.equal(one[k], other[k]) for k in one) > 0.9 * len(one)  # each view its own
+
+
+def test_a_keyed_view_is_the_seeded_transform_of_its_image(cfg):
+    """View v of image k is train_transform under view_seed(0, v, k), nothing else: what
+    `cxr-dist predict --tta` applies to an image file (no stream there)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    index = load_index(cfg.shards_dir)
+    files = [f"{index['root']}/{s['file']}" for s in index["splits"]["val"]["shards"]]
+    raw = {s["__key__"]: s["jpg"] for s in wds.WebDataset(files, shardshuffle=False)}
+    loader = views_loader(cfg, ["val"], 0, 1, seed=0, keyed=True)
+    loader.set_epoch(2)
+    streamed = _images(loader)
+    assert streamed.keys() == raw.keys()
+    augment = train_transform(cfg.input_size)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    for key, jpg in raw.items():
+        with Image.open(io.BytesIO(jpg)) as im:
+            img = im.convert("L")
+        assert torch.equal(seeded_transform(augment, img, view_seed(0, 2, key)), streamed[key])
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), before)  # seeded_transform left the caller's RNG alone
 
 
 def test_unknown_split(cfg):
