@@ -53,9 +53,9 @@ def test_gpu_experiments_script_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_gpu_experiments_script_salvages_a_stopped_run(tmp_path):
     # RUN_LIMIT stops the run in phase 2: its history comes from the latest checkpoint and its
-    # evaluation from the best one, so the summary still has a row. 90 s: the first checkpoint
-    # comes after ~15 s on a quiet 2-core machine, but 45 s proved too short once beside a job
-    # that saturated both cores (start-up, imports and phase 1 must fit in the limit).
+    # evaluation from the best one, so the summary still has a row. 90 s: start-up, imports and
+    # phase 1 must fit in the limit, and 45 s proved too short once beside a job that saturated
+    # both cores.
     res = run_script(tmp_path, "default", [*TINY, "--train.phases.1.epochs", "500"], BENCH="0", RUN_LIMIT="90")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "default: stopped before the end" in res.stdout
