@@ -55,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", help="run directories (with predictions.csv) or predictions CSV files")
     ap.add_argument("--out", help="write the ensemble's report here (JSON)")
     args = ap.parse_args(argv)
-    runs = {}
-    for path in map(Path, args.runs):
-        csv = path / "predictions.csv" if path.is_dir() else path
-        if not csv.is_file():
-            raise UserError(f"{csv} not found (runs write it at the end of training)")
-        runs[str(path)] = read_predictions(csv)
+    runs = {path: read_predictions(path) for path in args.runs}
     result, mean = ensemble(runs)
     print("| run | test AUROC, image (95% CI) | test AUROC, study (95% CI) | balanced accuracy (image, 0.5) |")
     print("|---|---|---|---|")

@@ -117,9 +117,13 @@ def predictions_csv(by_split: dict[str, dict]) -> str:
 
 
 def read_predictions(path: str | Path) -> dict[str, dict]:
-    """A predictions CSV (as written by training or `--predictions`) -> {split: predictions}."""
+    """A predictions CSV (as written by training or `--predictions`), or a run dir (its
+    predictions.csv) -> {split: predictions}."""
+    path = Path(path) / "predictions.csv" if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found (runs write it at the end of training)")
     try:
-        rows = list(csv.DictReader(Path(path).read_text().splitlines()))
+        rows = list(csv.DictReader(path.read_text().splitlines()))
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read predictions {path}: {e}") from e
     if not rows or set(PREDICTION_COLUMNS) - set(rows[0]):

@@ -153,29 +153,40 @@ def _weighted_auroc(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
         return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
 
 
+def _study_draws(groups: Sequence[str] | None, n: int, draws: int, seed: int) -> np.ndarray:
+    """``draws`` x ``n`` sample weights of a cluster bootstrap: how often each sample's group
+    (study) was drawn when drawing as many groups as there are, with replacement."""
+    names = list(range(n)) if groups is None else [str(g) for g in groups]
+    if len(names) != n:
+        raise ValueError(f"groups and probs differ in length: {len(names)} vs {n}")
+    _, group = np.unique(names, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    draw = np.random.default_rng(seed).integers(0, n_groups, size=(draws, n_groups))
+    return np.stack([np.bincount(d, minlength=n_groups) for d in draw])[:, group].astype(np.float64)
+
+
 def auroc_interval(
     probs: ArrayLike, labels: ArrayLike, groups: Sequence[str] | None = None,
-    level: float = 0.95, draws: int = 2000, seed: int = 0,
+    level: float = 0.95, draws: int = 2000, seed: int = 0, baseline: ArrayLike | None = None,
 ) -> list[float]:
     """A bootstrap confidence interval ``[low, high]`` of the AUROC (percentile method).
 
-    How far one test split's AUROC is from the truth: ~1,000 test images give an interval ~0.06
+    How far one test split's AUROC is from the truth: ~1,000 test images give an interval ~0.07
     wide, which is the scale on which "0.80" can be judged. ``groups`` (the study uid of each
     image) makes it a cluster bootstrap: whole studies are drawn with replacement, because the
-    frontal and lateral views of a study are not independent samples. Seeded: the same numbers
-    every time. ``[nan, nan]`` when the AUROC itself is undefined (one class only).
+    frontal and lateral views of a study are not independent samples. ``baseline`` (another
+    model's probabilities for the same images) gives instead the interval of the *gain*,
+    AUROC(probs) - AUROC(baseline), both scored on each draw: a paired comparison, far tighter
+    than two separate intervals. Seeded: the same numbers every time. ``[nan, nan]`` when the
+    AUROC itself is undefined (one class only).
     """
     p, y = _as_arrays(probs, labels)
     if not ((y == 1).any() and (y == 0).any()):
         return [math.nan, math.nan]
-    names = list(range(y.size)) if groups is None else [str(g) for g in groups]
-    if len(names) != y.size:
-        raise ValueError(f"groups and probs differ in length: {len(names)} vs {y.size}")
-    _, group = np.unique(names, return_inverse=True)
-    n_groups = int(group.max()) + 1
-    draw = np.random.default_rng(seed).integers(0, n_groups, size=(draws, n_groups))
-    weight = np.stack([np.bincount(d, minlength=n_groups) for d in draw])[:, group].astype(np.float64)
+    weight = _study_draws(groups, y.size, draws, seed)
     auc = _weighted_auroc(p, y, weight)
+    if baseline is not None:
+        auc = auc - _weighted_auroc(_as_arrays(baseline, y)[0], y, weight)
     auc = auc[np.isfinite(auc)]  # a draw without one of the classes has no AUROC
     low, high = np.quantile(auc, [(1 - level) / 2, (1 + level) / 2])
     return [float(low), float(high)]

@@ -180,6 +180,37 @@ def test_ensemble_of_runs_from_their_predictions(trained, second, tmp_path):
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
 
 
+def test_paired_auroc_gain_of_one_model_over_another(tmp_path):
+    """bench/paired_auroc.py: the AUROC difference of two models on the same test images, per
+    image and per study, with a paired interval that contains it (exactly 0 against itself).
+    Synthetic predictions of 120 two-view studies: the tiny runs' models are too weak to differ."""
+    from cxr_dist.evaluate import PREDICTION_COLUMNS, predictions_csv
+    from cxr_dist.metrics import compute_metrics
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(rng.integers(0, 2, 120), 2)
+    good = np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1)
+    base = {"keys": [f"k{i:03d}" for i in range(240)], "uids": [f"u{i // 2:03d}" for i in range(240)],
+            "labels": labels, "probs": good}
+    worse = {**base, "probs": np.clip(good + rng.normal(0, 0.3, 240), 0, 1)}
+    for name, test in (("base", base), ("worse", worse)):
+        (tmp_path / f"{name}.csv").write_text(predictions_csv({"val": test, "test": test}))
+    script = [str(VENV_BIN / "python"), str(ROOT / "bench" / "paired_auroc.py")]
+    res = run_cmd([*script, *(str(tmp_path / f"{n}.csv") for n in ("base", "worse", "base"))], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    header, _, versus_worse, versus_itself = res.stdout.splitlines()
+    diff = compute_metrics(worse["probs"], labels)["auroc"] - compute_metrics(good, labels)["auroc"]
+    point, interval = [c.strip() for c in versus_worse.split("|")[1:-1]][2].split(" (")
+    low, high = (float(x) for x in interval.rstrip(")").split(" to "))
+    assert float(point) == pytest.approx(diff, abs=1e-4) and low <= float(point) <= high < 0
+    assert versus_itself.count("+0.0000 (+0.0000 to +0.0000)") == 2  # image and study
+    other = tmp_path / "other.csv"
+    other.write_text(",".join(PREDICTION_COLUMNS) + "\ntest,y,u,1,0.5\n")
+    for bad in (["base.csv", "other.csv"], ["base.csv", "missing"]):
+        res = run_cmd([*script, *bad], cwd=tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+
+
 def test_evaluate_a_kaggle_folder_on_the_fly(trained, tiny_data, tmp_path):
     res = run_cmd([CLI, "evaluate", "--checkpoint", str(trained / "checkpoints" / "best"), "--data", str(tiny_data),
                    "--out", str(tmp_path / "e.json")], cwd=tmp_path)

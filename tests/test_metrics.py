@@ -238,3 +238,21 @@ def test_auroc_interval_edge_cases():
     assert all(math.isnan(v) for v in auroc_interval([0.2, 0.7], [1, 1]))
     with pytest.raises(ValueError, match="groups"):
         auroc_interval(PROBS, LABELS, ["a"])
+
+
+def test_paired_interval_of_the_auroc_gain():
+    """baseline=: the interval of AUROC(probs) - AUROC(baseline) on the same draws. A model
+    against itself gains exactly 0; a slightly better, correlated model gets an interval around
+    its gain that is narrower than the model's own interval."""
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 400)
+    base = rng.normal(0.3 * y, 0.3)
+    better = base + rng.normal(0.1 * y, 0.1)  # base plus a little more signal
+    assert auroc_interval(base, y, baseline=base) == [0.0, 0.0]
+    low, high = auroc_interval(better, y, baseline=base)
+    point = skm.roc_auc_score(y, better) - skm.roc_auc_score(y, base)
+    assert low < point < high and 0 < low
+    alone = auroc_interval(better, y)
+    assert high - low < 0.6 * (alone[1] - alone[0])
+    swapped = auroc_interval(base, y, baseline=better)  # the same draws, the sign flipped
+    np.testing.assert_allclose(swapped, [-high, -low], atol=1e-12)
