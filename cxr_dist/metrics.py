@@ -253,8 +253,12 @@ def curves(probs: ArrayLike, labels: ArrayLike) -> dict[str, dict[str, list[floa
 
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """The scalar entries of a metrics dict as floats, keys prefixed (e.g. ``val/``), for MLflow."""
-    return {f"{prefix}{k}": float(metrics[k]) for k in SCALAR_KEYS if k in metrics}
+    """The scalar entries of a metrics dict as floats, keys prefixed (e.g. ``val/``), for MLflow;
+    an AUROC interval (``auroc_ci95``, from evaluate.report) as ``auroc_ci95_low`` / ``_high``."""
+    out = {f"{prefix}{k}": float(metrics[k]) for k in SCALAR_KEYS if k in metrics}
+    if "auroc_ci95" in metrics:
+        out[f"{prefix}auroc_ci95_low"], out[f"{prefix}auroc_ci95_high"] = map(float, metrics["auroc_ci95"])
+    return out
 
 
 def _fmt(value: Any) -> str:

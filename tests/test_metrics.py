@@ -164,6 +164,8 @@ def test_summary_line_and_scalars():
     assert set(s) == {f"val/{k}" for k in ("loss", "accuracy", "precision", "recall", "specificity",
                                          "f1", "balanced_accuracy", "auroc", "auprc", "n", "n_pos")}
     assert all(isinstance(v, float) for v in s.values())
+    with_interval = scalar_metrics({**val, "auroc_ci95": [0.7, 0.8]}, "best_test/")
+    assert with_interval["best_test/auroc_ci95_low"] == 0.7 and with_interval["best_test/auroc_ci95_high"] == 0.8
 
 
 def test_dedupe_accepts_python_random_order():

@@ -206,8 +206,10 @@ def test_per_epoch_metrics_of_both_phases(mlflow_server: str, full_run: dict) ->
     metrics = {m["key"]: m for m in full_run["runs"][0]["data"]["metrics"]}
     for key in ("best_val/auroc", "best_test/auroc", "best_test/f1", "best_test_study/auroc",
                 "best_test_at_val_threshold/balanced_accuracy",
-                "best_val_study/auroc"):
+                "best_val_study/auroc", "best_test/auroc_ci95_low", "best_test_study/auroc_ci95_high"):
         assert key in metrics and metrics[key]["step"] == 3, key
+    assert metrics["best_test/auroc_ci95_low"]["value"] <= metrics["best_test/auroc"]["value"] \
+        <= metrics["best_test/auroc_ci95_high"]["value"]
 
 
 def test_params_are_the_flattened_config_and_the_environment(mlflow_server: str, full_run: dict,
