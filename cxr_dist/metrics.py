@@ -188,6 +188,8 @@ def auroc_interval(
     if baseline is not None:
         auc = auc - _weighted_auroc(_as_arrays(baseline, y)[0], y, weight)
     auc = auc[np.isfinite(auc)]  # a draw without one of the classes has no AUROC
+    if auc.size == 0:
+        return [math.nan, math.nan]
     low, high = np.quantile(auc, [(1 - level) / 2, (1 + level) / 2])
     return [float(low), float(high)]
 
