@@ -27,6 +27,10 @@ def main(run_dir: str) -> int:
         if name in ev:
             m = ev[name]
             print(f"| {name} | " + " | ".join(f"{m[k]:.3f}" if isinstance(m[k], float) else str(m[k]) for k in keys) + " |")
+    intervals = [f"{level.split('_')[0]} {ev[level]['auroc_ci95'][0]:.3f}-{ev[level]['auroc_ci95'][1]:.3f}"
+                 for level in ("image_level", "study_level") if "auroc_ci95" in ev.get(level, {})]
+    if intervals:
+        print(f"\n95% bootstrap intervals of the test AUROCs (whole studies drawn): {', '.join(intervals)}")
     return 0
 
 

@@ -211,6 +211,27 @@ def test_paired_auroc_gain_of_one_model_over_another(tmp_path):
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
 
 
+def test_results_table_of_a_run(trained, tiny_shards, tmp_path):
+    """bench/results_table.py (the last step of bench/reproduce_results.sh): the per-epoch table,
+    the test table and the AUROC intervals of the run's test_evaluation.json."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("checkpoints"))
+    res = run_cmd([CLI, "evaluate", "--checkpoint", str(trained), "--shards", str(tiny_shards), "--split", "test",
+                   "--out", str(run / "test_evaluation.json")], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cmd([str(VENV_BIN / "python"), str(ROOT / "bench" / "results_table.py"), str(run)], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    history = json.loads((run / "history.json").read_text())
+    lines = res.stdout.splitlines()
+    assert sum(line.startswith(f"| {r['epoch']} | {r['phase']} |") for r in history for line in lines) == len(history)
+    ev = json.loads((run / "test_evaluation.json").read_text())
+    assert f"| image_level | {ev['image_level']['accuracy']:.3f} |" in res.stdout
+    low, high = ev["study_level"]["auroc_ci95"]
+    assert lines[-1].startswith("95% bootstrap intervals") and f"study {low:.3f}-{high:.3f}" in lines[-1]
+
+
 def test_evaluate_a_kaggle_folder_on_the_fly(trained, tiny_data, tmp_path):
     res = run_cmd([CLI, "evaluate", "--checkpoint", str(trained / "checkpoints" / "best"), "--data", str(tiny_data),
                    "--out", str(tmp_path / "e.json")], cwd=tmp_path)
