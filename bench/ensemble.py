@@ -24,7 +24,7 @@ from cxr_dist.metrics import balanced_threshold  # noqa: E402
 
 
 def _auroc(level: dict | None) -> str:
-    """'0.8040 (0.7712-0.8351)': the AUROC and its 95% bootstrap interval."""
+    """'0.8040 (0.7674-0.8388)': the AUROC and its 95% bootstrap interval."""
     if level is None:
         return "n/a"
     low, high = level["auroc_ci95"]

@@ -31,7 +31,7 @@ def levels(preds: dict) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
 
 
 def gain(base: dict, other: dict, level: str) -> str:
-    """'+0.0578 (+0.0301 to +0.0866)': AUROC(other) - AUROC(base) and its paired 95% interval."""
+    """'+0.0578 (+0.0312 to +0.0860)': AUROC(other) - AUROC(base) and its paired 95% interval."""
     bp, labels, groups = levels(base)[level]
     op = levels(other)[level][0]
     diff = compute_metrics(op, labels)["auroc"] - compute_metrics(bp, labels)["auroc"]
