@@ -30,10 +30,10 @@ def levels(preds: dict) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     return {"image": (preds["probs"], preds["labels"], preds["uids"]), "study": (probs, labels, uids)}
 
 
-def gain(base: dict, other: dict, level: str) -> str:
-    """'+0.0578 (+0.0312 to +0.0860)': AUROC(other) - AUROC(base) and its paired 95% interval."""
-    bp, labels, groups = levels(base)[level]
-    op = levels(other)[level][0]
+def gain(base: tuple, other: tuple) -> str:
+    """'+0.0578 (+0.0312 to +0.0860)': AUROC(other) - AUROC(base) and its paired 95% interval,
+    from one level of `levels()` of each."""
+    (bp, labels, groups), op = base, other[0]
     diff = compute_metrics(op, labels)["auroc"] - compute_metrics(bp, labels)["auroc"]
     low, high = auroc_interval(op, labels, groups, baseline=bp)
     return f"{diff:+.4f} ({low:+.4f} to {high:+.4f})"
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     base = read_predictions(args.baseline).get(args.split)
     if base is None:
         raise UserError(f"{args.baseline} has no {args.split} predictions")
+    base_levels = levels(base)
     print(f"| against {args.baseline} | test AUROC, image | gain, image (95% CI) | gain, study (95% CI) |")
     print("|---|---|---|---|")
     for path in args.others:
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         if other is None or other["keys"] != base["keys"] or not np.array_equal(other["labels"], base["labels"]):
             raise UserError(f"{path} does not cover the baseline's {args.split} images with the same labels")
         auroc = compute_metrics(other["probs"], other["labels"])["auroc"]
-        print(f"| {path} | {auroc:.4f} | {gain(base, other, 'image')} | {gain(base, other, 'study')} |")
+        gains = [gain(base_levels[level], theirs) for level, theirs in levels(other).items()]
+        print(f"| {path} | {auroc:.4f} | {gains[0]} | {gains[1]} |")
     return 0
 
 
