@@ -23,9 +23,34 @@ class ConfigError(ValueError):
     """A configuration file or override is wrong; the message says which field and why."""
 
 
+SOURCE_FORMATS = ("iu", "nih", "folder", "csv")
+SOURCE_ROLES = ("train", "external")
+SOURCE_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One chest X-ray collection of a multi-source config (`[[data.sources]]`)."""
+
+    name: str = ""  # unique short name, [A-Za-z0-9_-]; prefixes the sample keys, names the per-source metrics
+    format: str = "iu"  # reader: "iu" (Kaggle IU layout), "nih" (ChestX-ray14), "folder" (a folder per class), "csv"
+    path: str = ""  # the collection's folder (iu, nih, folder) or its CSV file (csv)
+    weight: float = 1.0  # sampling weight in the training mix (relative to the other train sources)
+    role: str = "train"  # "train": split into train/val/test; "external": evaluated only, never trained on
+    patient_regex: str = ""  # folder: regex on the file name whose group 'patient' (or first group) is the patient
+    # Label values (folder: class folder names; csv: the label column), compared case-insensitively.
+    # Any other value is refused with an error: nothing is guessed.
+    normal_labels: tuple[str, ...] = ("normal", "no finding", "0")
+    abnormal_labels: tuple[str, ...] = ("abnormal", "pneumonia", "1")
+    view: str = ""  # view of every image when the source does not record it ("PA", "AP", "LATERAL"; "" unknown)
+    no_indexing: str = "drop"  # iu: 'No Indexing' reports -> "drop" or "abnormal"
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    data_dir: str = ""  # Kaggle-layout folder (indiana_reports.csv, indiana_projections.csv, images/)
+    data_dir: str = ""  # Kaggle-layout IU folder; the one-source shorthand for [[data.sources]] (format "iu")
+    # Several collections at once (configs/iu_kermany.toml); empty -> data_dir as one IU source.
+    sources: tuple[SourceConfig, ...] = ()
     shards_dir: str = "shards"  # written by `prepare`, read by training and evaluation
     image_size: int = 256  # longest side of the images stored in the shards (aspect ratio kept)
     input_size: int = 240  # side of the square the model sees (EfficientNet-B1's native size)
@@ -42,6 +67,18 @@ class DataConfig:
     num_workers: int = 2  # dataloader workers per process
     shuffle_buffer: int = 500  # samples held for shuffling in the train stream
     augment: bool = True  # training augmentation (small affine, brightness/contrast); eval never augments
+    # Augmentation aimed at the shift between sources, on top of `augment`: zoom/crop, gamma,
+    # contrast, blur and noise (transforms.py; docs/results.md measures it).
+    shift_augment: bool = False
+    # How prepare fits a film into image_size: "letterbox" keeps the aspect ratio (padded to a
+    # square by the transforms), "squash" stretches it to a square (the original experiment).
+    resize: str = "letterbox"
+    # Per-image intensity normalisation in prepare/evaluate/predict (preprocess.py):
+    # "none", "percentile" (window 0.5-99.5th percentile to 0-255) or "equalize" (histogram).
+    intensity: str = "none"
+    # Training loss weights that balance view x label within each source, so the view cannot
+    # stand in for the label (e.g. AP films mostly abnormal); false: label only.
+    balance_views: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,7 +123,14 @@ class TrainConfig:
     plateau_mode: str = "min"
     plateau_factor: float = 0.5
     plateau_patience: int = 3
-    best_metric: str = "auroc"  # validation metric that selects the "best" checkpoint (higher is better)
+    # Validation metric that selects the "best" checkpoint and drives early stopping:
+    # "source_mean_auroc" (mean AUROC over the training sources; with one source, its AUROC),
+    # or any validation metric (auroc, loss, f1, source/NAME/auroc, view/PA/auroc ...).
+    best_metric: str = "source_mean_auroc"
+    best_mode: str = ""  # "max" or "min"; "" -> "min" for loss-like metrics (name ends in loss), else "max"
+    # >0: a phase ends early when best_metric has not improved for this many epochs of the phase
+    # (the next phase starts from the weights of the last epoch). 0: every phase runs all its epochs.
+    early_stop_patience: int = 0
     mixed_precision: str = ""  # "", "no", "bf16", "fp16"; "" leaves it to `accelerate launch`
     grad_accum_steps: int = 1
     clip_grad_norm: float = 1.0  # 0 disables clipping
@@ -291,8 +335,60 @@ def validate(cfg: Config) -> None:
     for tag in cfg.tracking.tags:
         if "=" not in tag:
             problems.append(f'tracking.tags entries look like "key=value", got {tag!r}')
+    problems += _source_problems(d)
+    if t.best_mode not in ("", "min", "max"):
+        problems.append('train.best_mode must be "", "min" or "max"')
+    if t.early_stop_patience < 0:
+        problems.append("train.early_stop_patience must be >= 0 (0 = off)")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _source_problems(d: DataConfig) -> list[str]:
+    import re
+
+    problems = []
+    if d.resize not in ("letterbox", "squash"):
+        problems.append('data.resize must be "letterbox" or "squash"')
+    if d.intensity not in ("none", "percentile", "equalize"):
+        problems.append('data.intensity must be "none", "percentile" or "equalize"')
+    if d.sources and d.data_dir:
+        problems.append("give either data.data_dir (one IU source) or [[data.sources]], not both")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        where = f"data.sources[{i}] ({s.name or 'no name'})"
+        if not re.match(SOURCE_NAME_RE, s.name):
+            problems.append(f"{where}: name must match {SOURCE_NAME_RE}")
+        if names.count(s.name) > 1:
+            problems.append(f"{where}: the name {s.name!r} is used twice")
+        if s.format not in SOURCE_FORMATS:
+            problems.append(f"{where}: format must be one of {', '.join(SOURCE_FORMATS)}, not {s.format!r}")
+        if s.role not in SOURCE_ROLES:
+            problems.append(f"{where}: role must be \"train\" or \"external\", not {s.role!r}")
+        if not s.path:
+            problems.append(f"{where}: path is empty")
+        if not s.weight > 0:
+            problems.append(f"{where}: weight must be > 0")
+        if s.no_indexing not in ("drop", "abnormal"):
+            problems.append(f'{where}: no_indexing must be "drop" or "abnormal"')
+        both = {v.strip().lower() for v in s.normal_labels} & {v.strip().lower() for v in s.abnormal_labels}
+        if both:
+            problems.append(f"{where}: label value(s) {', '.join(sorted(both))} are both normal and abnormal")
+    if d.sources and not any(s.role == "train" for s in d.sources):
+        problems.append('data.sources: at least one source needs role = "train"')
+    return problems
+
+
+def sources_of(data: DataConfig) -> tuple[SourceConfig, ...]:
+    """The configured sources; `data.data_dir` alone is one IU source named "iu" (the shorthand)."""
+    if data.sources:
+        return data.sources
+    return (SourceConfig(name="iu", format="iu", path=data.data_dir, no_indexing=data.no_indexing),)
+
+
+def train_sources(data: DataConfig) -> list[str]:
+    """Names of the sources that are trained on (split into train/val/test), in config order."""
+    return [s.name for s in sources_of(data) if s.role == "train"]
 
 
 def from_dict(cls: type, raw: dict) -> Any:
