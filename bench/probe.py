@@ -97,7 +97,7 @@ def head_sweep(x: np.ndarray, y: np.ndarray, split: np.ndarray, epochs: int = 15
     class-weighted CE, batch 32, over a grid of lr x weight decay: val/test AUROC per epoch."""
     from torch import nn
 
-    from cxr_dist.train import class_weights
+    from cxr_dist.mix import class_weights
 
     xt = torch.tensor(x)
     yt = torch.tensor(y)

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,9 +32,10 @@ import torch
 from tqdm import tqdm
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from .checkpoint import fsync_dir
+from .fileio import write_bytes_atomic
+from .log import bars_enabled
 from .config import DataConfig
 from .model import CXRClassifier
 from .stream import eval_loader, views_loader
@@ -51,6 +50,8 @@ class FeatureCache:
     keys: list[str]
     uids: list[str]
     depth: int  # number of unfrozen blocks the features were computed for
+    sources: list[str]
+    views: list[str]
 
     def for_phase(self, model: CXRClassifier, batch_size: int = 256) -> "FeatureCache":
         """The same cache carried forward to `model`'s current split point (fewer unfrozen blocks)."""
@@ -61,40 +62,47 @@ class FeatureCache:
         out = torch.cat([model.frozen_from(flat[i : i + batch_size], self.depth).half()
                          for i in range(0, len(flat), batch_size)])
         return FeatureCache(out.reshape(v, n, *out.shape[1:]), self.labels, self.keys, self.uids,
-                            model.unfrozen_blocks)
+                            model.unfrozen_blocks, self.sources, self.views)
 
 
 @torch.no_grad()
 def build_cache(model: CXRClassifier, data: DataConfig, splits: list[str], rank: int, world: int,
-                views: int, seed: int, device: torch.device, augment: bool, show: bool) -> FeatureCache:
+                views: int, seed: int, device: torch.device, augment: bool, show: bool,
+                index: dict | None = None) -> FeatureCache:
     """frozen_forward of every sample of `splits` on this rank, `views` times (augmented if `augment`)."""
     was_training = model.training
     model.eval()
     per_view, labels, keys, uids = [], None, None, None
     for v in range(views):
-        loader = views_loader(data, splits, rank, world, seed) if augment else eval_loader(data, splits[0], rank, world)
+        loader = (views_loader(data, splits, rank, world, seed, index=index) if augment
+                  else eval_loader(data, splits[0], rank, world, index=index))
         loader.set_epoch(v)
-        feats, lab, ks, us = [], [], [], []
+        feats, lab, ks, us, srcs, vws = [], [], [], [], [], []
         desc = f"caching {'+'.join(splits)} view {v + 1}/{views}"
-        for batch in tqdm(loader, desc=desc, disable=not show, leave=False, file=sys.stderr, dynamic_ncols=True):
+        for batch in tqdm(loader, desc=desc, disable=not bars_enabled(show), leave=False, file=sys.stderr, dynamic_ncols=True):
             feats.append(model.frozen_forward(batch["image"].to(device)).half().cpu())
             lab.append(batch["label"])
             ks += batch["key"]
             us += batch["uid"]
+            srcs += batch["source"]
+            vws += batch["view"]
         if keys is not None and ks != keys:  # the views loader reads in a fixed order
             raise RuntimeError("cache views are not aligned: the stream order changed between views")
         per_view.append(torch.cat(feats))
         labels, keys, uids = torch.cat(lab), ks, us
     model.train(was_training)
-    return FeatureCache(torch.stack(per_view), labels, keys, uids, model.unfrozen_blocks)
+    return FeatureCache(torch.stack(per_view), labels, keys, uids, model.unfrozen_blocks, srcs, vws)
 
 
 class CachedBatches:
     """Training batches drawn from a FeatureCache: `n_batches` per epoch (the same on every rank),
-    a fresh permutation and a random view per sample each epoch, seeded by (seed, epoch, rank)."""
+    a fresh permutation and a random view per sample each epoch, seeded by (seed, epoch, rank).
+    With several sources, each sample's source is drawn by `weights` (as the shard stream does)."""
 
-    def __init__(self, cache: FeatureCache, batch_size: int, n_batches: int, seed: int, rank: int) -> None:
+    def __init__(self, cache: FeatureCache, batch_size: int, n_batches: int, seed: int, rank: int,
+                 weights: dict[str, float] | None = None) -> None:
         self.cache, self.batch_size, self.n_batches, self.seed, self.rank = cache, batch_size, n_batches, seed, rank
+        self.weights = weights or {}
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -107,22 +115,41 @@ class CachedBatches:
         n_views, n = self.cache.feats.shape[:2]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         need = self.n_batches * self.batch_size
-        # Whole permutations back to back: every sample once before any repeats.
-        order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
+        names = sorted(set(self.cache.sources))
+        if len(names) == 1:
+            order = _permutations(rng, np.arange(n), need)
+        else:  # a source per slot, drawn by weight; within a source, permutations back to back
+            members = {s: np.flatnonzero(np.array(self.cache.sources) == s) for s in names}
+            w = np.array([self.weights.get(s, 1.0) for s in names])
+            pick = rng.choice(len(names), size=need, p=w / w.sum())
+            order = np.empty(need, dtype=np.int64)
+            for i, s in enumerate(names):
+                order[pick == i] = _permutations(rng, members[s], int((pick == i).sum()))
         views = rng.integers(0, n_views, size=need)
         for b in range(self.n_batches):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             vi = views[b * self.batch_size : (b + 1) * self.batch_size]
             yield {"features": self.cache.feats[torch.from_numpy(vi), torch.from_numpy(idx)],
-                   "label": self.cache.labels[torch.from_numpy(idx)],
-                   "key": [self.cache.keys[i] for i in idx], "uid": [self.cache.uids[i] for i in idx]}
+                   "label": self.cache.labels[torch.from_numpy(idx)], **_meta(self.cache, idx)}
+
+
+def _permutations(rng: np.random.Generator, items: np.ndarray, need: int) -> np.ndarray:
+    """`need` items: whole permutations back to back, so every item comes once before any repeats."""
+    if need == 0:
+        return items[:0]
+    return np.concatenate([items[rng.permutation(len(items))] for _ in range(-(-need // len(items)))])[:need]
+
+
+def _meta(cache: FeatureCache, idx) -> dict:
+    return {"key": [cache.keys[i] for i in idx], "uid": [cache.uids[i] for i in idx],
+            "source": [cache.sources[i] for i in idx], "view": [cache.views[i] for i in idx]}
 
 
 def cached_eval_batches(cache: FeatureCache, batch_size: int = 256):
     """The (single, unaugmented) view of a validation cache, in order, as evaluation batches."""
     for i in range(0, len(cache.keys), batch_size):
         yield {"features": cache.feats[0, i : i + batch_size], "label": cache.labels[i : i + batch_size],
-               "key": cache.keys[i : i + batch_size], "uid": cache.uids[i : i + batch_size]}
+               **_meta(cache, range(i, min(i + batch_size, len(cache.keys))))}
 
 
 def seed_views(seed: int) -> int:
@@ -130,7 +157,7 @@ def seed_views(seed: int) -> int:
     return random.Random(f"cache-{seed}").getrandbits(31)
 
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: sources and views stored with the keys
 
 
 def cache_name(kind: str, inputs: dict) -> str:
@@ -140,18 +167,11 @@ def cache_name(kind: str, inputs: dict) -> str:
 
 
 def save_cache(cache: FeatureCache, path: Path) -> None:
-    """Atomically write a cache as safetensors; keys/uids/depth go in the (string) metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    meta = {"keys": json.dumps(cache.keys), "uids": json.dumps(cache.uids), "depth": str(cache.depth)}
-    try:
-        save_file({"feats": cache.feats.contiguous(), "labels": cache.labels.contiguous()}, str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    """Atomically write a cache as safetensors; keys/uids/sources/views/depth go in the (string) metadata."""
+    meta = {"keys": json.dumps(cache.keys), "uids": json.dumps(cache.uids), "depth": str(cache.depth),
+            "sources": json.dumps(cache.sources), "views": json.dumps(cache.views)}
+    write_bytes_atomic(path, save({"feats": cache.feats.contiguous(), "labels": cache.labels.contiguous()},
+                                  metadata=meta))
 
 
 def load_cache(path: Path) -> FeatureCache:
@@ -159,7 +179,8 @@ def load_cache(path: Path) -> FeatureCache:
     with safe_open(str(path), framework="pt") as f:  # one read: tensors and metadata together
         meta = f.metadata()
         feats, labels = f.get_tensor("feats"), f.get_tensor("labels")
-    return FeatureCache(feats, labels, json.loads(meta["keys"]), json.loads(meta["uids"]), int(meta["depth"]))
+    return FeatureCache(feats, labels, json.loads(meta["keys"]), json.loads(meta["uids"]), int(meta["depth"]),
+                        json.loads(meta["sources"]), json.loads(meta["views"]))
 
 
 def cached_on_disk(path: Path, build: Callable[[], FeatureCache], log: Callable[[str], None]) -> FeatureCache:

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration file or override is wrong; the message says which field and why."""
 
 
@@ -157,6 +159,10 @@ class TrackingConfig:
     experiment: str = "cxr-dist"
     run_name: str = ""  # "" -> the name of run_dir
     tags: tuple[str, ...] = ()  # "key=value" strings, e.g. "fold=2"
+    # k-fold campaign id (slurm/kfold.sh: the array job id): the run is nested under the
+    # campaign's parent run and tagged campaign=<id>; "" -> a plain run.
+    campaign: str = ""
+    system_metrics: bool = False  # MLflow system metrics (CPU, memory, GPU) as system/* metrics
 
 
 @dataclass(frozen=True)
@@ -406,3 +412,79 @@ def dump_toml(cfg: Config) -> str:
     import tomli_w
 
     return tomli_w.dumps(to_dict(cfg))
+
+
+def describe_fields(width: int = 100) -> str:
+    """Every config field as `dotted.name: type = default`, with the comment beside or above it here.
+
+    Generated from the dataclasses and from this file's source (the comments are read with
+    `tokenize`), so `cxr-dist train --help` cannot fall out of date. Items of a list of tables
+    show as `data.sources[].name`; a field without a comment shows none.
+    """
+    import ast
+    import inspect
+    import io
+    import sys
+    import textwrap
+    import tokenize
+
+    docs: dict[tuple[str, str], str] = {}  # (class name, field name) -> comment text
+    try:
+        source = inspect.getsource(sys.modules[__name__])
+    except (OSError, TypeError):  # no source shipped: types and defaults only
+        source = ""
+    if source:
+        lines = source.splitlines()
+        beside, alone = {}, {}  # line number -> comment after code / on a line of its own
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                row, col = tok.start
+                (beside if lines[row - 1][:col].strip() else alone)[row] = tok.string.lstrip("#").strip()
+        for node in ast.parse(source).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    above, row = [], stmt.lineno - 1
+                    while row in alone:  # the comment block directly above the field
+                        above.insert(0, alone[row])
+                        row -= 1
+                    after = [beside[r] for r in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1) if r in beside]
+                    docs[(node.name, stmt.target.id)] = " ".join(above + after)
+
+    def toml(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        if isinstance(value, str):
+            return json.dumps(value)
+        if dataclasses.is_dataclass(value):
+            return "{" + ", ".join(f"{f.name} = {toml(getattr(value, f.name))}" for f in dataclasses.fields(value)) + "}"
+        return "[" + ", ".join(toml(v) for v in value) + "]"
+
+    out = [
+        "config fields, with their defaults (a TOML file sets them in [section] tables, the command line",
+        "with --section.field VALUE; list items are [[data.sources]] / [[train.phases]] tables in the file",
+        "and --train.phases.1.epochs 5 on the command line):",
+    ]
+
+    def walk(cls: type, prefix: str, defaults: Any) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, name, value = hints[f.name], prefix + f.name, getattr(defaults, f.name)
+            if dataclasses.is_dataclass(tp):  # a section: its fields, one level down
+                out.append("")
+                walk(tp, name + ".", value)
+                continue
+            item = get_args(tp)[0] if get_origin(tp) is tuple else None
+            kind = (f"list of {item.__name__}" if not dataclasses.is_dataclass(item) else "list of tables") if item else tp.__name__
+            out.append(f"  {name}: {kind} = {toml(value)}")
+            if docs.get((cls.__name__, f.name)):
+                out.append(textwrap.fill(docs[(cls.__name__, f.name)], width, initial_indent=" " * 6,
+                                         subsequent_indent=" " * 6))
+            if item is not None and dataclasses.is_dataclass(item):
+                walk(item, name + "[].", item())
+
+    walk(Config, "", Config())
+    return "\n".join(out)

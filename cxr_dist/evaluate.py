@@ -2,9 +2,11 @@
 
     cxr-dist evaluate --checkpoint runs/x/checkpoints/best --shards shards --split test
     cxr-dist evaluate --checkpoint runs/x/checkpoints/best --data /path/to/kaggle-layout-folder
+    cxr-dist evaluate --checkpoint runs/x --data /path/to/nih --format nih     # any supported layout
 
 prints one JSON object: image-level metrics, study-level metrics (one prediction per uid, the
-mean over its views) and the always-abnormal baseline for reference, at a decision threshold of
+mean over its views), `by_view` and `by_source` breakdowns (AUROC, 95% interval, n, and the mean
+probability of normal and abnormal images: the shortcut check) and the always-abnormal baseline, at a decision threshold of
 0.5 or `--threshold T`; `--threshold val` picks the one with the best balanced accuracy on the
 validation split of the same shards (never on the split being evaluated).
 
@@ -31,8 +33,11 @@ from torch import nn
 
 from . import dist
 from .config import DataConfig, ModelConfig, from_dict, replace
-from .errors import UserError
-from .metrics import always_abnormal, auroc_interval, balanced_threshold, compute_metrics, dedupe, study_level
+from .errors import UserError, run_main
+from .config import SOURCE_FORMATS, SourceConfig, train_sources
+from .index import LEGACY_SOURCE, load_index
+from .metrics import (always_abnormal, auroc_interval, balanced_threshold, breakdown, compute_metrics, dedupe,
+                      group_metrics, study_level, view_name)
 from .split import train_val_splits
 from .stream import eval_loader, views_loader
 
@@ -49,29 +54,33 @@ def infer(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | N
     """This rank's predictions: keys, uids, probability of abnormal, labels, summed loss."""
     was_training = model.training
     model.eval()
-    keys, uids, probs, labels, loss_sum = [], [], [], [], 0.0
+    keys, uids, sources, views, probs, labels, loss_sum = [], [], [], [], [], [], 0.0
     for batch in loader:
         y = batch["label"].to(device, non_blocking=True)
         logits = logits_of(model, batch, device).float()
         if loss_fn is not None:
-            loss_sum += loss_fn(logits, y).item() * len(y)
+            loss_sum += loss_fn(logits, y, batch["source"], batch["view"]).item() * len(y)
         probs.append(torch.softmax(logits, 1)[:, 1].cpu())
         labels.append(y.cpu())
         keys += list(batch["key"])
         uids += list(batch["uid"])
+        sources += list(batch["source"])
+        views += list(batch["view"])
     model.train(was_training)
     cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)  # noqa: E731
-    return {"keys": keys, "uids": uids, "probs": cat(probs), "labels": cat(labels).astype(np.int64), "loss_sum": loss_sum}
+    return {"keys": keys, "uids": uids, "sources": sources, "views": views, "probs": cat(probs),
+            "labels": cat(labels).astype(np.int64), "loss_sum": loss_sum}
 
 
 def merge(parts: list[dict]) -> dict:
     """Predictions of all ranks -> one set, duplicates (same key) removed, sorted by key."""
     keys = [k for p in parts for k in p["keys"]]
-    uid_of = {k: u for p in parts for k, u in zip(p["keys"], p["uids"])}
+    meta = {k: m for p in parts for k, m in zip(p["keys"], zip(p["uids"], p["sources"], p["views"]))}
     probs = np.concatenate([p["probs"] for p in parts])
     labels = np.concatenate([p["labels"] for p in parts])
     keys, probs, labels = dedupe(keys, probs, labels)
-    return {"keys": keys, "uids": [uid_of[k] for k in keys], "probs": probs, "labels": labels,
+    uids, sources, views = (list(col) for col in zip(*(meta[k] for k in keys))) if keys else ([], [], [])
+    return {"keys": keys, "uids": uids, "sources": sources, "views": views, "probs": probs, "labels": labels,
             "loss_sum": sum(p["loss_sum"] for p in parts), "n_seen": sum(len(p["keys"]) for p in parts)}
 
 
@@ -84,35 +93,37 @@ def average(sets: list[dict]) -> dict:
     return {**first, "probs": np.mean([p["probs"] for p in sets], axis=0)}
 
 
-def view_loaders(data: DataConfig, split: str, rank: int, world: int, views: int = 1):
+def view_loaders(data: DataConfig, split: str, rank: int, world: int, views: int = 1, index: dict | None = None):
     """Loaders that each show this rank's share of `split` once: the plain view, then views - 1
     views with the training augmentation (test-time augmentation). Each view of an image is seeded
     by (view, image key): the same on every call, whatever the number of processes and workers."""
-    yield eval_loader(data, split, rank, world)
+    yield eval_loader(data, split, rank, world, index=index)
     if views > 1:
-        loader = views_loader(replace(data, augment=True), [split], rank, world, seed=0, keyed=True)
+        loader = views_loader(replace(data, augment=True), [split], rank, world, seed=0, keyed=True, index=index)
         for view in range(views - 1):
             loader.set_epoch(view)
             yield loader
 
 
-def predict_split(model: nn.Module, data: DataConfig, split: str, views: int = 1) -> dict:
+def predict_split(model: nn.Module, data: DataConfig, split: str, views: int = 1, index: dict | None = None) -> dict:
     """One process's predictions on a whole split, on the CPU, averaged over `views` views."""
     cpu = torch.device("cpu")
-    return average([merge([infer(model, loader, cpu)]) for loader in view_loaders(data, split, 0, 1, views)])
+    return average([merge([infer(model, loader, cpu)]) for loader in view_loaders(data, split, 0, 1, views, index)])
 
 
 PREDICTION_COLUMNS = ("split", "key", "uid", "label", "prob_abnormal")
+EXTRA_COLUMNS = ("source", "view")  # written since sources exist; older files lack them
 
 
 def predictions_csv(by_split: dict[str, dict]) -> str:
     """Per-image predictions of several splits as CSV text (PREDICTION_COLUMNS)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(PREDICTION_COLUMNS)
+    w.writerow(PREDICTION_COLUMNS + EXTRA_COLUMNS)
     for split, p in by_split.items():
-        for key, uid, label, prob in zip(p["keys"], p["uids"], p["labels"].tolist(), p["probs"].tolist()):
-            w.writerow([split, key, uid, label, f"{prob:.6f}"])
+        for key, uid, label, prob, source, view in zip(p["keys"], p["uids"], p["labels"].tolist(),
+                                                       p["probs"].tolist(), p["sources"], p["views"]):
+            w.writerow([split, key, uid, label, f"{prob:.6f}", source, view])
     return buf.getvalue()
 
 
@@ -137,12 +148,13 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
         except (TypeError, ValueError) as e:
             raise UserError(f"{path}: a label or probability is not a number ({e})") from e
         out[split] = {"keys": [r["key"] for r in part], "uids": [r["uid"] for r in part],
-                      "labels": labels, "probs": probs}
+                      "sources": [r.get("source") or LEGACY_SOURCE for r in part],
+                      "views": [r.get("view") or "" for r in part], "labels": labels, "probs": probs}
     return out
 
 
 def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, loss_fn=None,
-                   with_predictions: bool = False, batches=None, views: int = 1) -> dict:
+                   with_predictions: bool = False, batches=None, views: int = 1, index: dict | None = None) -> dict:
     """Metrics of `model` on a shard split, computed once from all ranks' predictions.
 
     A collective: every rank runs its share of the split (no collectives inside the loop, so
@@ -150,9 +162,10 @@ def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, 
     computed on the main process and broadcast so that every rank steps its scheduler alike.
     `batches` replaces the shard stream (e.g. this rank's share of a validation cache); `views`
     > 1 averages the probabilities over that many views (view_loaders; the loss is the plain view's).
+    The metrics include the per-source and per-view AUROC and `source_mean_auroc` (metrics.breakdown).
     """
     loaders = [batches] if batches is not None else view_loaders(data, split, accelerator.process_index,
-                                                                 accelerator.num_processes, views)
+                                                                 accelerator.num_processes, views, index)
     sets = []
     for i, loader in enumerate(loaders):
         with accelerator.autocast():
@@ -165,6 +178,8 @@ def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, 
         preds = average(sets)
         loss = preds["loss_sum"] / max(preds["n_seen"], 1) if loss_fn is not None else None
         result = compute_metrics(preds["probs"], preds["labels"], loss=loss)
+        result.update(breakdown(preds["probs"], preds["labels"], preds["sources"], preds["views"],
+                                train_sources(data)))
         if with_predictions:
             result["predictions"] = preds
     return dist.broadcast_object(result)
@@ -182,6 +197,13 @@ def report(preds: dict, threshold: float = 0.5) -> dict:
     if len(uids) < len(preds["keys"]):  # some studies have several views
         out["study_level"] = {**compute_metrics(sp, sl, threshold), "auroc_ci95": auroc_interval(sp, sl, uids)}
         out["study_level_always_abnormal"] = always_abnormal(sl)
+    # Breakdowns (image level): AUROC with its interval and n per view and per source, and the mean
+    # probability of normal and abnormal images per view: the shortcut check.
+    views = [view_name(v) for v in preds["views"]]
+    out["by_view"] = group_metrics(preds["probs"], preds["labels"], views, preds["uids"], interval=True)
+    out["by_source"] = group_metrics(preds["probs"], preds["labels"], preds["sources"], preds["uids"], interval=True)
+    normal_means = [m["mean_prob_normal"] for m in out["by_view"].values() if m["n_normal"]]
+    out["normal_prob_spread_across_views"] = float(max(normal_means) - min(normal_means)) if normal_means else None
     return out
 
 
@@ -200,6 +222,25 @@ def _threshold_arg(text: str, shards: str | None) -> float | None:
     return threshold
 
 
+def external_source(data: DataConfig, path: str, fmt: str, patient_regex: str | None = None,
+                    view: str | None = None) -> DataConfig:
+    """The run's data settings (image size, preprocessing) with `path` as the one source to score.
+
+    "iu" is the one-folder shorthand (keys as they always were). For another format, the run's own
+    source of that format, if it has one, lends its name, label values and patient regex: a
+    collection laid out like one the model was trained on is read the same way.
+    """
+    if fmt == "iu":
+        return replace(data, data_dir=path, sources=())
+    template = next((s for s in data.sources if s.format == fmt), SourceConfig(name=fmt))
+    src = replace(template, format=fmt, path=path, role="external")
+    if patient_regex is not None:
+        src = replace(src, patient_regex=patient_regex)
+    if view is not None:
+        src = replace(src, view=view)
+    return replace(data, data_dir="", sources=(src,))
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import load_model_state
     from .model import build_model
@@ -210,7 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                          "several: an ensemble, the mean of their probabilities")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="a folder written by `cxr-dist prepare`")
-    src.add_argument("--data", help="a Kaggle-layout folder: all its images are evaluated (prepared on the fly)")
+    src.add_argument("--data", help="a collection in a supported layout (--format): all its images are evaluated "
+                                    "(prepared on the fly with the run's preprocessing)")
+    ap.add_argument("--format", default="iu", choices=SOURCE_FORMATS,
+                    help="layout of --data: iu (Kaggle IU X-ray, default), nih (ChestX-ray14), folder (a folder "
+                         "per class), csv (a table: path,label,patient[,view,findings,study,report])")
+    ap.add_argument("--patient-regex", help="with --format folder: regex whose group 'patient' (or first group) "
+                                            "pulls the patient id out of a file name")
+    ap.add_argument("--view", help="view of every image of --data when its layout does not record it (PA, AP, LATERAL)")
     ap.add_argument("--split", default="test", help="with --shards: which split (default test)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threshold", default="0.5",
@@ -237,14 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.data:
             from .shards import write_shards
 
-            write_shards(replace(models[0][1], data_dir=args.data), Path(tmp), single_split=args.split)
+            data = external_source(models[0][1], args.data, args.format, args.patient_regex, args.view)
+            write_shards(data, Path(tmp), single_split=args.split)
             shards = tmp
         models = [(m, replace(d, shards_dir=shards)) for m, d in models]
+        index = load_index(shards)
         splits = list(dict.fromkeys([args.split] + (["val"] if threshold is None else [])))
         preds = {}
         for name in splits:
             split = train_val_splits(models[0][1])[1] if name == "val" else name
-            preds[name] = average([predict_split(m, d, split, args.tta) for m, d in models])
+            preds[name] = average([predict_split(m, d, split, args.tta, index) for m, d in models])
     if threshold is None:
         threshold = balanced_threshold(preds["val"]["probs"], preds["val"]["labels"])
     out = {"checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
@@ -259,4 +309,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("cxr-dist evaluate", main))

@@ -254,10 +254,65 @@ def curves(probs: ArrayLike, labels: ArrayLike) -> dict[str, dict[str, list[floa
     }
 
 
+def view_name(view: str) -> str:
+    """A view as it appears in metric names: "PA", "AP", "LATERAL", "FRONTAL", or "unknown"."""
+    return view or "unknown"
+
+
+def group_metrics(
+    probs: ArrayLike, labels: ArrayLike, groups: Sequence[str], studies: Sequence[str] | None = None,
+    interval: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Per group (a source, a view): ``n``, ``n_normal``, ``n_abnormal``, ``auroc`` (NaN with one
+    class), optionally its 95% interval (whole ``studies`` drawn), and the mean probability of
+    abnormal given to the group's normal and to its abnormal images.
+
+    The means are the shortcut check: if the normal films of one view get a much higher
+    probability than those of another, the model reads the view, not the disease.
+    """
+    p, y = _as_arrays(probs, labels)
+    g = np.asarray([str(x) for x in groups])
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(g.tolist())):
+        sel = g == name
+        ps, ys = p[sel], y[sel]
+        n_pos = int(ys.sum())
+        row: dict[str, Any] = {
+            "n": int(sel.sum()), "n_normal": int(sel.sum()) - n_pos, "n_abnormal": n_pos,
+            "auroc": float(roc_auc_score(ys, ps)) if 0 < n_pos < ys.size else math.nan,
+            "mean_prob_normal": float(ps[ys == 0].mean()) if (ys == 0).any() else math.nan,
+            "mean_prob_abnormal": float(ps[ys == 1].mean()) if n_pos else math.nan,
+        }
+        if interval:
+            row["auroc_ci95"] = auroc_interval(ps, ys, None if studies is None else np.asarray(studies)[sel])
+        out[name] = row
+    return out
+
+
+def breakdown(probs: ArrayLike, labels: ArrayLike, sources: Sequence[str], views: Sequence[str],
+              train_sources: Sequence[str]) -> dict[str, float]:
+    """Flat per-source and per-view numbers for a validation epoch: ``source/NAME/auroc``,
+    ``view/VIEW/auroc``, their ``n``, and ``source_mean_auroc``: the mean AUROC over the training
+    sources present (the default rule that picks the best checkpoint: a model must do well on
+    every source, not on the largest one). With one source it equals that source's AUROC."""
+    out: dict[str, float] = {}
+    by_source = group_metrics(probs, labels, sources)
+    for kind, table in (("source", by_source), ("view", group_metrics(probs, labels, [view_name(v) for v in views]))):
+        for name, m in table.items():
+            out[f"{kind}/{name}/auroc"] = m["auroc"]
+            out[f"{kind}/{name}/n"] = float(m["n"])
+    scored = [m["auroc"] for s, m in by_source.items() if s in train_sources and not math.isnan(m["auroc"])]
+    out["source_mean_auroc"] = float(np.mean(scored)) if scored else math.nan
+    return out
+
+
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The scalar entries of a metrics dict as floats, keys prefixed (e.g. ``val/``), for MLflow;
-    an AUROC interval (``auroc_ci95``, from evaluate.report) as ``auroc_ci95_low`` / ``_high``."""
+    an AUROC interval (``auroc_ci95``, from evaluate.report) as ``auroc_ci95_low`` / ``_high``;
+    the per-source and per-view numbers of :func:`breakdown` as they are."""
     out = {f"{prefix}{k}": float(metrics[k]) for k in SCALAR_KEYS if k in metrics}
+    out.update({f"{prefix}{k}": float(v) for k, v in metrics.items()
+                if k == "source_mean_auroc" or k.startswith(("source/", "view/"))})
     if "auroc_ci95" in metrics:
         out[f"{prefix}auroc_ci95_low"], out[f"{prefix}auroc_ci95_high"] = map(float, metrics["auroc_ci95"])
     return out
@@ -287,4 +342,10 @@ def summary_line(
     train_keys = (("loss", "loss"), ("accuracy", "acc"), ("f1", "f1"))
     val_keys = train_keys + (("auroc", "auroc"), ("recall", "sens"), ("specificity", "spec"))
     head = f"epoch {epoch}/{total_epochs}" if total_epochs else f"epoch {epoch}"
-    return f"{head} [{phase_name}] {part('train', train, train_keys)} | {part('val', val, val_keys)}"
+    line = f"{head} [{phase_name}] {part('train', train, train_keys)} | {part('val', val, val_keys)}"
+    # Per source / per view AUROC, only when there is more than one of either (one = the pooled number).
+    for kind in ("source", "view"):
+        items = [(k.split("/")[1], v) for k, v in val.items() if k.startswith(f"{kind}/") and k.endswith("/auroc")]
+        if len(items) > 1:
+            line += f" | {kind} " + " ".join(f"{name} {_fmt(v)}" for name, v in items)
+    return line

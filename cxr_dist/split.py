@@ -1,7 +1,10 @@
-"""Uid-level, label-stratified, seeded splits (train/val/test, or test + k folds).
+"""Patient-level, label-stratified, seeded splits (train/val/test, or test + k folds), per source.
 
-The uid (one study) is the unit: its frontal and lateral views always land in the same split,
-otherwise near-identical images would sit on both sides and inflate validation numbers.
+The patient is the unit: all their films (the frontal and lateral views of a study, the follow-ups
+of an NIH patient) land in the same split, otherwise near-identical images would sit on both sides
+and inflate validation numbers. IU X-ray has no patient id, so there the unit is the study (uid).
+Each source is split on its own with the same seed, so adding a source does not move the others'
+patients (IU's test split is the same with or without Kermany: paired comparisons stay possible).
 """
 from __future__ import annotations
 
@@ -37,8 +40,19 @@ def _sorted_uids(uids: pd.Series) -> list[str]:
     return sorted(vals, key=lambda u: (0, int(u), u) if u.isdigit() else (1, 0, u))
 
 
-def assign_splits(df: pd.DataFrame, val_frac: float, test_frac: float, k_folds: int, seed: int) -> pd.Series:
-    """Split name for every row of ``df`` (columns ``uid``, ``label``), decided per uid.
+def split_by_source(df: pd.DataFrame, data_cfg: DataConfig) -> pd.Series:
+    """Split name for every row of a multi-source table (columns source, role, patient, label):
+    each "train" source split by patient with assign_splits; "external" sources -> "external"."""
+    out = pd.Series("external", index=df.index, name="split")
+    for _, part in df[df["role"] == "train"].groupby("source", sort=False):
+        out[part.index] = assign_splits(part, data_cfg.val_frac, data_cfg.test_frac, data_cfg.k_folds,
+                                        data_cfg.seed, unit="patient")
+    return out
+
+
+def assign_splits(df: pd.DataFrame, val_frac: float, test_frac: float, k_folds: int, seed: int,
+                  unit: str = "uid") -> pd.Series:
+    """Split name for every row of ``df`` (columns ``unit``, ``label``), decided per unit (uid or patient).
 
     Per label, the uids are put in a fixed order and permuted by ``seed``; the first
     round(test_frac * n) go to ``test``. Without folds the next round(val_frac * n) go to ``val``
@@ -48,7 +62,8 @@ def assign_splits(df: pd.DataFrame, val_frac: float, test_frac: float, k_folds: 
     """
     if df.empty:
         raise DataError("cannot split an empty manifest")
-    per_uid = df.groupby("uid", sort=False)["label"].max()  # a uid's views share one report, one label
+    # A uid's views share one report, one label; a patient is abnormal if any film is.
+    per_uid = df.groupby(unit, sort=False)["label"].max()
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     dealt = 0  # carried across labels so that the folds' sizes differ by at most one uid
@@ -68,4 +83,4 @@ def assign_splits(df: pd.DataFrame, val_frac: float, test_frac: float, k_folds: 
             n_val = min(len(rest), int(round(val_frac * n)))
             for i, u in enumerate(rest):
                 assignment[u] = "val" if i < n_val else "train"
-    return df["uid"].astype(str).map(assignment).rename("split")
+    return df[unit].astype(str).map(assignment).rename("split")

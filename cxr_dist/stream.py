@@ -32,45 +32,10 @@ from PIL import Image
 
 from .config import DataConfig
 from .errors import DataError
-from .shards import INDEX_FORMAT
+from .index import LEGACY_SOURCE, Shard, load_index, shard_list
 from .transforms import eval_transform, train_transform, view_seed
 
 Batch = dict[str, Any]
-
-
-def load_index(shards_dir: str | Path) -> dict:
-    """Read and check OUT/index.json; the index gets ``root`` (the folder) added. DataError if absent."""
-    root = Path(shards_dir)
-    path = root / "index.json"
-    if not path.is_file():
-        raise DataError(f"no index.json in {root}: run `cxr-dist prepare --data DIR --out {root}` first")
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not readable JSON ({e}); run `cxr-dist prepare` again") from e
-    if index.get("format") != INDEX_FORMAT:
-        raise DataError(f"{path} is not a cxr-dist shard index; run `cxr-dist prepare` again")
-    missing = [s["file"] for sp in index["splits"].values() for s in sp["shards"] if not (root / s["file"]).is_file()]
-    if missing:
-        raise DataError(f"{root} lacks shard file(s) {', '.join(missing[:5])}; run `cxr-dist prepare` again")
-    index["root"] = str(root)
-    return index
-
-
-def _shards(index: dict, splits: list[str]) -> list[tuple[str, int]]:
-    out = []
-    for name in splits:
-        if name not in index["splits"]:
-            raise DataError(f"split {name!r} is not in {index['root']} (has: {', '.join(index['splits'])}); "
-                            "were the shards prepared with the same data.k_folds?")
-        out += [(str(Path(index["root"]) / s["file"]), int(s["count"])) for s in index["splits"][name]["shards"]]
-    return out
-
-
-def class_counts(index: dict, splits: list[str]) -> tuple[int, int]:
-    """(n_normal, n_abnormal) samples over the given splits, from index.json."""
-    labels = [index["splits"][s]["labels"] for s in splits]
-    return sum(x["normal"] for x in labels), sum(x["abnormal"] for x in labels)
 
 
 def _read_tar(path: str) -> Iterator[dict]:
@@ -79,24 +44,24 @@ def _read_tar(path: str) -> Iterator[dict]:
     yield from tarfile_samples([{"url": path}])
 
 
-def _slot_samples(shards: list[tuple[str, int]], n_slots: int, slot: int) -> Iterator[dict]:
+def _slot_samples(shards: list[Shard], n_slots: int, slot: int) -> Iterator[dict]:
     """The raw samples of one slot, for shards in the given order (see the module docstring)."""
     if len(shards) >= n_slots:
-        for path, _ in shards[slot::n_slots]:
-            yield from _read_tar(path)
+        for shard in shards[slot::n_slots]:
+            yield from _read_tar(shard.path)
         return
     i = 0
-    for path, _ in shards:
-        for sample in _read_tar(path):
+    for shard in shards:
+        for sample in _read_tar(shard.path):
             if i % n_slots == slot:
                 yield sample
             i += 1
 
 
-def _slot_count(shards: list[tuple[str, int]], n_slots: int, slot: int) -> int:
+def _slot_count(shards: list[Shard], n_slots: int, slot: int) -> int:
     if len(shards) >= n_slots:
-        return sum(c for _, c in shards[slot::n_slots])
-    n = sum(c for _, c in shards)
+        return sum(s.count for s in shards[slot::n_slots])
+    n = sum(s.count for s in shards)
     return max(0, (n - slot + n_slots - 1) // n_slots)
 
 
@@ -114,28 +79,42 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
     yield from buf
 
 
-def _collate(items: list[tuple[torch.Tensor, int, str, str]]) -> Batch:
+def _collate(items: list[tuple[torch.Tensor, int, str, str, str, str]]) -> Batch:
     return {
         "image": torch.stack([x[0] for x in items]),
         "label": torch.tensor([x[1] for x in items], dtype=torch.int64),
         "key": [x[2] for x in items],
         "uid": [x[3] for x in items],
+        "source": [x[4] for x in items],
+        "view": [x[5] for x in items],
     }
+
+
+_LEGACY_VIEWS = {"Frontal": "FRONTAL", "Lateral": "LATERAL"}
+
+
+def sample_source_view(meta: dict) -> tuple[str, str]:
+    """(source, view) of a sample's JSON; shards written before sources existed are IU's, with
+    the view taken from their `projection`."""
+    view = meta["view"] if "view" in meta else _LEGACY_VIEWS.get(meta.get("projection", ""), "")
+    return meta.get("source", LEGACY_SOURCE), view
 
 
 class _ShardStream(IterableDataset):
     """Batches of one rank; each DataLoader worker produces its own slot's batches."""
 
-    def __init__(self, shards: list[tuple[str, int]], cfg: DataConfig, rank: int, world: int,
+    def __init__(self, shards: list[Shard], cfg: DataConfig, rank: int, world: int,
                  workers: int, train: bool, seed: int, batches_per_epoch: int, augment: bool | None = None,
-                 keyed: bool = False) -> None:
+                 keyed: bool = False, weights: dict[str, float] | None = None) -> None:
         super().__init__()
         self.shards, self.rank, self.world, self.workers = shards, rank, world, max(1, workers)
         self.batch_size, self.buffer, self.train, self.seed = cfg.batch_size, cfg.shuffle_buffer, train, seed
         # train: shuffled, repeated, fixed length; augment (default: = train) is separate so that
         # the frozen-compute cache can read every sample once *with* augmentation.
         self.augment = (train if augment is None else augment) and cfg.augment
-        self.transform = train_transform(cfg.input_size) if self.augment else eval_transform(cfg.input_size)
+        self.transform = (train_transform(cfg.input_size, cfg.shift_augment) if self.augment
+                          else eval_transform(cfg.input_size))
+        self.weights = weights or {}  # source -> share of the training mix
         self.batches_per_epoch, self.input_size = batches_per_epoch, cfg.input_size
         # keyed: each sample's augmentation seeded by (seed, epoch, key), so a view of an image is
         # the same whichever rank or worker reads it (test-time augmentation gives the same answer
@@ -150,7 +129,7 @@ class _ShardStream(IterableDataset):
         slots = range(self.rank * self.workers, (self.rank + 1) * self.workers)
         return sum(-(-_slot_count(self.shards, n_slots, s) // self.batch_size) for s in slots)
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str, str]:
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str, str, str, str]:
         # PIL rather than torchvision.io.decode_jpeg (deprecated in torchvision 0.29). draft():
         # when the stored images are >= 2x input_size, libjpeg decodes at 1/2, 1/4... scale.
         with Image.open(io.BytesIO(sample["jpg"])) as im:
@@ -170,7 +149,7 @@ class _ShardStream(IterableDataset):
         else:
             img = self.transform(img)
         meta = json.loads(sample["json"])
-        return img, int(sample["cls"]), sample["__key__"], str(meta["uid"])
+        return (img, int(sample["cls"]), sample["__key__"], str(meta["uid"]), *sample_source_view(meta))
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -190,9 +169,27 @@ class _ShardStream(IterableDataset):
         self._rng_state = gen.get_state()
         base, extra = divmod(self.batches_per_epoch, self.workers)
         n_batches = base + (1 if worker < extra else 0)
-        yield from self._batches(_shuffled(self._repeat(order, n_slots, slot), self.buffer, rng), n_batches)
+        by_source: dict[str, list[Shard]] = {}
+        for shard in order:
+            by_source.setdefault(shard.source, []).append(shard)
+        if len(by_source) == 1:
+            samples = _shuffled(self._repeat(order, n_slots, slot), self.buffer, rng)
+        else:
+            samples = self._mix(by_source, n_slots, slot, f"{tag}-{self.rank}-{worker}")
+        yield from self._batches(samples, n_batches)
 
-    def _repeat(self, order: list[tuple[str, int]], n_slots: int, slot: int) -> Iterator[dict]:
+    def _mix(self, by_source: dict[str, list[Shard]], n_slots: int, slot: int, tag: str) -> Iterator[dict]:
+        """Sources drawn by their weight for every sample, each from its own endless shuffled
+        stream: a 112k-image source does not drown a 7k-image one (equal weights: equal shares)."""
+        names = list(by_source)
+        streams = [_shuffled(self._repeat(by_source[s], n_slots, slot), self.buffer, random.Random(f"buffer-{tag}-{s}"))
+                   for s in names]
+        weights = [self.weights.get(s, 1.0) for s in names]
+        rng = random.Random(f"mix-{tag}")
+        while True:
+            yield next(streams[rng.choices(range(len(names)), weights)[0]])
+
+    def _repeat(self, order: list[Shard], n_slots: int, slot: int) -> Iterator[dict]:
         """The slot's samples over and over (the budget stops it); all samples if the slot's part is empty."""
         part = order if _slot_count(order, n_slots, slot) == 0 else None
         while True:
@@ -213,9 +210,9 @@ class _ShardStream(IterableDataset):
             yield _collate(items)
 
 
-def _read_all(shards: list[tuple[str, int]]) -> Iterator[dict]:
-    for path, _ in shards:
-        yield from _read_tar(path)
+def _read_all(shards: list[Shard]) -> Iterator[dict]:
+    for shard in shards:
+        yield from _read_tar(shard.path)
 
 
 class EpochLoader(DataLoader):
@@ -240,42 +237,44 @@ class EpochLoader(DataLoader):
         return super().__iter__()
 
 
-def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int,
-                 seed: int) -> tuple[EpochLoader, int]:
+def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int,
+                 index: dict | None = None, weights: dict[str, float] | None = None) -> tuple[EpochLoader, int]:
     """Augmented, shuffled training batches for ``rank`` of ``world`` from the given splits.
 
     Returns (loader, batches_per_epoch); every rank gets the same batches_per_epoch, all batches
     full. ``seed`` must be the same on every rank (the shard permutation is shared); the
-    per-rank streams differ by construction. Use ``loader.set_epoch(e)`` for epoch e.
+    per-rank streams differ by construction. Use ``loader.set_epoch(e)`` for epoch e. With
+    several sources, ``weights`` ({source: weight}, default 1 each) sets each one's share of the
+    batches. ``index``: the shard index already read (else read from data_cfg.shards_dir).
     """
-    index = load_index(data_cfg.shards_dir)
-    shards = _shards(index, splits)
-    total = sum(c for _, c in shards)
+    index = index or load_index(data_cfg.shards_dir)
+    shards = shard_list(index, splits)
+    total = sum(s.count for s in shards)
     if total == 0:
         raise DataError(f"splits {splits} in {data_cfg.shards_dir} hold no samples")
     # At least one batch even for tiny data (samples then repeat within the epoch).
     batches = max(1, total // (world * data_cfg.batch_size))
-    ds = _ShardStream(shards, data_cfg, rank, world, data_cfg.num_workers, True, seed, batches)
+    ds = _ShardStream(shards, data_cfg, rank, world, data_cfg.num_workers, True, seed, batches, weights=weights)
     return EpochLoader(ds, data_cfg.num_workers), batches
 
 
-def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int) -> EpochLoader:
+def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int, index: dict | None = None) -> EpochLoader:
     """Every sample of ``split`` exactly once across all ranks and workers; no augmentation.
 
     Ranks may yield different numbers of batches (gather results without collectives inside
     the loop). ``len(loader)`` is this rank's number of batches.
     """
-    index = load_index(data_cfg.shards_dir)
-    ds = _ShardStream(_shards(index, [split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0)
+    index = index or load_index(data_cfg.shards_dir)
+    ds = _ShardStream(shard_list(index, [split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0)
     return EpochLoader(ds, data_cfg.num_workers)
 
 
 def views_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int,
-                 keyed: bool = False) -> EpochLoader:
+                 keyed: bool = False, index: dict | None = None) -> EpochLoader:
     """Every sample of ``splits`` exactly once across ranks, in a fixed order, augmented with a
     stream seeded by (seed, epoch): ``set_epoch(v)`` gives view v. For the frozen-compute cache;
     ``keyed``: seeded per sample, the same views on any number of ranks and workers (for TTA)."""
-    index = load_index(data_cfg.shards_dir)
-    ds = _ShardStream(_shards(index, splits), data_cfg, rank, world, data_cfg.num_workers, False, seed, 0,
+    index = index or load_index(data_cfg.shards_dir)
+    ds = _ShardStream(shard_list(index, splits), data_cfg, rank, world, data_cfg.num_workers, False, seed, 0,
                       augment=True, keyed=keyed)
     return EpochLoader(ds, data_cfg.num_workers)

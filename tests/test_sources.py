@@ -210,7 +210,7 @@ def test_csv_reader(tmp_path):
     got = df.set_index("key")[["patient", "study", "view", "label"]].T.to_dict("list")
     assert got == {
         "img_a": ["P1", "P1", "AP", 0],  # study defaults to the patient
-        "img_b": ["P1", "S2", "FRONTAL", 1],  # empty view -> src.view
+        "img_b": ["P1", "P1/S2", "FRONTAL", 1],  # empty view -> src.view; the study qualified by its patient
         out_key: ["P3", "P3", "PA", 1],  # absolute outside the CSV folder: key from the whole path
         "img_e": ["P4", "P4", "FRONTAL", 0],  # absolute inside the CSV folder: key as if relative
     }

@@ -5,8 +5,9 @@ Columns (any other column is refused, so a typo does not silently lose informati
     path       required; relative to the CSV file's folder unless absolute
     label      required; through src.normal_labels / src.abnormal_labels (case-insensitive)
     patient    required; the unit that must never be split across train/val/test
-    study      optional; default the patient. The label belongs to the study: a study whose rows
-               carry different labels is skipped entirely (reason conflicting_labels)
+    study      optional; default the patient (stored as PATIENT/STUDY: unique per patient). The label
+               belongs to the study: a study whose rows carry different labels is skipped entirely
+               (reason conflicting_labels)
     view       optional; PA, AP, LATERAL, FRONTAL or empty (empty -> src.view)
     findings   optional; free text
     report     optional; free text
@@ -62,7 +63,9 @@ def read(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:
         lines = first_few([str(i + 2) for i in empty])  # +2: header line, 1-based
         raise DataError(f"{table}: empty path or patient on line(s) {lines}; every row needs both")
     patient = raw["patient"]
-    study = raw["study"].where(raw["study"] != "", patient) if "study" in raw else patient
+    # A study id is only unique within its patient in many exports ("1", "2" per patient):
+    # qualified by the patient, so that two patients' study "1" never pool together.
+    study = (patient + "/" + raw["study"]).where(raw["study"] != "", patient) if "study" in raw else patient
     view_col = raw["view"] if "view" in raw else pd.Series("", index=raw.index)
     df = pd.DataFrame({
         "key": raw["path"].map(lambda t: safe_key(_key_path(t, base))),
