@@ -9,10 +9,11 @@ Normalisation to the backbone's mean/std is the model's job, not the data pipeli
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -36,7 +37,63 @@ def eval_transform(input_size: int) -> v2.Compose:
     return v2.Compose([PadToSquare(), v2.Resize((input_size, input_size), antialias=True), v2.PILToTensor()])
 
 
-def train_transform(input_size: int) -> v2.Compose:
+def _uniform(low: float, high: float) -> float:
+    """One draw from torch's global RNG, which the stream seeds and swaps per sample."""
+    return float(torch.empty(1).uniform_(low, high))
+
+
+class RandomGamma(torch.nn.Module):
+    """x -> 255 * (x / 255) ** gamma with log(gamma) uniform in [log low, log high]: detectors
+    and their look-up tables differ in how they map dose to grey level, not only in a linear gain.
+    Log-uniform, so that brightening (gamma < 1) and darkening are drawn about equally often."""
+
+    def __init__(self, low: float, high: float) -> None:
+        super().__init__()
+        self.log_low, self.log_high = math.log(low), math.log(high)
+
+    def forward(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        gamma = math.exp(_uniform(self.log_low, self.log_high))
+        if isinstance(img, Image.Image):
+            # One 256-entry table: PIL's point() costs a look-up per pixel (torchvision's PIL
+            # adjust_gamma converts to RGB and back).
+            return img.point([round(255 * (v / 255) ** gamma) for v in range(256)])
+        return F.adjust_gamma(img, gamma)
+
+
+class RandomBlur(torch.nn.Module):
+    """With probability p, a Gaussian blur of sigma uniform in `sigma` (pixels): films differ in
+    sharpness (detector, scatter grid, processing, how often they were resized before us)."""
+
+    def __init__(self, p: float, sigma: tuple[float, float]) -> None:
+        super().__init__()
+        self.p, self.sigma = p, sigma
+
+    def forward(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        if float(torch.rand(1)) >= self.p:
+            return img
+        sigma = _uniform(*self.sigma)
+        if isinstance(img, Image.Image):
+            return img.filter(ImageFilter.GaussianBlur(sigma))  # PIL's C blur: no tensor round trip
+        return F.gaussian_blur(img, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma, sigma])
+
+
+class RandomNoise(torch.nn.Module):
+    """With probability p, additive Gaussian noise of std uniform in `std` grey levels on a uint8
+    tensor (rounded, clipped): quantum noise differs with dose and detector. Last in the chain, on
+    the tensor, because PIL has no noise op and any later resampling would smooth it away."""
+
+    def __init__(self, p: float, std: tuple[float, float]) -> None:
+        super().__init__()
+        self.p, self.std = p, std
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if float(torch.rand(1)) >= self.p:
+            return img
+        noisy = img.float() + torch.randn(img.shape) * _uniform(*self.std)
+        return noisy.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def train_transform(input_size: int, shift: bool = False) -> v2.Compose:
     """eval_transform plus mild augmentation that keeps a chest X-ray plausible.
 
     Small rotation (+-7 deg), shift (5%) and zoom (0.9-1.1): patient positioning varies that much.
@@ -44,14 +101,28 @@ def train_transform(input_size: int) -> v2.Compose:
     No horizontal flip: left and right are not interchangeable on a chest radiograph (the heart
     sits on the left; a mirrored image looks like dextrocardia, itself an abnormal finding, and
     mirrors the side markers). No vertical flip or large rotations for the same reason.
+
+    shift=True (data.shift_augment) adds what differs between hospitals rather than between
+    patients, still a plausible film and still no flips: a random crop of 75-100% of the padded
+    square's area (aspect 0.9-1.1; collimation and field of view differ), gamma 0.7-1.5 (the
+    detector's grey-level curve), contrast +-40% instead of +-20%, a Gaussian blur in 30% of the
+    images (sigma 0.3-1.5 px: sharpness) and Gaussian noise in 30% (std 2-8 grey levels: dose,
+    detector). All but the noise run on the PIL image (the module docstring says why).
+    shift=False gives exactly the transform, and the RNG draws, of the runs made before it existed.
     """
+    # Resize (shift: crop and resize) before the affine: the affine then works on input_size
+    # pixels, not image_size.
+    resize = (v2.RandomResizedCrop(input_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True) if shift
+              else v2.Resize((input_size, input_size), antialias=True))
     return v2.Compose([
         PadToSquare(),
-        # Resize before the affine: the affine then works on input_size pixels, not image_size.
-        v2.Resize((input_size, input_size), antialias=True),
+        resize,
         v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=0),
-        v2.ColorJitter(brightness=0.2, contrast=0.2),
+        *([RandomGamma(0.7, 1.5)] if shift else []),
+        v2.ColorJitter(brightness=0.2, contrast=0.4 if shift else 0.2),
+        *([RandomBlur(0.3, (0.3, 1.5))] if shift else []),
         v2.PILToTensor(),  # PIL -> uint8 1 x S x S (a tensor input passes through)
+        *([RandomNoise(0.3, (2.0, 8.0))] if shift else []),
     ])
 
 
