@@ -1,6 +1,8 @@
 """Is a model better than another on the same test images? The paired bootstrap of the AUROC gain.
 
     .venv/bin/python bench/paired_auroc.py BASELINE OTHER [OTHER...]   (run dirs or predictions CSVs)
+    .venv/bin/python bench/paired_auroc.py A B --source iu                    (one source's images)
+    .venv/bin/python bench/paired_auroc.py A B --source kermany --split external --other-split test --common
 
 For each OTHER: its test AUROC minus the baseline's, per image and per study, with a 95% interval
 from 2,000 draws of whole studies, both models scored on every draw (metrics.auroc_interval with
@@ -8,6 +10,10 @@ from 2,000 draws of whole studies, both models scored on every draw (metrics.aur
 draw; the paired interval is the one that answers. An interval above 0 says the gain is not the
 luck of which studies landed in the test split. It says nothing about the luck of training
 (another seed may do worse): for that, compare several runs (bench/ensemble.py, k folds).
+
+Runs over several sources: `--source NAME` scores one source's images only. `--common` scores
+the images both runs have (e.g. an IU-only run's Kermany "external" split against a mixed run's
+Kermany test split: `--split external --other-split test`); without it, different images are refused.
 """
 from __future__ import annotations
 
@@ -39,25 +45,49 @@ def gain(base: tuple, other: tuple) -> str:
     return f"{diff:+.4f} ({low:+.4f} to {high:+.4f})"
 
 
+def select(preds: dict, source: str | None = None, keys: set[str] | None = None) -> dict:
+    """The predictions of one source and/or of the given keys (order kept: sorted by key)."""
+    keep = [i for i, (k, s) in enumerate(zip(preds["keys"], preds["sources"]))
+            if (source is None or s == source) and (keys is None or k in keys)]
+    return {"keys": [preds["keys"][i] for i in keep], "uids": [preds["uids"][i] for i in keep],
+            "sources": [preds["sources"][i] for i in keep], "views": [preds["views"][i] for i in keep],
+            "probs": preds["probs"][keep], "labels": preds["labels"][keep]}
+
+
+def _split(path: str, split: str, source: str | None) -> dict:
+    preds = read_predictions(path).get(split)
+    if preds is None:
+        raise UserError(f"{path} has no {split} predictions")
+    preds = select(preds, source)
+    if not preds["keys"]:
+        raise UserError(f"{path} has no {split} predictions of source {source!r}")
+    return preds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("baseline", help="run dir (with predictions.csv) or predictions CSV")
     ap.add_argument("others", nargs="+", help="run dirs or CSVs scored against the baseline")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="the baseline's split (default test)")
+    ap.add_argument("--other-split", help="the others' split (default: --split)")
+    ap.add_argument("--source", help="score only this source's images")
+    ap.add_argument("--common", action="store_true", help="score the images both runs have (else they must match)")
     args = ap.parse_args(argv)
-    base = read_predictions(args.baseline).get(args.split)
-    if base is None:
-        raise UserError(f"{args.baseline} has no {args.split} predictions")
-    base_levels = levels(base)
-    print(f"| against {args.baseline} | test AUROC, image | gain, image (95% CI) | gain, study (95% CI) |")
-    print("|---|---|---|---|")
+    base_all = _split(args.baseline, args.split, args.source)
+    print(f"| against {args.baseline} | n images | AUROC, image | gain, image (95% CI) | gain, study (95% CI) |")
+    print("|---|---|---|---|---|")
     for path in args.others:
-        other = read_predictions(path).get(args.split)
-        if other is None or other["keys"] != base["keys"] or not np.array_equal(other["labels"], base["labels"]):
-            raise UserError(f"{path} does not cover the baseline's {args.split} images with the same labels")
+        other = _split(path, args.other_split or args.split, args.source)
+        base = base_all
+        if args.common:
+            shared = set(base["keys"]) & set(other["keys"])
+            base, other = select(base, keys=shared), select(other, keys=shared)
+        if other["keys"] != base["keys"] or not np.array_equal(other["labels"], base["labels"]):
+            raise UserError(f"{path} does not cover the baseline's images with the same labels "
+                            "(--common scores the images both have)")
         auroc = compute_metrics(other["probs"], other["labels"])["auroc"]
-        gains = [gain(base_levels[level], theirs) for level, theirs in levels(other).items()]
-        print(f"| {path} | {auroc:.4f} | {gains[0]} | {gains[1]} |")
+        gains = [gain(level_b, level_o) for level_b, level_o in zip(levels(base).values(), levels(other).values())]
+        print(f"| {path} | {len(base['keys'])} | {auroc:.4f} | {gains[0]} | {gains[1]} |")
     return 0
 
 

@@ -1,6 +1,7 @@
 """`cxr-dist prepare --data DIR --out OUT [--config FILE] [--data.seed 3 ...]`
 
-Kaggle-layout IU X-ray folder -> uid-level splits -> WebDataset shards + index.json + skipped.jsonl.
+Sources (a Kaggle-layout IU X-ray folder, or the `[[data.sources]]` of a config) -> splits by
+patient within each source -> WebDataset shards + index.json + skipped.jsonl.
 ``--data`` and ``--out`` are shorthands for ``--data.data_dir`` and ``--data.shards_dir``.
 """
 from __future__ import annotations
@@ -9,14 +10,15 @@ import sys
 import time
 
 from .config import ConfigError, DataConfig, load_config
-from .errors import UserError
+from .errors import run_main
 
-USAGE = """usage: cxr-dist prepare --data DIR --out OUT [--config FILE] [--data.FIELD VALUE ...]
+USAGE = """usage: cxr-dist prepare (--data DIR | --config FILE) --out OUT [--data.FIELD VALUE ...]
 
   --data DIR     Kaggle-layout folder: indiana_reports.csv, indiana_projections.csv, images/
-                 (dataset raddar/chest-xrays-indiana-university)
+                 (dataset raddar/chest-xrays-indiana-university); or, instead,
+  --config FILE  a config with [[data.sources]] (iu, nih, folder, csv; e.g. configs/iu_kermany.toml)
   --out OUT      folder for the shards (created; must be empty or hold only earlier shards)
-  --config FILE  TOML config; its [data] section is used
+                 (a config given with --data uses its [data] settings for the one IU folder)
   --data.seed 3, --data.image_size 384, --data.k_folds 5, --data.no_indexing abnormal, ...
 """
 
@@ -52,8 +54,13 @@ def summary(index: dict, seconds: float) -> str:
              f"(image_size {index['image_size']}, seed {index['seed']})"]
     for name, sp in index["splits"].items():
         lab = sp["labels"]
-        lines.append(f"  {name:<6} {sp['total']:>6} images {sp['uids']:>5} uids  normal {lab['normal']:>5}  "
+        lines.append(f"  {name:<8} {sp['total']:>6} images {sp['uids']:>5} uids  normal {lab['normal']:>5}  "
                      f"abnormal {lab['abnormal']:>5}  {len(sp['shards'])} shards")
+        if len(sp.get("sources", {})) > 1:
+            for src, info in sp["sources"].items():
+                lab = info["labels"]
+                lines.append(f"    {src:<8} {info['total']:>6} images {info['patients']:>5} patients  "
+                             f"normal {lab['normal']:>5}  abnormal {lab['abnormal']:>5}")
     skipped = ", ".join(f"{k} {v}" for k, v in index["skipped"].items()) or "none"
     lines.append(f"  skipped: {skipped} (details in skipped.jsonl)")
     ni = index["no_indexing_counts"]
@@ -69,8 +76,9 @@ def main(argv: list[str]) -> int:
         return 0
     config, overrides = _parse(list(argv))
     cfg: DataConfig = load_config(config, overrides).data
-    if not cfg.data_dir:
-        raise ConfigError("no dataset folder: pass --data DIR (or data.data_dir in the config)")
+    if not cfg.data_dir and not cfg.sources:
+        raise ConfigError("no dataset: pass --data DIR (an IU folder), or a config with [[data.sources]] "
+                          "(e.g. configs/iu_kermany.toml)")
     from .shards import write_shards  # heavy imports only when there is work to do
 
     start = time.perf_counter()
@@ -80,13 +88,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _cli(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except (ConfigError, UserError) as e:
-        print(f"cxr-dist prepare: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(_cli(sys.argv[1:]))
+    sys.exit(run_main("cxr-dist prepare", main))

@@ -51,6 +51,8 @@ def _encode_job(job: tuple[int, str, int, str, str]) -> tuple[int, bytes | None,
     i, path, image_size, resize, intensity = job
     try:
         return i, encode_film(path, image_size, resize, intensity), ""
+    except DataError as e:  # says what and why already
+        return i, None, str(e)
     except Exception as e:  # any decoder failure means the file is unusable: skip it, say why
         return i, None, f"{type(e).__name__}: {e}"
 

@@ -20,7 +20,6 @@ may get different numbers of batches.
 """
 from __future__ import annotations
 
-import io
 import json
 import random
 from pathlib import Path
@@ -28,11 +27,11 @@ from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from PIL import Image
 
 from .config import DataConfig
 from .errors import DataError
 from .index import LEGACY_SOURCE, Shard, load_index, shard_list
+from .preprocess import decode_film
 from .transforms import eval_transform, train_transform, view_seed
 
 Batch = dict[str, Any]
@@ -130,11 +129,9 @@ class _ShardStream(IterableDataset):
         return sum(-(-_slot_count(self.shards, n_slots, s) // self.batch_size) for s in slots)
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str, str, str, str]:
-        # PIL rather than torchvision.io.decode_jpeg (deprecated in torchvision 0.29). draft():
-        # when the stored images are >= 2x input_size, libjpeg decodes at 1/2, 1/4... scale.
-        with Image.open(io.BytesIO(sample["jpg"])) as im:
-            im.draft("L", (self.input_size, self.input_size))
-            img = im.convert("L")  # a new, loaded image: the transform turns it into a tensor
+        # PIL rather than torchvision.io.decode_jpeg (deprecated in torchvision 0.29); the same
+        # decode as `cxr-dist predict` (preprocess.decode_film), so both see the same pixels.
+        img = decode_film(sample["jpg"], self.input_size)
         if self.augment:
             # Augmentation draws from torch's global RNG; swap in this stream's own state so that
             # the stream is reproducible and never disturbs the trainer's RNG (num_workers = 0).

@@ -101,3 +101,30 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
+
+
+KERMANY_REGEX = r"^(?P<patient>person\d+|IM-\d+)"
+
+
+def make_folder_dataset(root: str | Path, n_patients: int = 24, size: int = 56, seed: int = 1,
+                        subsets: bool = True) -> Path:
+    """A Kermany-like folder-per-class source under ``root`` (``train/``, ``test/`` when ``subsets``).
+
+    Patient p has 1-2 films; even patients are normal (``NORMAL/IM-{p:04d}-000{k}.jpeg``), odd ones
+    pneumonia (``PNEUMONIA/person{p}_bacteria_{k}.jpeg``); every 4th patient's films sit under
+    ``test/``. Another "hospital" than make_dataset: square films on a brighter background, the
+    same learnable signal (a bright disc for abnormal). Patients come from KERMANY_REGEX.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for p in range(1, n_patients + 1):
+        abnormal = p % 2 == 1
+        subset = ("test" if p % 4 == 0 else "train") if subsets else ""
+        folder = root / subset / ("PNEUMONIA" if abnormal else "NORMAL")
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 2 + p % 2):
+            arr = np.clip(_image(rng, size, abnormal).astype(np.int16) + 40, 0, 255).astype(np.uint8)
+            arr = np.asarray(Image.fromarray(arr).resize((size, size)))
+            name = f"person{p}_bacteria_{k}.jpeg" if abnormal else f"IM-{p:04d}-000{k}.jpeg"
+            Image.fromarray(arr).save(folder / name, quality=92)
+    return root
