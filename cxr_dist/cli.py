@@ -6,6 +6,7 @@
     cxr-dist predict  --checkpoint CKPT IMAGE...
     cxr-dist compare  [--experiment NAME]
     cxr-dist folds    --experiment NAME             (mean and spread of k-fold runs)
+    cxr-dist --version
 
 Heavy imports (torch, mlflow) happen inside the sub-commands so that `--help` is instant.
 """
@@ -14,8 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .config import ConfigError
-from .errors import UserError
+from .errors import run_main
 
 # sub-command -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
 COMMANDS = {
@@ -28,9 +28,24 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version; the package's own when it is not installed (a source tree)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("cxr-dist")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def _usage() -> str:
-    lines = ["usage: cxr-dist COMMAND [options]   (cxr-dist COMMAND --help for details)", "", "commands:"]
+    lines = ["usage: cxr-dist COMMAND [options]   (cxr-dist COMMAND --help for details)",
+             "       cxr-dist --version", "", "commands:"]
     lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`cxr-dist train --help` lists every config field (dotted name, type, default, meaning)."]
     return "\n".join(lines)
 
 
@@ -39,17 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"cxr-dist {version()}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"cxr-dist: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     entry = getattr(module, "folds_main" if name == "folds" else "main")
-    try:
-        return int(entry(rest) or 0)
-    except (ConfigError, UserError) as e:
-        print(f"cxr-dist {name}: {e}", file=sys.stderr)
-        return 2
+    # Training configures logging itself, once its accelerator knows which process is the main one.
+    return run_main(f"cxr-dist {name}", entry, rest, setup_logging=name != "train")
 
 
 if __name__ == "__main__":
