@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError, run_main
+
 # Rendezvous ports: below Linux's ephemeral range (32768+), above well-known services.
 PORT_BASE = 15000
 PORT_SPAN = 15000
@@ -31,7 +33,7 @@ PORT_SPAN = 15000
 LAUNCH_DIR = Path("launch")
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """The allocation or the options cannot produce a valid launch (message says why)."""
 
 
@@ -302,23 +304,20 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, train_args = _parse(list(sys.argv[1:] if argv is None else argv))
     env = dict(os.environ)
-    try:
-        hostnames = None
-        nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or "1")
-        if nodes > 1:
-            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
-            hostnames = scontrol_hostnames(nodelist) if nodelist else None
-        cfg_path = args.accelerate_config
-        if cfg_path == "auto":
-            cfg_path = choose_accelerate_config(nodes, gpus_on_node(env))
-        config = read_accelerate_config(cfg_path)
-        cmd = build_launch_command(
-            env, cfg_path, train_args, module=args.module, procs_per_node=args.procs_per_node,
-            main_port=args.main_port, hostnames=hostnames, config=config,
-        )
-    except LaunchError as e:
-        print(f"slurm_launch: {e}", file=sys.stderr)
-        return 2
+    # A LaunchError propagates to run_main: "slurm_launch: <why>", exit code 2.
+    hostnames = None
+    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or "1")
+    if nodes > 1:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+        hostnames = scontrol_hostnames(nodelist) if nodelist else None
+    cfg_path = args.accelerate_config
+    if cfg_path == "auto":
+        cfg_path = choose_accelerate_config(nodes, gpus_on_node(env))
+    config = read_accelerate_config(cfg_path)
+    cmd = build_launch_command(
+        env, cfg_path, train_args, module=args.module, procs_per_node=args.procs_per_node,
+        main_port=args.main_port, hostnames=hostnames, config=config,
+    )
     extra = launch_env(config, env)
     shown = " ".join(f"{k}={v}" for k, v in extra.items())
     node = env.get("SLURMD_NODENAME", "?")
@@ -333,4 +332,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("slurm_launch", main))
