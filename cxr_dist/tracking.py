@@ -12,6 +12,11 @@ starts, so a wrong URL fails in seconds instead of after the first epoch.
 The MLflow run id is kept in `run_dir/mlflow_run_id.txt`: a resumed training continues its run.
 Logging failures after the start are warned about and skipped; a lost metric must not kill a
 multi-hour GPU job.
+
+MLflow's own environment variables are honoured as its clients do: $MLFLOW_RUN_ID logs into that
+existing run, $MLFLOW_EXPERIMENT_NAME names the experiment when `tracking.experiment` is left at
+its default. With `tracking.campaign` (k-fold), the run is nested under the campaign's parent run
+(`campaign_parent_run`).
 """
 from __future__ import annotations
 
@@ -19,12 +24,14 @@ import copy
 import logging
 import math
 import os
+import random
 import re
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
 from .config import TrackingConfig
 from .errors import UserError
@@ -32,6 +39,14 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id.txt"
+DEFAULT_EXPERIMENT = TrackingConfig.experiment  # "cxr-dist"
+# k-fold campaigns: every run of a campaign (parent and folds) has the tag campaign=<id>; the parent
+# also has CAMPAIGN_PARENT_TAG ("pending" while it is being elected, then "confirmed"), and each
+# fold run MLflow's own nesting tag mlflow.parentRunId=<parent run id>.
+CAMPAIGN_TAG = "campaign"
+CAMPAIGN_PARENT_TAG = "cxr.campaign_parent"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY = 250  # MAX_ENTITY_KEY_LENGTH
 # MLflow's HTTP client retries 7 times with exponential backoff by default (minutes of stall
@@ -48,6 +63,84 @@ def resolve_uri(uri: str = "") -> str:
     """The tracking URI to use: `uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def resolve_experiment(name: str) -> str:
+    """The experiment to log to: `name`, unless it is the default ("cxr-dist") and
+    $MLFLOW_EXPERIMENT_NAME is set; then the variable.
+
+    MLflow's clients let MLFLOW_EXPERIMENT_NAME choose the experiment when the code names none;
+    here "names none" is "tracking.experiment left at its default" (the config cannot tell an
+    explicit "cxr-dist" from the default, so that value counts as unset too).
+    """
+    env = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
+    return env if env and name == DEFAULT_EXPERIMENT else name
+
+
+def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    from mlflow.entities import ViewType
+
+    return list(client.search_runs([experiment_id], filter_string=filter_string,
+                                   run_view_type=ViewType.ACTIVE_ONLY, max_results=1000))
+
+
+def campaign_parent_run(client: Any, experiment_id: str, campaign: str, *, stale_s: float = 60.0,
+                        timeout_s: float = 300.0, sleep: Callable[[float], None] = time.sleep) -> str:
+    """The id of campaign `campaign`'s parent run in the experiment, created if there is none.
+
+    Called by every array task of a k-fold campaign, possibly at the same moment. Why not simpler:
+    users submit `sbatch slurm/kfold.sh` directly, so no submitting side exists that could create
+    the parent once before the tasks start; MLflow run ids are random, so the parent cannot be
+    found by a deterministic id; and MLflow has no "create if absent" for runs. A plain
+    search-then-create lets two tasks that search at the same moment create two parents. So a
+    parent is elected (a lock-free "create, then check" protocol over MLflow's store, which is
+    consistent: a search sees every run created before it):
+
+    1. search the campaign's live parents. One with the tag "confirmed" -> that is the parent.
+       A "pending" one (another task is between steps 2 and 3) -> wait a moment, search again.
+    2. none: create a candidate with the tag "pending", then search again.
+    3. the candidate is the only live parent -> tag it "confirmed": it is the parent. Otherwise
+       (another task created one at the same time) delete the candidate, wait a random moment
+       (so that the tasks do not collide again) and start over at 1.
+
+    Two parents can never both be confirmed: each was alone at its creator's second search, which
+    came after its creation, so whichever creation came first would have been seen by the other's
+    second search. A candidate left "pending" by a task that died between 2 and 3 is ignored once
+    it is older than `stale_s` (the only place where clocks matter). Raises TimeoutError after
+    `timeout_s`; MLflow errors propagate (the tracker then starts the fold run without a parent).
+    """
+    from mlflow.entities import RunStatus
+
+    base = f"tags.{CAMPAIGN_TAG} = '{campaign}' and tags.`{CAMPAIGN_PARENT_TAG}` != ''"
+
+    def live(exclude: str = "") -> list[Any]:
+        now_ms = time.time() * 1000
+        return [r for r in _search_all(client, experiment_id, base) if r.info.run_id != exclude
+                and (r.data.tags.get(CAMPAIGN_PARENT_TAG) == "confirmed"
+                     or now_ms - (r.info.start_time or 0) < stale_s * 1000)]
+
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while time.monotonic() < deadline:
+        parents = live()
+        confirmed = sorted((r for r in parents if r.data.tags.get(CAMPAIGN_PARENT_TAG) == "confirmed"),
+                           key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        if confirmed:
+            return confirmed[0].info.run_id
+        attempt += 1
+        if parents:  # another task is deciding: its candidate is confirmed or deleted in a moment
+            sleep(random.uniform(0.2, 1.0))
+            continue
+        mine = client.create_run(experiment_id, run_name=f"campaign-{campaign}",
+                                 tags={CAMPAIGN_TAG: campaign, CAMPAIGN_PARENT_TAG: "pending"}).info.run_id
+        if not live(exclude=mine):
+            client.set_tag(mine, CAMPAIGN_PARENT_TAG, "confirmed")
+            # The parent only groups its folds; it has no work of its own to be RUNNING for.
+            client.set_terminated(mine, RunStatus.to_string(RunStatus.FINISHED))
+            return mine
+        client.delete_run(mine)
+        sleep(random.uniform(0.1, 0.5) * min(attempt, 8))
+    raise TimeoutError(f"no parent run for campaign {campaign!r} after {timeout_s:.0f} s")
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -184,24 +277,49 @@ class MLflowTracker(Tracker):
         self._finished = False
         self._warned: set[str] = set()
 
-        experiment_id = self._experiment_id(cfg.experiment)
+        if cfg.campaign and not CAMPAIGN_RE.match(cfg.campaign):
+            raise UserError(f"tracking.campaign must be letters, digits and . _ : - (up to 100), "
+                            f"got {cfg.campaign!r}")
         id_file = self.run_dir / RUN_ID_FILE
+        env_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
         old_id = id_file.read_text().strip() if resume and id_file.is_file() else ""
-        if old_id and not self._run_exists(old_id):
+        if env_id:
+            # As MLflow's clients do: log into that existing run (e.g. one made by `mlflow run`
+            # or an orchestrator). It wins over run_dir's id; a missing run is the user's error.
+            if not self._run_exists(env_id):
+                raise UserError(f"MLFLOW_RUN_ID={env_id} is not a live run at {self.uri}; unset it to "
+                                "start a new run")
+            if old_id and old_id != env_id:
+                log.warning("MLFLOW_RUN_ID=%s wins over run %s of %s", env_id, old_id, id_file)
+            old_id = env_id
+        elif old_id and not self._run_exists(old_id):
             log.warning("MLflow run %s (from %s) is not in %s; starting a new run", old_id, id_file, self.uri)
             old_id = ""
         if mlflow.active_run() is not None:  # a leftover from an earlier tracker in this process
             self._safe("end_run", mlflow.end_run)
+        # None (not False): MLflow's own MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true still works.
+        system_metrics = True if cfg.system_metrics else None
         if old_id:
-            run = mlflow.start_run(run_id=old_id)
+            run = mlflow.start_run(run_id=old_id, log_system_metrics=system_metrics)
         else:
+            experiment_id = self._experiment_id(resolve_experiment(cfg.experiment))
             tags = dict(t.split("=", 1) for t in cfg.tags)
             tags.setdefault("run_dir", str(self.run_dir))
+            if cfg.campaign:
+                tags[CAMPAIGN_TAG] = cfg.campaign
+                parent = self._safe("campaign parent", campaign_parent_run, self.client, experiment_id,
+                                    cfg.campaign)
+                if parent:
+                    tags[PARENT_RUN_TAG] = parent
             run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or self.run_dir.name,
-                                   tags=tags)
+                                   tags=tags, log_system_metrics=system_metrics)
+        if run.info.run_id != (id_file.read_text().strip() if id_file.is_file() else ""):
             id_file.write_text(run.info.run_id + "\n")
         self.run_id = run.info.run_id
-        log.info("MLflow run %s in %s (%s)", self.run_id, self.uri, "resumed" if old_id else "new")
+        if env_id and cfg.tags:  # a new run gets them at creation; MLflow's start_run(tags=) does this
+            self.set_tags(dict(t.split("=", 1) for t in cfg.tags))
+        log.info("MLflow run %s in %s (%s)", self.run_id, self.uri,
+                 "from MLFLOW_RUN_ID" if env_id else "resumed" if old_id else "new")
 
     def _experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -225,8 +343,7 @@ class MLflowTracker(Tracker):
 
     def _run_exists(self, run_id: str) -> bool:
         try:
-            self.client.get_run(run_id)
-            return True
+            return self.client.get_run(run_id).info.lifecycle_stage != "deleted"
         except self._mlflow.exceptions.MlflowException:
             return False
 

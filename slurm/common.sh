@@ -72,11 +72,24 @@ cxr_train() {
     # Training says "checkpoint saved, requeue me" with run_dir/PREEMPTED and exit 0 (not a
     # special exit code: torchrun turns any non-zero worker exit into 1).
     if [ "$rc" = 0 ] && [ -f "$RUN_DIR/PREEMPTED" ]; then
-        echo "[cxr] $(date -Is) preempted: checkpoint saved in $RUN_DIR; requeueing job $SLURM_JOB_ID"
-        if scontrol requeue "$SLURM_JOB_ID"; then
+        # In a job array, SLURM_JOB_ID of one task may be the array's own id (the last task to
+        # start gets it), and `scontrol requeue <array id>` requeues EVERY task of the array:
+        # name this task as <array id>_<task id> (as Lightning's SLURM environment does).
+        local target="$SLURM_JOB_ID"
+        if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+            target="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+        fi
+        echo "[cxr] $(date -Is) preempted: checkpoint saved in $RUN_DIR; requeueing job $target"
+        if scontrol requeue "$target"; then
             exit 0
         fi
-        echo "[cxr] requeue refused: resubmit with CXR_RUN_DIR=$RUN_DIR to resume" >&2
+        if [ "$target" != "$SLURM_JOB_ID" ]; then
+            echo "[cxr] requeue refused: resubmit this task with --array=${SLURM_ARRAY_TASK_ID}," \
+                "CXR_RUN_DIR=${RUN_DIR%-fold*} and --tracking.campaign ${CXR_CAMPAIGN:-$SLURM_ARRAY_JOB_ID}" \
+                "to resume" >&2
+        else
+            echo "[cxr] requeue refused: resubmit with CXR_RUN_DIR=$RUN_DIR to resume" >&2
+        fi
         exit 99  # preempted and not requeued: the checkpoint is there, the job is not finished
     fi
     echo "[cxr] $(date -Is) training exited with $rc"

@@ -48,7 +48,8 @@ def job_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) or k == "SLURM_CONF"}
     # slurm_launch must set the CPU flag itself; MLflow goes where each test says.
-    for key in ("ACCELERATE_USE_CPU", "MLFLOW_TRACKING_URI", "CXR_RUN_DIR", "CXR_ACCELERATE_CONFIG"):
+    for key in ("ACCELERATE_USE_CPU", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME",
+                "CXR_RUN_DIR", "CXR_ACCELERATE_CONFIG"):
         env.pop(key, None)
     env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", DS_ACCELERATOR="cpu",
                CXR_VENV=str(Path(sys.executable).parent.parent))

@@ -300,13 +300,105 @@ def test_kfold_array_trains_every_fold_and_folds_summarises_them(kfold_shards, t
     for fold in (0, 1):
         run_dir = tmp_path / "runs" / f"cv-fold{fold}"
         assert (run_dir / "checkpoints" / "latest" / "COMPLETE").exists(), logs
-    runs = mlflow_runs(db, "kfold-test")
-    assert sorted(r.data.tags.get("fold") for r in runs) == ["0", "1"]
-    assert all(r.info.status == "FINISHED" for r in runs)
+    runs = mlflow_runs(db, "kfold-test")  # two folds and their campaign's parent
+    assert sorted(r.data.tags.get("fold", "parent") for r in runs) == ["0", "1", "parent"]
+    assert all(r.info.status == "FINISHED" and r.data.tags["campaign"] == job for r in runs)
     res = subprocess.run([str(Path(sys.executable).parent / "cxr-dist"), "folds", "--experiment", "kfold-test",
                           "--tracking-uri", f"sqlite:///{db}", "--json"],
                          cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     summary = json.loads(res.stdout)
-    assert summary["folds"] == ["0", "1"]
+    assert summary["folds"] == ["0", "1"] and summary["campaign"] == job and summary["nested"]
     assert summary["metrics"] and all(s["n"] == 2 for s in summary["metrics"].values())
+
+
+from tests.mlflow_server import mlflow_server  # noqa: E402,F401 - registers the fixture
+
+
+def _task_log(log_dir: Path, job: str, task: int) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.glob(f"*-{job}_{task}.out")))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempting_one_kfold_task_requeues_only_that_task(kfold_shards, mlflow_server, tmp_path):
+    """Issue 15 (1): USR1 to ONE task of a running 2-fold array. Only that task checkpoints,
+    requeues and resumes; the other fold runs through once. The task preempted is the one whose
+    SLURM_JOB_ID is the array's own id (the last task to start), the case where
+    `scontrol requeue $SLURM_JOB_ID` requeued the whole array. Both folds run at the same time
+    (1 CPU each), against a real MLflow server: one campaign, one parent run, two nested runs."""
+    from mlflow import MlflowClient
+
+    from cxr_dist.compare import fold_summary
+    from tests.slurm_fixture import TERMINAL, job_records
+
+    logs, experiment = tmp_path / "logs", "kfold-preempt"
+    args = ["--config", str(TINY), "--data.shards_dir", str(kfold_shards), "--data.k_folds", "2",
+            "--tracking.uri", mlflow_server, "--tracking.experiment", experiment, "--data.batch_size", "4"]
+    env = job_env(CXR_RUN_DIR=str(tmp_path / "runs" / "cv"))
+    job = sbatch("kfold.sh", args, logs, env=env,
+                 sbatch_opts=["--array=0-1", "--cpus-per-task=1", f"--output={logs}/%x-%A_%a.out"])
+    try:
+        deadline, target = time.time() + 300, None
+        while time.time() < deadline:
+            recs = {r.get("ArrayTaskId"): r for r in job_records(job)}
+            running = [t for t, r in recs.items() if r.get("JobState") == "RUNNING"]
+            mine = [t for t, r in recs.items() if r.get("JobId") == job]
+            if len(running) == 2 and mine:
+                target = int(mine[0])
+                meta = tmp_path / "runs" / f"cv-fold{target}" / "checkpoints" / "latest" / "meta.json"
+                try:
+                    if json.loads(meta.read_text())["progress"]["epoch"] >= 1:
+                        break
+                except (OSError, ValueError, KeyError):
+                    pass
+            assert all(r.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING") for r in recs.values()), \
+                (recs, log_text(logs))
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"no epoch-1 checkpoint with both folds running after 300 s:\n{log_text(logs)}")
+        other = 1 - target
+        subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_{target}"], check=True, timeout=30)
+        deadline = time.time() + 420
+        while time.time() < deadline:
+            recs = {int(r["ArrayTaskId"]): r for r in job_records(job) if r.get("ArrayTaskId", "").isdigit()}
+            if len(recs) == 2 and all(r.get("JobState") in TERMINAL for r in recs.values()) \
+                    and int(recs[target].get("Restarts", "0")) >= 1:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError(f"array {job} did not finish: {recs}\n{log_text(logs)}")
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+    all_logs = log_text(logs)
+    # The old `scontrol requeue $SLURM_JOB_ID` (= the array id here) restarted the other fold too.
+    assert (recs[target]["Restarts"], recs[other]["Restarts"]) == ("1", "0"), all_logs
+    for task in (0, 1):
+        assert recs[task]["JobState"] == "COMPLETED" and recs[task]["ExitCode"] == "0:0", all_logs
+
+    target_log, other_log = _task_log(logs, job, target), _task_log(logs, job, other)
+    assert f"requeueing job {job}_{target}" in target_log and "resuming from" in target_log, target_log
+    assert [line.split("(restart ")[1][0] for line in target_log.splitlines() if line.startswith("[cxr] job ")] \
+        == ["0", "1"], target_log
+    assert other_log.count("[cxr] job ") == 1 and "(restart 0)" in other_log, other_log  # started once
+    assert "got USR1" not in other_log and "requeueing" not in other_log, other_log
+    for fold in (0, 1):
+        run_dir = tmp_path / "runs" / f"cv-fold{fold}"
+        assert (run_dir / "checkpoints" / "latest" / "COMPLETE").exists(), all_logs
+        assert [r["epoch"] for r in history(run_dir)] == [1, 2, 3], (fold, all_logs)  # each epoch once
+
+    # Issue 15 (2): one campaign (the array job id), one parent, both folds nested, one run per
+    # fold (the preempted one resumed its own run), and `folds` summarises exactly those.
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("cxr.campaign_parent") == "confirmed"]
+    folds = [r for r in runs if "fold" in r.data.tags]
+    assert len(runs) == 3 and len(parents) == 1 and len(folds) == 2, [r.data.tags for r in runs]
+    assert parents[0].data.tags["campaign"] == job
+    for r in folds:
+        assert r.info.status == "FINISHED" and r.data.tags["campaign"] == job
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        run_dir = Path(r.data.tags["run_dir"])
+        assert (run_dir / "mlflow_run_id.txt").read_text().strip() == r.info.run_id
+    summary = fold_summary(client, experiment)
+    assert summary["campaign"] == job and summary["folds"] == ["0", "1"] and summary["missing"] == {}

@@ -20,6 +20,13 @@ from tests.mlflow_server import api, experiment_runs, free_port, mlflow_server  
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def _no_mlflow_run_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's MLFLOW_RUN_ID / MLFLOW_EXPERIMENT_NAME would redirect every run of these tests."""
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+
+
 
 
 def cfg_for(url: str, **kw: object) -> TrackingConfig:
@@ -201,3 +208,70 @@ def test_figures_are_png_files(tmp_path: Path) -> None:
     for p in paths:
         data = Path(p).read_bytes()
         assert data[:8] == PNG_SIGNATURE and len(data) > 1000, p
+
+
+# ----------------------------------------------------------------------------- MLflow's conventions
+
+
+def test_mlflow_experiment_name_applies_when_the_experiment_is_left_at_its_default(
+        mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_exp = f"env-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", env_exp)
+    with make_tracker(TrackingConfig(uri=mlflow_server), True, tmp_path / "default") as t:  # "cxr-dist"
+        pass
+    assert [r["info"]["run_id"] for r in experiment_runs(mlflow_server, env_exp)] == [t.run_id]
+
+    explicit = cfg_for(mlflow_server)  # a name of its own wins over the variable
+    with make_tracker(explicit, True, tmp_path / "explicit") as t2:
+        pass
+    assert [r["info"]["run_id"] for r in experiment_runs(mlflow_server, explicit.experiment)] == [t2.run_id]
+    assert len(experiment_runs(mlflow_server, env_exp)) == 1
+
+
+def test_mlflow_run_id_logs_into_that_existing_run(mlflow_server: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_server)
+    outer_exp = f"outer-{uuid.uuid4().hex[:8]}"
+    outer = client.create_run(client.create_experiment(outer_exp), run_name="made-by-orchestrator").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer)
+    cfg = cfg_for(mlflow_server, tags=("purpose=env",))
+    run_dir = tmp_path / "r"
+    with make_tracker(cfg, True, run_dir) as tracker:
+        tracker.log_params({"train": {"lr": 0.001}})
+        tracker.log_metrics({"val/auroc": 0.7}, step=1)
+    assert tracker.run_id == outer
+    assert (run_dir / RUN_ID_FILE).read_text().strip() == outer
+    run = api(mlflow_server, "runs/get", run_id=outer)["run"]
+    assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "made-by-orchestrator"
+    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"train.lr": "0.001"}
+    assert {t["key"]: t["value"] for t in run["data"]["tags"]}["purpose"] == "env"
+    assert [m["key"] for m in run["data"]["metrics"]] == ["val/auroc"]
+    # No run of its own in tracking.experiment: the experiment was not even needed.
+    with pytest.raises(urllib.error.HTTPError):
+        api(mlflow_server, "experiments/get-by-name", experiment_name=cfg.experiment)
+
+    # It also wins over the run id a run folder holds; a run the store lacks is refused at once.
+    with make_tracker(cfg_for(mlflow_server), True, tmp_path / "other") as other:
+        pass
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer)
+    with make_tracker(cfg, True, tmp_path / "other") as again:
+        pass
+    assert again.run_id == outer != other.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", uuid.uuid4().hex)
+    with pytest.raises(UserError, match="MLFLOW_RUN_ID"):
+        make_tracker(cfg, True, tmp_path / "missing")
+
+
+def test_system_metrics_option(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    runs = {}
+    for on in (True, False):
+        with make_tracker(cfg_for(mlflow_server, system_metrics=on), True, tmp_path / str(on)) as t:
+            time.sleep(2.5)
+        runs[on] = {m["key"] for m in api(mlflow_server, "runs/get", run_id=t.run_id)["run"]["data"].get("metrics", [])}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= runs[True], runs[True]
+    assert not runs[False]
