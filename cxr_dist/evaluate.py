@@ -121,8 +121,9 @@ def predictions_csv(by_split: dict[str, dict]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(PREDICTION_COLUMNS + EXTRA_COLUMNS)
     for split, p in by_split.items():
-        for key, uid, label, prob, source, view in zip(p["keys"], p["uids"], p["labels"].tolist(),
-                                                       p["probs"].tolist(), p["sources"], p["views"]):
+        n = len(p["keys"])
+        for key, uid, label, prob, source, view in zip(p["keys"], p["uids"], p["labels"].tolist(), p["probs"].tolist(),
+                                                       p.get("sources", [LEGACY_SOURCE] * n), p.get("views", [""] * n)):
             w.writerow([split, key, uid, label, f"{prob:.6f}", source, view])
     return buf.getvalue()
 

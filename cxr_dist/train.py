@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
@@ -203,7 +202,11 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=t.plateau_mode, factor=t.plateau_factor, patience=t.plateau_patience)
         resume = None
-        if saved is not None and phase_at(t.phases, progress.epoch + 1) == p_idx:
+        # The saved optimizer belongs to the phase of the epoch the checkpoint was taken in: the
+        # running one when mid-epoch, else the last completed one (a checkpoint taken after a
+        # phase's last epoch must not be loaded into the next phase's optimizer).
+        saved_epoch = progress.epoch + 1 if progress.step_in_epoch else max(progress.epoch, 1)
+        if saved is not None and phase_at(t.phases, saved_epoch) == p_idx:
             resume = _restore(saved, optimizer, scheduler, rank)
         saved = None
         accelerator.print(f"phase {p_idx + 1}/{len(t.phases)} '{phase.name}': epochs {first_epoch}-{last_epoch}, "

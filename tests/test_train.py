@@ -141,3 +141,22 @@ def test_deepspeed_zero2_both_phases(tiny_shards, tmp_path):
     init = build_model(ModelConfig(pretrained=False)).state_dict()
     assert not torch.equal(r0["backbone.blocks.6.1.conv_pw.weight"], init["backbone.blocks.6.1.conv_pw.weight"])
     assert not torch.equal(r0["head.0.weight"], init["head.0.weight"])
+
+
+def test_resume_after_the_last_epoch_of_a_phase(tiny_shards, tmp_path):
+    """A checkpoint taken after a phase's last epoch resumes into the next phase with a fresh
+    optimizer: restoring the finished phase's optimizer (other parameter groups) into the next
+    phase's failed ("different number of parameter groups"). Here: a run of phase 1 only, then
+    the same run dir with the two-phase schedule (one process; the logic is rank-independent)."""
+    run_dir = tmp_path / "run"
+    head_only = ["--train.phases", '[{name = "head", epochs = 2, unfreeze_blocks = 0, lr = 1e-3}]',
+                 "--tracking.enabled", "false"]
+    args = [str(VENV_BIN / "python"), "-m", "cxr_dist.train", *tiny_overrides(tiny_shards, run_dir)]
+    first = subprocess.run(args + head_only, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(args + ["--tracking.enabled", "false"], cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stdout + second.stderr
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [(r["epoch"], r["phase"]) for r in history] == [(1, 1), (2, 1), (3, 2)]
