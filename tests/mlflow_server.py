@@ -6,7 +6,8 @@ conftest. The fixture is session-scoped: one server (5-10 s to start, ~0.5 GB) s
 the pytest process, however many modules import it; tests keep apart by using their own
 experiment names.
 
-Settings follow docs/ENVIRONMENT.md: job execution off and one worker keep it to two processes.
+MLflow 3.17's server starts 15 processes and ~3 GB by default; job execution off
+(MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false) and `--workers 1` keep it to two processes, ~0.5 GB.
 """
 from __future__ import annotations
 
