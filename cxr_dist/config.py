@@ -342,12 +342,33 @@ def validate(cfg: Config) -> None:
         if "=" not in tag:
             problems.append(f'tracking.tags entries look like "key=value", got {tag!r}')
     problems += _source_problems(d)
+    if t.log_every < 1:
+        problems.append("train.log_every must be >= 1 (steps between progress updates)")
+    for name in ("best_metric", "plateau_metric"):
+        metric = getattr(t, name)
+        if not _is_val_metric(metric, [s.name for s in sources_of(d)]):
+            problems.append(f"train.{name} = {metric!r} is not a validation metric: one of "
+                            f"{', '.join(VAL_METRICS)}, source/<source name>/auroc or view/<{'|'.join(VIEW_NAMES)}>/auroc")
     if t.best_mode not in ("", "min", "max"):
         problems.append('train.best_mode must be "", "min" or "max"')
     if t.early_stop_patience < 0:
         problems.append("train.early_stop_patience must be >= 0 (0 = off)")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+# Validation metrics an epoch reports (metrics.compute_metrics + metrics.breakdown) that can pick
+# the best checkpoint or drive ReduceLROnPlateau; checked when the config loads, not after an epoch.
+VAL_METRICS = ("loss", "accuracy", "precision", "recall", "specificity", "f1", "balanced_accuracy", "auroc",
+               "auprc", "source_mean_auroc")
+VIEW_NAMES = ("PA", "AP", "LATERAL", "FRONTAL", "unknown")
+
+
+def _is_val_metric(name: str, sources: list[str]) -> bool:
+    parts = name.split("/")
+    if len(parts) == 3 and parts[2] == "auroc":
+        return (parts[0] == "source" and parts[1] in sources) or (parts[0] == "view" and parts[1] in VIEW_NAMES)
+    return name in VAL_METRICS
 
 
 def _source_problems(d: DataConfig) -> list[str]:

@@ -1,4 +1,5 @@
 """The typed config: defaults, file, overrides, validation messages, round trip."""
+import re
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,7 @@ import pytest
 from cxr_dist.config import Config, ConfigError, dump_toml, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"
 
 
 def test_defaults_are_the_original_experiment():
@@ -80,3 +82,28 @@ def test_dump_round_trip(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--train.log_every", "0"], "train.log_every must be >= 1"),  # divided by zero at the first step
+    (["--train.best_metric", "aurco"], "train.best_metric = 'aurco' is not a validation metric"),
+    (["--train.plateau_metric", "los"], "train.plateau_metric = 'los' is not a validation metric"),
+    (["--train.best_metric", "source/kermany/auroc"], "is not a validation metric"),  # no such source
+    (["--train.best_mode", "up"], 'train.best_mode must be "", "min" or "max"'),
+])
+def test_training_settings_are_checked_when_the_config_loads(override, message):
+    """These failed only after a whole epoch (or divided by zero at the first step)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY, override)
+
+
+def test_best_metric_mode_follows_the_metric():
+    """best_metric = "loss" used to keep the *worst* epoch (always 'higher is better')."""
+    from cxr_dist.train import improved, metric_mode
+
+    assert metric_mode("loss") == "min" and metric_mode("auroc") == "max" and metric_mode("loss", "max") == "max"
+    assert improved(0.4, 0.5, "min") and not improved(0.6, 0.5, "min") and improved(0.6, 0.5, "max")
+    assert improved(0.1, float("-inf"), "min")  # nothing yet: any defined value is the best so far
+    assert not improved(float("nan"), float("-inf"), "max")
+    cfg = load_config(TINY, ["--train.best_metric", "view/LATERAL/auroc"])
+    assert cfg.train.best_metric == "view/LATERAL/auroc"
