@@ -268,7 +268,7 @@ def _index(cfg: DataConfig, sources, df: pd.DataFrame, splits: dict, counts: dic
         "no_indexing_counts": {
             "treatment": cfg.no_indexing,
             "images": int(no_idx_in.sum()) + len(no_idx_skipped),
-            "uids": int(iu.loc[no_idx_in, "uid"].nunique()) + len({s.get("uid", "") for s in no_idx_skipped}),
+            "uids": (int(iu.loc[no_idx_in, "uid"].nunique()) if len(iu) else 0) + len({s.get("uid", "") for s in no_idx_skipped}),
         },
         "totals": {"rows": n_rows, "samples": len(df), "uids": int(df[["source", "study"]].drop_duplicates().shape[0]),
                    "patients": int(df[["source", "patient"]].drop_duplicates().shape[0]),

@@ -4,50 +4,41 @@ The loop reads top to bottom: for each phase of the config, freeze/unfreeze, (re
 optimizer and let Accelerate wrap the model; for each epoch, train a fixed number of batches,
 evaluate on the validation split, step ReduceLROnPlateau once on the reduced metric, checkpoint,
 log. Only the main process writes files, prints and logs; the others get a do-nothing tracker.
+
+This module is the loop and nothing else: the train state that checkpoints save and resume
+restores is `train_state.py`, the frozen-compute cache `cache.py`, and the evaluation of the best
+checkpoint with the files a run leaves behind `final.py`.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import math
 import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
 from . import dist
-from .config import Config, PhaseConfig, describe_fields, dump_toml, load_config, to_dict
+from .cache import CachedBatches, cached_eval_batches, frozen_caches
+from .checkpoint import latest_checkpoint
+from .config import Config, ConfigError, PhaseConfig, describe_fields, dump_toml, load_config, to_dict, train_sources
 from .errors import run_main
+from .evaluate import evaluate_split
+from .final import finish
+from .index import LEGACY_SOURCE, class_counts, has_views, load_index, source_view_counts, train_val_splits
 from .log import bars_enabled
 from .log import setup as setup_logging
-from .cache import CachedBatches, FeatureCache, build_cache, cache_name, cached_eval_batches, cached_on_disk, seed_views
-from .evaluate import evaluate_split, logits_of, predictions_csv, report
-from .config import ConfigError, train_sources
-from .index import class_counts, has_views, load_index, source_view_counts
-from .metrics import balanced_threshold, compute_metrics, scalar_metrics, summary_line
+from .metrics import compute_metrics, scalar_metrics, summary_line, view_name
 from .mix import SampleWeightedLoss, loss_weight_table, source_weights
-from .model import CXRClassifier, build_model, count_trainable, param_groups, weights_source
-from .split import train_val_splits
+from .model import CXRClassifier, build_model, count_trainable, logits_of, param_groups, weights_source
 from .stream import train_loader
 from .tracking import check_reachable, make_tracker, resolve_uri
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # >0 only in a checkpoint taken mid-epoch at preemption
-    best: float = -math.inf  # best value of train.best_metric on validation (non-finite: none yet)
-    history: list[dict] = field(default_factory=list)  # one row of metrics per completed epoch
+from .train_state import Progress, load_latest, optimizer_epoch, restore, restore_rng, save
 
 
 def phase_at(phases: tuple[PhaseConfig, ...], epoch: int) -> int:
@@ -104,40 +95,26 @@ def check_metrics(cfg: Config, index: dict, val_split: str) -> None:
                 f"{labels['normal']} normal and {labels['abnormal']} abnormal images (AUROC is undefined): "
                 f"use a loss-based metric (--train.{field} loss) or a larger validation split")
     sources = train_sources(cfg.data)
+    split = index["splits"][val_split]
+    # What validation will report: the sources and views of the split (a version-1 index: IU, no views).
+    in_val = split.get("sources") or {LEGACY_SOURCE: {"views": {}}}
+    views = {view_name(v) for info in in_val.values() for v in info["views"]}
     for field in ("best_metric", "plateau_metric"):
         name = getattr(cfg.train, field)
-        if name.startswith("source/") and name.split("/")[1] not in sources:
+        kind, _, rest = name.partition("/")
+        group = rest.split("/")[0]
+        if kind == "source" and group not in sources:
             raise ConfigError(f"train.{field} = {name!r} names a source that is not trained on "
                               f"(training sources: {', '.join(sources)})")
-
-
-def _frozen_caches(cfg: Config, raw: CXRClassifier, index: dict, train_splits: list[str], val_split: str,
-                   accelerator) -> tuple[FeatureCache, FeatureCache]:
-    """This rank's train and val caches of the frozen part, loaded from train.cache_dir or built."""
-    t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
-    t0, show = time.time(), bars_enabled(accelerator.is_main_process)
-    raw.set_phase(max(p.unfreeze_blocks for p in t.phases))
-    cache_dir = Path(t.cache_dir or Path(t.run_dir) / "cache")
-    # Everything the cached tensors depend on; the frozen part does not depend on the head.
-    inputs = {"data": to_dict(cfg.data), "checksum": index.get("checksum", ""), "seed": t.seed,
-              "backbone": [cfg.model.backbone, cfg.model.pretrained, cfg.model.weights],
-              "depth": raw.unfrozen_blocks, "rank": rank, "world": world}
-    train_cache = cached_on_disk(
-        cache_dir / cache_name(f"train-r{rank}", {**inputs, "splits": train_splits, "views": t.cache_views}),
-        lambda: build_cache(raw, cfg.data, train_splits, rank, world, t.cache_views, seed_views(t.seed),
-                            accelerator.device, augment=True, show=show, index=index), accelerator.print)
-    val_cache = cached_on_disk(
-        cache_dir / cache_name(f"val-r{rank}", {**inputs, "splits": [val_split]}),
-        lambda: build_cache(raw, cfg.data, [val_split], rank, world, 1, 0, accelerator.device,
-                            augment=False, show=show, index=index), accelerator.print)
-    accelerator.print(f"frozen-compute cache: {t.cache_views} views of {len(train_cache.keys)} training images "
-                      f"on this rank, {tuple(train_cache.feats.shape[2:])} each, ready in {time.time() - t0:.0f} s")
-    return train_cache, val_cache
+        if (kind == "source" and group not in in_val) or (kind == "view" and has_views(index) and group not in views):
+            raise ConfigError(f"train.{field} = {name!r}: the validation split {val_split!r} has no images of that "
+                              f"{kind} (sources: {', '.join(in_val)}; views: {', '.join(sorted(views)) or 'not recorded'})")
 
 
 def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple[bool, CXRClassifier]:
     """Run (or resume) the whole schedule. Returns (finished, model); not finished = preempted.
-    `index`: the shard index, when the caller has read it already."""
+    `index`: the shard index (`main` has read it already; read here only for callers without one),
+    passed on to everything that reads the shards."""
     t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
     run_dir = Path(t.run_dir)
     index = index or load_index(cfg.data.shards_dir)
@@ -156,13 +133,9 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
     raw = build_model(cfg.model)
     train_cache = val_cache = None
     if t.cache_views:
-        train_cache, val_cache = _frozen_caches(cfg, raw, index, train_splits, val_split, accelerator)
-    progress, saved = Progress(), None
-    latest = ckpt.latest_checkpoint(run_dir) if t.resume else None
+        train_cache, val_cache = frozen_caches(cfg, raw, index, train_splits, val_split, accelerator)
+    progress, saved, latest = load_latest(run_dir, raw) if t.resume else (Progress(), None, None)
     if latest is not None:
-        model_state, saved, meta = ckpt.load_checkpoint(latest)
-        raw.load_state_dict(model_state)
-        progress = Progress(**meta["progress"])
         accelerator.print(f"resuming from {latest} after epoch {progress.epoch} (step {progress.step_in_epoch})")
     watch = dist.PreemptionWatch(run_dir)
     if accelerator.is_main_process:
@@ -192,9 +165,9 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
         raw.set_phase(phase.unfreeze_blocks)
         val_batches = None
         if train_cache is not None:  # carry the cache to this phase's split point
-            loader = CachedBatches(train_cache.for_phase(raw), cfg.data.batch_size, batches_per_epoch, t.seed, rank,
-                                   weights)
-            phase_val = val_cache.for_phase(raw)
+            loader = CachedBatches(train_cache.at_depth(raw, phase.unfreeze_blocks), cfg.data.batch_size,
+                                   batches_per_epoch, t.seed, rank, weights)
+            phase_val = val_cache.at_depth(raw, phase.unfreeze_blocks)
             val_batches = lambda: cached_eval_batches(phase_val)  # noqa: E731
         optimizer = torch.optim.Adam(param_groups(raw, phase), weight_decay=t.weight_decay)
         model, optimizer = accelerator.prepare(raw, optimizer)
@@ -202,12 +175,9 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=t.plateau_mode, factor=t.plateau_factor, patience=t.plateau_patience)
         resume = None
-        # The saved optimizer belongs to the phase of the epoch the checkpoint was taken in: the
-        # running one when mid-epoch, else the last completed one (a checkpoint taken after a
-        # phase's last epoch must not be loaded into the next phase's optimizer).
-        saved_epoch = progress.epoch + 1 if progress.step_in_epoch else max(progress.epoch, 1)
-        if saved is not None and phase_at(t.phases, saved_epoch) == p_idx:
-            resume = _restore(saved, optimizer, scheduler, rank)
+        # The saved optimizer belongs to the phase of the epoch the checkpoint was taken in.
+        if saved is not None and phase_at(t.phases, optimizer_epoch(progress)) == p_idx:
+            resume = restore(saved, optimizer, scheduler, rank)
         saved = None
         accelerator.print(f"phase {p_idx + 1}/{len(t.phases)} '{phase.name}': epochs {first_epoch}-{last_epoch}, "
                           f"{count_trainable(raw):,} trainable parameters")
@@ -221,7 +191,7 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
                                            batches_per_epoch, epoch, progress, watch, resume)
             resume = None
             if partial is not None:  # preempted at an agreed step
-                _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", partial=partial)
+                save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", partial=partial)
                 if accelerator.is_main_process:
                     watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
                 accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
@@ -238,11 +208,11 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
             is_best = improved(val_m[t.best_metric], progress.best, mode)
             if is_best:
                 progress.best = val_m[t.best_metric]
-            _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", best=is_best)
+            save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", best=is_best)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             accelerator.print(summary_line(epoch, phase.name, train_m, val_m, total))
         first_epoch = last_epoch + 1
-    _finish(cfg, accelerator, raw, tracker, progress, val_split, index)
+    finish(cfg, accelerator, raw, tracker, progress.history, progress.epoch, val_split, index)
     return True, raw
 
 
@@ -277,14 +247,14 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
             bar.update(1)
             continue
         if step == skip and resume is not None:
-            ckpt.set_rng_state(resume["rng"])
+            restore_rng(resume)
         if watch.requested():
             progress.step_in_epoch = step
             return None, {"probs": _cat(probs), "labels": _cat(labels), "loss_sum": loss_sum}
         y = batch["label"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
             logits = logits_of(model, batch, accelerator.device)
-            loss = loss_fn(logits.float(), y)
+            loss = loss_fn(logits.float(), y, batch["source"], batch["view"])  # per-source (and view) weights
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.clip_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
@@ -309,94 +279,6 @@ def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(xs) if xs else torch.zeros(0)
 
 
-def _restore(saved: dict, optimizer, scheduler, rank: int) -> dict | None:
-    """Optimizer and scheduler state into this phase's objects; returns this rank's saved
-    {"rng", "partial"} (None if the checkpoint came from fewer ranks: a new world size)."""
-    if saved.get("optimizer") is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    ranks = saved.get("ranks", [])
-    return ranks[rank] if rank < len(ranks) else None
-
-
-def _save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag, best=False, partial=None) -> None:
-    """Checkpoint from the main process; every rank contributes its RNG state (collective)."""
-    ranks = dist.gather_objects({"rng": ckpt.rng_state(), "partial": partial})
-    if accelerator.is_main_process:
-        # DeepSpeed partitions optimizer state across ranks; its resume restores weights, schedule
-        # and RNG but restarts Adam's moments (documented in docs/training.md).
-        opt_state = None if accelerator.state.deepspeed_plugin is not None else optimizer.state_dict()
-        model_state = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
-        state = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "ranks": ranks}
-        meta = {"progress": progress.__dict__, "config": to_dict(cfg)}
-        ckpt.save_checkpoint(run_dir, tag, model_state, state, meta)
-        if best:  # hard links: checkpoints are never modified in place
-            ckpt.copy_as(run_dir, tag, "best")
-    dist.barrier()
-
-
-def _finish(cfg, accelerator, raw: CXRClassifier, tracker, progress: Progress, val_split: str,
-            index: dict) -> None:
-    """After the last epoch: the best weights on val and test, figures, evaluation JSON, model.
-
-    Collective (every rank evaluates its share); files and logging on the main process only.
-    """
-    run_dir = Path(cfg.train.run_dir)
-    if ckpt.find_checkpoint(run_dir, "best") is None:
-        # No epoch ever had a defined val/<best_metric> (e.g. NaN throughout): the last weights stand in.
-        accelerator.print(f"no epoch improved val/{cfg.train.best_metric}: evaluating the latest checkpoint as best")
-        if accelerator.is_main_process:
-            ckpt.copy_as(run_dir, "latest", "best")
-        dist.barrier()
-    state, _ = ckpt.load_model_state(run_dir / "checkpoints" / "best")
-    best = copy.deepcopy(raw)  # the caller keeps the final weights
-    best.load_state_dict(state)
-    splits = {"val": val_split}
-    for name in ("test", "external"):  # external: the sources never trained on (cross-source evaluation)
-        if index["splits"].get(name, {}).get("total", 0):
-            splits[name] = name
-    preds = {name: evaluate_split(best, cfg.data, split, accelerator, with_predictions=True,
-                                  views=cfg.train.tta_views, index=index)["predictions"]
-             for name, split in splits.items()}
-    if accelerator.is_main_process:
-        from .plots import confusion_figure, roc_pr_figure, training_figure
-
-        evaluation = {name: report(p) for name, p in preds.items()}
-        if len(np.unique(preds["val"]["labels"])) == 2:
-            # Accuracy and F1 at 0.5 drift with calibration; the threshold with the best balanced
-            # accuracy on val, applied to test, is the honest alternative (picked without test).
-            threshold = balanced_threshold(preds["val"]["probs"], preds["val"]["labels"])
-            for name in ("test", "external"):
-                if name in preds:
-                    evaluation[f"{name}_at_val_threshold"] = report(preds[name], threshold)
-        ckpt.write_json_atomic(run_dir / "evaluation.json", evaluation)
-        # Per-image probabilities: for error analysis, and for ensembles of runs without their
-        # checkpoints (bench/ensemble.py).
-        ckpt.write_bytes_atomic(run_dir / "predictions.csv", predictions_csv(preds).encode())
-        ckpt.write_json_atomic(run_dir / "history.json", progress.history)
-        for name, rep in evaluation.items():
-            tracker.log_metrics(scalar_metrics(rep["image_level"], f"best_{name}/"), step=progress.epoch)
-            for kind in ("by_source", "by_view"):  # e.g. best_test/source/kermany/auroc
-                tracker.log_metrics({f"best_{name}/{kind[3:]}/{g}/{k}": v for g, m in rep[kind].items()
-                                     for k, v in m.items() if k.startswith(("auroc", "mean_prob")) and k != "auroc_ci95"},
-                                    step=progress.epoch)
-            if "study_level" in rep:
-                tracker.log_metrics(scalar_metrics(rep["study_level"], f"best_{name}_study/"), step=progress.epoch)
-        bounds = [float(b) + 0.5 for b in np.cumsum([p.epochs for p in cfg.train.phases])[:-1]]
-        last = "test" if "test" in preds else "val"
-        figures = [
-            training_figure(progress.history, bounds, run_dir / "training_metrics.png"),
-            roc_pr_figure(preds[last]["probs"], preds[last]["labels"], run_dir / f"roc_pr_{last}.png"),
-            confusion_figure(evaluation[last]["image_level"]["confusion"], run_dir / f"confusion_{last}.png"),
-        ]
-        for path in [*figures, run_dir / "evaluation.json", run_dir / "history.json", run_dir / "predictions.csv"]:
-            tracker.log_artifact(path)
-        tracker.log_model(best)
-        accelerator.print(json.dumps({n: {k: round(v, 4) for k, v in scalar_metrics(r["image_level"]).items()}
-                                      for n, r in evaluation.items()}))
-    dist.barrier()
-
-
 def _exit_on_signal(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -408,21 +290,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML file (see configs/); dotted overrides follow, e.g. --train.seed 3")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    load_index(cfg.data.shards_dir)  # missing shards: say so before any MLflow run is opened
+    index = load_index(cfg.data.shards_dir)  # missing shards: say so before any MLflow run is opened
     if cfg.tracking.enabled:
         # On every rank, before the process group exists: all ranks stop with this message
         # instead of rank 0 returning while the others die at its first barrier.
         check_reachable(resolve_uri(cfg.tracking.uri))
     accelerator = dist.make_accelerator(cfg.train, cfg.data)
     setup_logging(accelerator.is_main_process, accelerator.process_index)
-    resuming = cfg.train.resume and ckpt.latest_checkpoint(cfg.train.run_dir) is not None
+    resuming = cfg.train.resume and latest_checkpoint(cfg.train.run_dir) is not None
     tracker = make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir, resume=resuming)
     # SIGTERM (scancel, the time limit, torchrun stopping the other ranks after one failed)
     # kills without unwinding and would leave the MLflow run RUNNING; as SystemExit it ends
     # the run KILLED. (SLURM's early warning is SIGUSR1/PREEMPT, handled by dist.PreemptionWatch.)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     with tracker:
-        finished, _ = train(cfg, accelerator, tracker)
+        finished, _ = train(cfg, accelerator, tracker, index)
         if not finished:  # the requeued job reopens this MLflow run
             tracker.finish("KILLED")
     # A preempted run also exits 0 (run_dir/PREEMPTED tells the batch script to requeue it).

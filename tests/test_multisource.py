@@ -513,7 +513,9 @@ def _cfg(tmp_path: Path, *overrides: str):
 def test_check_metrics_refuses_before_any_work(tmp_path):
     cfg = _cfg(tmp_path)
     one_class = {"splits": {"val": {"labels": {"normal": 0, "abnormal": 7}}}}
-    both = {"splits": {"val": {"labels": {"normal": 3, "abnormal": 7}}}}
+    both = {"version": 2, "splits": {"val": {"labels": {"normal": 3, "abnormal": 7}, "sources": {
+        "iu": {"views": {"FRONTAL": {"normal": 2, "abnormal": 4}}},
+        "kermany": {"views": {"": {"normal": 1, "abnormal": 3}}}}}}}
     with pytest.raises(ConfigError, match=r"train\.best_metric = 'source_mean_auroc'.*both classes") as e:
         check_metrics(cfg, one_class, "val")
     assert isinstance(e.value, UserError)
