@@ -23,6 +23,7 @@ import hashlib
 import json
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +37,7 @@ from safetensors.torch import save
 
 from .fileio import write_bytes_atomic
 from .log import bars_enabled
-from .config import DataConfig
+from .config import Config, DataConfig, to_dict
 from .model import CXRClassifier
 from .stream import eval_loader, views_loader
 
@@ -49,27 +50,29 @@ class FeatureCache:
     labels: torch.Tensor
     keys: list[str]
     uids: list[str]
-    depth: int  # number of unfrozen blocks the features were computed for
+    depth: int  # the model's depth (trainable last blocks) the features were computed for
     sources: list[str]
     views: list[str]
 
-    def for_phase(self, model: CXRClassifier, batch_size: int = 256) -> "FeatureCache":
-        """The same cache carried forward to `model`'s current split point (fewer unfrozen blocks)."""
-        if model.unfrozen_blocks == self.depth:
+    def at_depth(self, model: CXRClassifier, depth: int, batch_size: int = 256) -> "FeatureCache":
+        """The same cache carried forward, through `model`'s frozen blocks, to the split point of
+        `depth` (<= self.depth: a phase that trains fewer blocks)."""
+        if depth == self.depth:
             return self
         v, n = self.feats.shape[:2]
         flat = self.feats.reshape(v * n, *self.feats.shape[2:])
-        out = torch.cat([model.frozen_from(flat[i : i + batch_size], self.depth).half()
+        out = torch.cat([model.frozen_from(flat[i : i + batch_size], self.depth, depth).half()
                          for i in range(0, len(flat), batch_size)])
         return FeatureCache(out.reshape(v, n, *out.shape[1:]), self.labels, self.keys, self.uids,
-                            model.unfrozen_blocks, self.sources, self.views)
+                            depth, self.sources, self.views)
 
 
 @torch.no_grad()
 def build_cache(model: CXRClassifier, data: DataConfig, splits: list[str], rank: int, world: int,
                 views: int, seed: int, device: torch.device, augment: bool, show: bool,
                 index: dict | None = None) -> FeatureCache:
-    """frozen_forward of every sample of `splits` on this rank, `views` times (augmented if `augment`)."""
+    """frozen_forward of every sample of `splits` on this rank, `views` times (augmented if
+    `augment`), at the model's current depth (set_phase)."""
     was_training = model.training
     model.eval()
     per_view, labels, keys, uids = [], None, None, None
@@ -91,7 +94,7 @@ def build_cache(model: CXRClassifier, data: DataConfig, splits: list[str], rank:
         per_view.append(torch.cat(feats))
         labels, keys, uids = torch.cat(lab), ks, us
     model.train(was_training)
-    return FeatureCache(torch.stack(per_view), labels, keys, uids, model.unfrozen_blocks, srcs, vws)
+    return FeatureCache(torch.stack(per_view), labels, keys, uids, model.depth, srcs, vws)
 
 
 class CachedBatches:
@@ -195,3 +198,32 @@ def cached_on_disk(path: Path, build: Callable[[], FeatureCache], log: Callable[
     cache = build()
     save_cache(cache, path)
     return cache
+
+
+def frozen_caches(cfg: Config, model: CXRClassifier, index: dict, train_splits: list[str], val_split: str,
+                  accelerator) -> tuple[FeatureCache, FeatureCache]:
+    """This rank's train and val caches of the frozen part, loaded from train.cache_dir or built.
+
+    Computed at the deepest depth any phase trains (each phase carries them to its own with
+    `at_depth`); leaves `model` at that depth. A collective only in that every rank builds its share.
+    """
+    t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
+    t0, show = time.time(), bars_enabled(accelerator.is_main_process)
+    depth = max(p.unfreeze_blocks for p in t.phases)
+    model.set_phase(depth)
+    cache_dir = Path(t.cache_dir or Path(t.run_dir) / "cache")
+    # Everything the cached tensors depend on; the frozen part does not depend on the head.
+    inputs = {"data": to_dict(cfg.data), "checksum": index.get("checksum", ""), "seed": t.seed,
+              "backbone": [cfg.model.backbone, cfg.model.pretrained, cfg.model.weights],
+              "depth": depth, "rank": rank, "world": world}
+    train_cache = cached_on_disk(
+        cache_dir / cache_name(f"train-r{rank}", {**inputs, "splits": train_splits, "views": t.cache_views}),
+        lambda: build_cache(model, cfg.data, train_splits, rank, world, t.cache_views, seed_views(t.seed),
+                            accelerator.device, augment=True, show=show, index=index), accelerator.print)
+    val_cache = cached_on_disk(
+        cache_dir / cache_name(f"val-r{rank}", {**inputs, "splits": [val_split]}),
+        lambda: build_cache(model, cfg.data, [val_split], rank, world, 1, 0, accelerator.device,
+                            augment=False, show=show, index=index), accelerator.print)
+    accelerator.print(f"frozen-compute cache: {t.cache_views} views of {len(train_cache.keys)} training images "
+                      f"on this rank, {tuple(train_cache.feats.shape[2:])} each, ready in {time.time() - t0:.0f} s")
+    return train_cache, val_cache

@@ -35,18 +35,11 @@ from . import dist
 from .config import DataConfig, ModelConfig, from_dict, replace
 from .errors import UserError, run_main
 from .config import SOURCE_FORMATS, SourceConfig, train_sources
-from .index import LEGACY_SOURCE, load_index
+from .index import LEGACY_SOURCE, load_index, train_val_splits
 from .metrics import (always_abnormal, auroc_interval, balanced_threshold, breakdown, compute_metrics, dedupe,
                       group_metrics, study_level, view_name)
-from .split import train_val_splits
+from .model import inference_device, logits_of
 from .stream import eval_loader, views_loader
-
-
-def logits_of(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """Images, or cached frozen features (train.cache_views > 0), through the model."""
-    if "features" in batch:
-        return model(batch["features"].to(device, non_blocking=True), cached=True)
-    return model(batch["image"].to(device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -105,10 +98,13 @@ def view_loaders(data: DataConfig, split: str, rank: int, world: int, views: int
             yield loader
 
 
-def predict_split(model: nn.Module, data: DataConfig, split: str, views: int = 1, index: dict | None = None) -> dict:
-    """One process's predictions on a whole split, on the CPU, averaged over `views` views."""
-    cpu = torch.device("cpu")
-    return average([merge([infer(model, loader, cpu)]) for loader in view_loaders(data, split, 0, 1, views, index)])
+def predict_split(model: nn.Module, data: DataConfig, split: str, views: int = 1, index: dict | None = None,
+                  device: torch.device | None = None) -> dict:
+    """One process's predictions on a whole split, averaged over `views` views, on `device`
+    (default: model.inference_device(), the GPU when there is one). Moves `model` there."""
+    device = device or inference_device()
+    model.to(device)
+    return average([merge([infer(model, loader, device)]) for loader in view_loaders(data, split, 0, 1, views, index)])
 
 
 PREDICTION_COLUMNS = ("split", "key", "uid", "label", "prob_abnormal")

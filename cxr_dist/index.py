@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from .config import DataConfig
 from .errors import DataError
 
 INDEX_FORMAT = "cxr-dist-shards"
@@ -48,6 +49,20 @@ def load_index(shards_dir: str | Path) -> dict:
         raise DataError(f"{root} lacks shard file(s) {', '.join(missing[:5])}; run `cxr-dist prepare` again")
     index["root"] = str(root)
     return index
+
+
+def train_val_splits(data_cfg: DataConfig) -> tuple[list[str], str]:
+    """(training split names, validation split name) for the configured fold: the splits of the
+    index that a run trains on and validates on. (Here, not in split.py, so that a training
+    process need not import pandas.)
+
+    k_folds == 0 -> (["train"], "val"); k_folds == K -> every fold but data.fold, and f"fold{fold}".
+    """
+    if data_cfg.k_folds > 0:
+        folds = [f"fold{i}" for i in range(data_cfg.k_folds)]
+        val = f"fold{data_cfg.fold}"
+        return [f for f in folds if f != val], val
+    return ["train"], "val"
 
 
 def check_splits(index: dict, splits: list[str]) -> None:

@@ -2,9 +2,14 @@
 
 The network is split at a movable point: everything before it is *frozen* (eval mode, no
 autograd graph), everything after it is *trainable*. Phase 1 puts the point after the pooled
-1280-d feature (head only); phase 2 moves it before the last `unfreeze_blocks` blocks. The split
-is also what the frozen-compute cache stores: `frozen_forward(x)` is computed once,
-`trainable_forward(h)` every step.
+1280-d feature (head only); phase 2 moves it before the last blocks. The split is also what the
+frozen-compute cache stores: `frozen_forward(x)` is computed once, `trainable_forward(h)` every step.
+
+One name for where the split sits: the **depth**, the number of the backbone's last blocks that
+train (a phase's `unfreeze_blocks` in the config; 0 = the head only). `set_phase(depth)` moves the
+split (requires_grad, train/eval modes, and the forward passes follow it); everything that asks
+*which* modules train at some depth (`tail_modules(depth)`, `param_groups(model, phase)`) is told
+the depth explicitly instead of reading the model's current one.
 
 A "block" is one inverted-residual block of timm's EfficientNet (the stages flattened: B1 has
 23). When any block is unfrozen, the 1x1 `conv_head` and its BatchNorm that follow the last block
@@ -21,6 +26,12 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig, PhaseConfig
+
+
+def inference_device() -> torch.device:
+    """Where single-process inference (`cxr-dist evaluate`, `cxr-dist predict`) runs: the GPU when
+    one is present, else the CPU. (Training gets its device from Accelerate.)"""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 LITE1_PACKAGE = "lite1-package"
 
@@ -43,7 +54,7 @@ class CXRClassifier(nn.Module):
         # Non-persistent: the checkpoint holds weights only; mean/std come from the backbone's name.
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
-        self.unfrozen_blocks = 0
+        self.depth = 0  # set_phase: how many of the backbone's last blocks train (0 = head only)
         self.set_phase(0)
 
     # ------------------------------------------------------------------ structure
@@ -51,25 +62,27 @@ class CXRClassifier(nn.Module):
         """The backbone's blocks in forward order (EfficientNet stages flattened)."""
         return [b for stage in self.backbone.blocks for b in stage]
 
-    def _tail_modules(self) -> list[nn.Module]:
-        """Backbone modules that train when `unfreeze_blocks` > 0."""
-        if self.unfrozen_blocks == 0:
+    def tail_modules(self, depth: int) -> list[nn.Module]:
+        """Backbone modules that train at `depth`: the last `depth` blocks and, with any block,
+        the 1x1 conv_head and its BatchNorm after them (none at depth 0)."""
+        if depth == 0:
             return []
-        return self.blocks()[-self.unfrozen_blocks :] + [self.backbone.conv_head, self.backbone.bn2]
+        return self.blocks()[-depth:] + [self.backbone.conv_head, self.backbone.bn2]
 
-    def set_phase(self, unfreeze_blocks: int) -> None:
-        """Freeze everything but the head and the last `unfreeze_blocks` backbone blocks."""
-        if unfreeze_blocks:
+    def set_phase(self, depth: int) -> None:
+        """Freeze everything but the head and the backbone's last `depth` blocks (a phase's
+        `unfreeze_blocks`); the forward passes split the network there from now on."""
+        if depth:
             if not all(hasattr(self.backbone, a) for a in ("blocks", "conv_stem", "conv_head", "bn2")):
                 raise ConfigError(
                     f"unfreeze_blocks > 0 needs an EfficientNet-family backbone; "
                     f"{type(self.backbone).__name__} has no blocks/conv_head"
                 )
-            if unfreeze_blocks > len(self.blocks()):
-                raise ConfigError(f"unfreeze_blocks={unfreeze_blocks}, but the backbone has {len(self.blocks())} blocks")
-        self.unfrozen_blocks = unfreeze_blocks
+            if depth > len(self.blocks()):
+                raise ConfigError(f"unfreeze_blocks={depth}, but the backbone has {len(self.blocks())} blocks")
+        self.depth = depth
         self.backbone.requires_grad_(False)
-        for m in self._tail_modules():
+        for m in self.tail_modules(depth):
             m.requires_grad_(True)
         self.head.requires_grad_(True)
         self.train(self.training)
@@ -79,7 +92,7 @@ class CXRClassifier(nn.Module):
         # plain model.train() would undo .eval() on the frozen part: re-freeze it on every call.
         super().train(mode)
         self.backbone.eval()
-        for m in self._tail_modules():
+        for m in self.tail_modules(self.depth):
             m.train(mode)
             if self.freeze_bn_stats:
                 # Switching a pretrained block's BatchNorm to batch statistics shifts the features
@@ -102,26 +115,26 @@ class CXRClassifier(nn.Module):
         """The frozen part: pooled features (phase 1) or the input of the first trainable block."""
         bb = self.backbone
         x = self.normalize(x)
-        if self.unfrozen_blocks == 0:
+        if self.depth == 0:
             return bb.forward_head(bb.forward_features(x), pre_logits=True)
         x = bb.bn1(bb.conv_stem(x))
-        for block in self.blocks()[: -self.unfrozen_blocks]:
+        for block in self.blocks()[: -self.depth]:
             x = block(x)
         return x
 
     @torch.no_grad()
-    def frozen_from(self, h: torch.Tensor, depth: int) -> torch.Tensor:
-        """Continue the frozen forward from the input of block[-depth] (a cache made with
-        `depth` unfrozen blocks) to this phase's split point (`unfrozen_blocks` <= depth)."""
-        if not self.unfrozen_blocks <= depth:
-            raise ValueError(f"a cache of depth {depth} cannot feed {self.unfrozen_blocks} unfrozen blocks")
-        if depth == 0:
+    def frozen_from(self, h: torch.Tensor, from_depth: int, to_depth: int) -> torch.Tensor:
+        """Continue a frozen forward: from the input of block[-from_depth] (a cache made at
+        `from_depth`) to the split point of `to_depth` (<= from_depth), through frozen blocks."""
+        if not to_depth <= from_depth:
+            raise ValueError(f"a cache of depth {from_depth} cannot feed depth {to_depth}")
+        if from_depth == 0:
             return h
         h = h.float()
         blocks = self.blocks()
-        for block in blocks[len(blocks) - depth : len(blocks) - self.unfrozen_blocks]:
+        for block in blocks[len(blocks) - from_depth : len(blocks) - to_depth]:
             h = block(h)
-        if self.unfrozen_blocks == 0:
+        if to_depth == 0:
             bb = self.backbone
             h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
         return h
@@ -129,9 +142,9 @@ class CXRClassifier(nn.Module):
     def trainable_forward(self, h: torch.Tensor) -> torch.Tensor:
         """The trainable part: unfrozen blocks (if any), pooling, MLP head -> logits."""
         h = h.float() if h.dtype == torch.float16 else h  # caches are stored in fp16
-        if self.unfrozen_blocks:
+        if self.depth:
             bb = self.backbone
-            for block in self.blocks()[-self.unfrozen_blocks :]:
+            for block in self.blocks()[-self.depth :]:
                 h = block(h)
             h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
         return self.head(h)
@@ -141,6 +154,14 @@ class CXRClassifier(nn.Module):
         frozen-compute cache), and only the trainable part runs. One entry point, so DDP's
         gradient hooks see both modes."""
         return self.trainable_forward(x if cached else self.frozen_forward(x))
+
+
+def logits_of(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """A batch through the model: its images, or its cached frozen features (a batch of the
+    frozen-compute cache has `features` instead of `image`). `model` may be wrapped (DDP)."""
+    if "features" in batch:
+        return model(batch["features"].to(device, non_blocking=True), cached=True)
+    return model(batch["image"].to(device, non_blocking=True))
 
 
 # ---------------------------------------------------------------------- building
@@ -225,9 +246,10 @@ def lite1_package_state_dict() -> dict[str, torch.Tensor]:
 
 
 def param_groups(model: CXRClassifier, phase: PhaseConfig) -> list[dict]:
-    """Adam parameter groups for a phase: the head at `lr`, unfrozen backbone at `backbone_lr`."""
+    """Adam parameter groups for a phase: the head at `lr`, the backbone's last
+    `phase.unfreeze_blocks` blocks (model.tail_modules) at `backbone_lr`."""
     groups = [{"name": "head", "params": list(model.head.parameters()), "lr": phase.lr}]
-    tail = [p for m in model._tail_modules() for p in m.parameters()]
+    tail = [p for m in model.tail_modules(phase.unfreeze_blocks) for p in m.parameters()]
     if tail:
         groups.append({"name": "backbone", "params": tail, "lr": phase.backbone_lr})
     return groups

@@ -24,7 +24,7 @@ from .checkpoint import load_model_state
 from .config import DataConfig, ModelConfig, from_dict, replace
 from .errors import UserError, run_main
 from .manifest import sample_key
-from .model import build_model
+from .model import build_model, inference_device
 from .preprocess import decode_film, encode_film
 from .transforms import eval_transform, seeded_transform, train_transform, view_seed
 
@@ -47,7 +47,8 @@ def predict(checkpoint: str, images: list[str], batch_size: int = 16, views: int
     views = views or int(meta["config"]["train"].get("tta_views", 1))  # older checkpoints: 1 view
     model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
     model.load_state_dict(state)
-    model.eval()
+    device = inference_device()  # the GPU when there is one
+    model.to(device).eval()
     # The run's own augmentation, as evaluate --tta draws it from the stream.
     plain, augment = eval_transform(data.input_size), train_transform(data.input_size, data.shift_augment)
     out = []
@@ -58,7 +59,7 @@ def predict(checkpoint: str, images: list[str], batch_size: int = 16, views: int
         for view in range(views):  # view 0 plain; view v the augmented view v-1, as in evaluate
             x = torch.stack([plain(im) if view == 0 else seeded_transform(augment, im, view_seed(0, view - 1, key))
                              for im, key in pics])
-            probs += torch.softmax(model(x).float(), 1)[:, 1]
+            probs += torch.softmax(model(x.to(device)).float(), 1)[:, 1].cpu()
         for path, prob in zip(chunk, (probs / views).tolist()):
             row = {"image": path, "prob_abnormal": round(prob, 6), "views": views}
             if threshold is not None:

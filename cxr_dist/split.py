@@ -22,18 +22,6 @@ def split_names(k_folds: int) -> list[str]:
     return ["train", "val", "test"]
 
 
-def train_val_splits(data_cfg: DataConfig) -> tuple[list[str], str]:
-    """(training split names, validation split name) for the configured fold.
-
-    k_folds == 0 -> (["train"], "val"); k_folds == K -> every fold but data.fold, and f"fold{fold}".
-    """
-    if data_cfg.k_folds > 0:
-        folds = [f"fold{i}" for i in range(data_cfg.k_folds)]
-        val = f"fold{data_cfg.fold}"
-        return [f for f in folds if f != val], val
-    return ["train"], "val"
-
-
 def _sorted_uids(uids: pd.Series) -> list[str]:
     # Numeric uids sort numerically (Kaggle), others as text; never depends on row order.
     vals = sorted(set(map(str, uids)))

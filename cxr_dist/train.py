@@ -38,7 +38,7 @@ from .mix import SampleWeightedLoss, loss_weight_table, source_weights
 from .model import CXRClassifier, build_model, count_trainable, logits_of, param_groups, weights_source
 from .stream import train_loader
 from .tracking import check_reachable, make_tracker, resolve_uri
-from .train_state import Progress, load_latest, optimizer_epoch, restore, restore_rng, save
+from .train_state import Progress, load_latest, optimizer_epoch, restore_rng, restore_state, save_state
 
 
 def phase_at(phases: tuple[PhaseConfig, ...], epoch: int) -> int:
@@ -177,7 +177,7 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
         resume = None
         # The saved optimizer belongs to the phase of the epoch the checkpoint was taken in.
         if saved is not None and phase_at(t.phases, optimizer_epoch(progress)) == p_idx:
-            resume = restore(saved, optimizer, scheduler, rank)
+            resume = restore_state(saved, optimizer, scheduler, rank)
         saved = None
         accelerator.print(f"phase {p_idx + 1}/{len(t.phases)} '{phase.name}': epochs {first_epoch}-{last_epoch}, "
                           f"{count_trainable(raw):,} trainable parameters")
@@ -191,7 +191,8 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
                                            batches_per_epoch, epoch, progress, watch, resume)
             resume = None
             if partial is not None:  # preempted at an agreed step
-                save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", partial=partial)
+                save_state(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest",
+                           partial=partial)
                 if accelerator.is_main_process:
                     watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
                 accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
@@ -208,7 +209,7 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
             is_best = improved(val_m[t.best_metric], progress.best, mode)
             if is_best:
                 progress.best = val_m[t.best_metric]
-            save(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", best=is_best)
+            save_state(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", best=is_best)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             accelerator.print(summary_line(epoch, phase.name, train_m, val_m, total))
         first_epoch = last_epoch + 1

@@ -31,7 +31,7 @@ def test_unaugmented_cache_equals_the_normal_frozen_forward(setup):
     torch.testing.assert_close(cache.feats[0].float(), direct, atol=2e-2, rtol=1e-2)  # stored in fp16
     # Carried to phase 1 (head only), it equals phase 1's own frozen forward.
     model.set_phase(0)
-    torch.testing.assert_close(cache.for_phase(model).feats[0].float(), model.frozen_forward(images),
+    torch.testing.assert_close(cache.at_depth(model, 0).feats[0].float(), model.frozen_forward(images),
                                atol=2e-2, rtol=1e-2)
     model.set_phase(1)
 

@@ -279,6 +279,40 @@ def test_predict_with_views_and_a_threshold(trained, second, tiny_data):
         assert res.returncode == 2 and bad[0] in res.stderr and "Traceback" not in res.stderr
 
 
+def test_inference_device_is_the_gpu_when_there_is_one(monkeypatch):
+    """`cxr-dist evaluate` (predict_split) and `cxr-dist predict` run on model.inference_device().
+    Only the choice is tested here: a GPU cannot be mocked honestly (a CUDA tensor needs CUDA), so on
+    these CPU machines the tests of evaluate and predict run the CPU path, and the GPU path is
+    checked by the next test only where a GPU is present."""
+    import torch
+
+    from cxr_dist.model import inference_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference_device() == torch.device("cuda")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU (this machine has none)")
+def test_predict_split_on_the_gpu_matches_the_cpu(trained, tiny_shards):
+    import torch
+
+    from cxr_dist.checkpoint import load_model_state
+    from cxr_dist.config import DataConfig, ModelConfig, from_dict, replace
+    from cxr_dist.evaluate import predict_split
+    from cxr_dist.model import build_model
+
+    state, meta = load_model_state(trained, tag="best")
+    model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
+    model.load_state_dict(state)
+    data = replace(from_dict(DataConfig, meta["config"]["data"]), shards_dir=str(tiny_shards))
+    cpu = predict_split(model, data, "test", 2, device=torch.device("cpu"))
+    gpu = predict_split(model, data, "test", 2)  # the default: the GPU
+    assert next(model.parameters()).is_cuda and gpu["keys"] == cpu["keys"]
+    np.testing.assert_allclose(gpu["probs"], cpu["probs"], atol=1e-4)
+
+
 @pytest.mark.parametrize("what", ["missing", "garbage", "pickle"])
 def test_bad_checkpoint_is_a_clear_error(trained, tmp_path, what):
     bad = tmp_path / "ckpt"

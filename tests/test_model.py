@@ -32,6 +32,20 @@ def test_phase_two_trains_last_block(b1):
     b1.set_phase(0)
 
 
+def test_param_groups_take_the_depth_from_the_phase(b1):
+    """The trainable tail is computed from the depth it is given (the phase's unfreeze_blocks),
+    never read from the model's current phase."""
+    phase = PhaseConfig(epochs=1, unfreeze_blocks=2, lr=1e-3, backbone_lr=1e-4)
+    b1.set_phase(0)
+    groups = param_groups(b1, phase)
+    tail = [p for m in b1.tail_modules(2) for p in m.parameters()]
+    assert [g["name"] for g in groups] == ["head", "backbone"] and groups[1]["params"] == tail
+    assert b1.tail_modules(0) == [] and b1.tail_modules(2)[:2] == b1.blocks()[-2:]
+    b1.set_phase(2)
+    assert sum(p.numel() for g in groups for p in g["params"]) == count_trainable(b1) and b1.depth == 2
+    b1.set_phase(0)
+
+
 def test_frozen_part_stays_in_eval_and_builds_no_graph(b1):
     b1.set_phase(1)
     b1.train()
