@@ -12,7 +12,9 @@ another at a collective. Each epoch the shard order is re-permuted (same permuta
 rank) and each slot reads its part through a shuffle buffer, wrapping around when its part is
 short and stopping when its budget is met. Epoch e's stream depends only on (seed, e, rank):
 call ``loader.set_epoch(e)`` before iterating (like DistributedSampler); without it, each
-iteration advances to the next epoch by itself.
+iteration advances to the next epoch by itself. With several sources (a shard holds one), each
+slot reads every source's part as its own endless shuffled stream and draws the source of each
+sample by the sources' weights (``_ShardStream._mix``).
 
 Eval stream (``eval_loader``): every sample of the split exactly once across all ranks and
 workers, in a fixed order, no augmentation; the last batch of a worker may be short and ranks
