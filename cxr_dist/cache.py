@@ -205,7 +205,7 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: dict, train_splits: 
     """This rank's train and val caches of the frozen part, loaded from train.cache_dir or built.
 
     Computed at the deepest depth any phase trains (each phase carries them to its own with
-    `at_depth`); leaves `model` at that depth. A collective only in that every rank builds its share.
+    `at_depth`); leaves `model` at that depth. No collectives: each rank builds or loads its own share.
     """
     t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
     t0, show = time.time(), bars_enabled(accelerator.is_main_process)
