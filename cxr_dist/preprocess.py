@@ -1,6 +1,6 @@
 """One way to read a film, for every path: `prepare` (the shards), `evaluate --data` and `predict`.
 
-    load_film(src, image_size, resize, intensity)    any PNG/JPEG/WebP -> 8-bit grayscale PIL image
+    load_film(src, image_size, resize, intensity)    any PNG/JPEG/WebP/DICOM -> 8-bit grayscale PIL image
     encode_film(...)                                  the same as JPEG q95 bytes: what a shard stores
     decode_film(jpg, input_size)                      those bytes -> PIL image, as the stream decodes them
 
@@ -15,7 +15,9 @@ Steps, in this order:
 1. read: 8-bit L/RGB/RGBA/P/LA/1 -> "L" (RGB: ITU-R 601 luma, PIL's convert("L")); JPEGs decoded by
    libjpeg at 1/2, 1/4 or 1/8 scale when that is still >= image_size (draft). High bit depth
    (16-bit PNG "I;16"/"I;16B", 32-bit "I", float "F") -> float 0..255, scaled, never clipped
-   (see `_scale_high_depth`), and kept in float through steps 2 and 3.
+   (see `_scale_high_depth`), and kept in float through steps 2 and 3. DICOM (by content: "DICM" at
+   byte 128; or a .dcm name): dicom.read_dicom decodes it, applies the Modality LUT and the VOI LUT or
+   window, maps that window to 0..255 and inverts MONOCHROME1, giving "L" or "F" like the other formats.
 2. resize: longest side image_size, aspect kept ("letterbox": the transforms pad it to a square),
    or image_size x image_size ("squash"); LANCZOS with reducing_gap 3.0.
 3. intensity: "none", "percentile" (0.5th..99.5th percentile -> 0..255, clipped) or "equalize"
@@ -85,6 +87,10 @@ def _scale_high_depth(arr: np.ndarray, is_float: bool) -> np.ndarray:
 def _read(src: str | Path | bytes, image_size: int) -> Image.Image:
     """Decode `src` -> "L" (8-bit sources) or "F" (float 0..255, high bit depth); DataError if unusable."""
     name = _name(src)
+    from . import dicom  # here, not at the top: dicom.py imports BIT_DEPTHS from this module
+
+    if dicom.is_dicom(src):  # "DICM" at byte 128, or a .dcm name: decoded and windowed in dicom.py
+        return dicom.read_dicom(src, name)
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, _BYTES) else src) as im:
             # JPEG only (a no-op otherwise): let libjpeg decode at 1/2, 1/4 or 1/8 scale, still
@@ -120,7 +126,8 @@ def _equalize(arr: np.ndarray, levels: int) -> np.ndarray:
     The classic CDF map: the darkest occupied level -> 0, the brightest -> 255, the others spread
     by how many pixels lie below them. A constant image has nothing to spread and stays as it is.
     """
-    q = np.rint(arr * ((levels - 1) / 255.0)).astype(np.int64)
+    # clipped: a float image resized by LANCZOS overshoots a little below 0 and above 255 at edges
+    q = np.clip(np.rint(arr * ((levels - 1) / 255.0)), 0, levels - 1).astype(np.int64)
     cdf = np.cumsum(np.bincount(q.ravel(), minlength=levels))
     low = cdf[q.min()]
     if cdf[-1] == low:  # one level only
@@ -145,7 +152,7 @@ def _intensity(im: Image.Image, intensity: str) -> Image.Image:
 
 def load_film(src: str | Path | bytes, image_size: int, resize: str = "letterbox",
               intensity: str = "none") -> Image.Image:
-    """Any PNG/JPEG/WebP film (path or bytes; any size, mode or bit depth) -> 8-bit grayscale ("L")
+    """Any PNG/JPEG/WebP/DICOM film (path or bytes; any size, mode or bit depth) -> 8-bit grayscale ("L")
     PIL image: longest side `image_size` ("letterbox", aspect kept) or `image_size` square
     ("squash"), with the `intensity` mapping ("none", "percentile", "equalize") applied.
 
