@@ -49,7 +49,11 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-from .preprocess import BIT_DEPTHS  # the detector depths a 16-bit PNG is narrowed to
+
+# The bit depths detectors store (and DICOM -> PNG exports keep) inside a 16-bit container; a
+# 16-bit PNG is narrowed to them too (preprocess.py imports them from here: this module is the
+# lower one, so that the two do not import each other).
+BIT_DEPTHS = (8, 10, 12, 14, 16)
 
 DICM_OFFSET = 128
 DICM_MAGIC = b"DICM"

@@ -42,14 +42,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import dicom
+from .dicom import BIT_DEPTHS  # the detector depths, defined with the DICOM reader
 from .errors import DataError
 
 JPEG_QUALITY = 95
 RESIZE_MODES = ("letterbox", "squash")
 INTENSITY_MODES = ("none", "percentile", "equalize")
 PERCENTILES = (0.5, 99.5)
-# The bit depths detectors store (and DICOM -> PNG exports keep) inside a 16-bit container.
-BIT_DEPTHS = (8, 10, 12, 14, 16)
 # Bins for equalising a float (high-bit-depth) image: 12 bits, finer than the 8-bit output.
 FLOAT_LEVELS = 4096
 
@@ -87,8 +87,6 @@ def _scale_high_depth(arr: np.ndarray, is_float: bool) -> np.ndarray:
 def _read(src: str | Path | bytes, image_size: int) -> Image.Image:
     """Decode `src` -> "L" (8-bit sources) or "F" (float 0..255, high bit depth); DataError if unusable."""
     name = _name(src)
-    from . import dicom  # here, not at the top: dicom.py imports BIT_DEPTHS from this module
-
     if dicom.is_dicom(src):  # "DICM" at byte 128, or a .dcm name: decoded and windowed in dicom.py
         return dicom.read_dicom(src, name)
     try:
