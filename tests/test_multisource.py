@@ -851,3 +851,31 @@ def test_paired_auroc_by_source_and_common_images(tmp_path, capsys):
     res = run_cmd([sys.executable, str(ROOT / "bench" / "paired_auroc.py"), str(a), str(b), "--source", "kermany"],
                   cwd=tmp_path, timeout=120)
     assert res.returncode == 2 and "paired_auroc.py:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sources_table_of_two_runs(tmp_path):
+    """bench/sources_table.py (the tables of docs/results.md "Several sources"): per run and source
+    the AUROC of the right split (test for trained sources, external for held-out ones), the
+    per-view shortcut table, and the paired gain on the images both runs scored."""
+    rng = np.random.default_rng(7)
+    lab_iu, lab_k = np.repeat(rng.integers(0, 2, 20), 2), rng.integers(0, 2, 30)
+    lab_iu[:4], lab_k[:2] = (0, 0, 1, 1), (0, 1)
+    iu = [(f"iu__{i}", f"iu__s{i // 2}", int(y), "iu", ("FRONTAL", "LATERAL")[i % 2]) for i, y in enumerate(lab_iu)]
+    ker = [(f"kermany__{i:02d}", f"kermany__p{i}", int(y), "kermany", "") for i, y in enumerate(lab_k)]
+    out = tmp_path / "out"
+    for run, items in (("iu_only", [("test", iu), ("external", ker)]), ("iu_kermany", [("test", iu + ker[:10])])):
+        probs = {k: float(np.clip(0.5 * y + rng.uniform(0, 0.5), 0, 1)) for _, part in items for k, _, y, _, _ in part}
+        (out / "runs" / run).mkdir(parents=True)
+        _write_preds(out / "runs" / run / "predictions.csv",
+                     [(split, k, u, y, f"{probs[k]:.6f}", s, v) for split, part in items for k, u, y, s, v in part])
+        (out / "runs" / run / "history.json").write_text(json.dumps([{"epoch": 1, "val/source_mean_auroc": 0.7}]))
+    (out / "times.tsv").write_text("iu_only\t10\t100\niu_kermany\t20\t200\n")
+    res = run_cmd([sys.executable, str(ROOT / "bench" / "sources_table.py"), str(out)], cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(l.startswith("| iu_only | kermany | external | 30 |") for l in lines)
+    assert any(l.startswith("| iu_kermany | kermany | test | 10 |") for l in lines)
+    assert any(l.startswith("| iu_only | iu | LATERAL | 20 |") for l in lines)
+    assert any(l.startswith("| iu_only -> iu_kermany | iu (test / test) | 40 |") for l in lines)
+    assert any(l.startswith("| iu_only -> iu_kermany | kermany (external / test) | 10 |") for l in lines)
+    assert "| iu_kermany | 20 | 200 |" in res.stdout
