@@ -4,7 +4,10 @@ Reads history.json, evaluation.json and predictions.csv of both run folders and 
 that differs (path, A's value, B's value). Timing fields (`epoch_time_s`, `images_per_s`) are
 shown but do not count. Exit code 0 when every other field is identical (exact equality, no
 tolerance: this is for refactors that must not change behaviour), 1 otherwise, 2 when a file is
-missing.
+missing. `--new-fields-ok`: fields only B has (a newer version that reports more, e.g. the
+per-source metrics) are listed but do not count; every field A has must still be identical.
+
+    python bench/compare_histories.py --new-fields-ok runs/before runs/after
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ def diff(a, b, where: str = "") -> list[tuple[str, object, object]]:
 
 
 def main(argv: list[str]) -> int:
+    new_ok = "--new-fields-ok" in argv
+    argv = [a for a in argv if a != "--new-fields-ok"]
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
         return 2
@@ -52,9 +57,11 @@ def main(argv: list[str]) -> int:
             return 2
         diffs = diff(*(_read(p) for p in paths))
         timing = [d for d in diffs if d[0].rsplit(".", 1)[-1] in TIMING]
-        other = [d for d in diffs if d not in timing]
+        new = [d for d in diffs if new_ok and d[1] == "<absent>" and d not in timing]
+        other = [d for d in diffs if d not in timing and d not in new]
         counted += len(other)
-        print(f"{name}: {len(other)} differing field(s), {len(timing)} timing field(s) differ (ignored)")
+        print(f"{name}: {len(other)} differing field(s), {len(timing)} timing field(s) differ (ignored)"
+              + (f", {len(new)} field(s) only in B (allowed)" if new_ok else ""))
         for where, x, y in other:
             print(f"  DIFFERS {where}: {x!r} != {y!r}")
         for where, x, y in timing:
