@@ -76,3 +76,36 @@ def test_gpu_experiments_script_fails_when_no_run_finishes(tmp_path):
     assert res.returncode == 1
     assert "no checkpoint" in res.stderr + res.stdout
     assert "no run finished or could be evaluated" in res.stderr
+
+
+def test_compare_histories_counts_what_differs(tmp_path):
+    """bench/compare_histories.py (behaviour kept across refactors, bench/legacy_equivalence.sh):
+    timing fields never count; any other difference does (exit 1); with --new-fields-ok, fields
+    that only the second run reports are allowed, but a changed value still is not."""
+    import json as _json
+
+    def run(name, history, rows):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "history.json").write_text(_json.dumps(history))
+        (d / "evaluation.json").write_text(_json.dumps({"test": {"auroc": 0.75}}))
+        (d / "predictions.csv").write_text("split,key,label,prob_abnormal\n" + "".join(f"test,{k},{y},{p}\n" for k, y, p in rows))
+        return d
+
+    rows = [("a", 0, 0.2), ("b", 1, 0.7)]
+    a = run("a", [{"epoch": 1, "val/auroc": 0.7, "epoch_time_s": 3.0}], rows)
+    b = run("b", [{"epoch": 1, "val/auroc": 0.7, "epoch_time_s": 9.0}], rows)
+    c = run("c", [{"epoch": 1, "val/auroc": 0.7, "epoch_time_s": 9.0, "val/source_mean_auroc": 0.7}], rows)
+    d = run("d", [{"epoch": 1, "val/auroc": 0.7, "epoch_time_s": 9.0}], [("a", 0, 0.2), ("b", 1, 0.71)])
+    script = [sys.executable, str(ROOT / "bench" / "compare_histories.py")]
+
+    def run_cmd(args, cwd):
+        return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+    same = run_cmd([*script, str(a), str(b)], cwd=tmp_path)
+    assert same.returncode == 0 and "identical apart from timing" in same.stdout, same.stdout + same.stderr
+    assert run_cmd([*script, str(a), str(c)], cwd=tmp_path).returncode == 1  # a new field counts by default
+    assert run_cmd([*script, "--new-fields-ok", str(a), str(c)], cwd=tmp_path).returncode == 0
+    changed = run_cmd([*script, "--new-fields-ok", str(a), str(d)], cwd=tmp_path)
+    assert changed.returncode == 1 and "prob_abnormal" in changed.stdout
+    assert run_cmd([*script, str(a), str(tmp_path / "missing")], cwd=tmp_path).returncode == 2
