@@ -26,6 +26,7 @@ PAIRS = [
     ("iu_only", "iu_kermany", "iu", "test", "test"),  # does adding Kermany cost IU?
     ("iu_only", "iu_kermany", "kermany", "external", "test"),  # Kermany never seen vs trained on
     ("kermany_only", "iu_kermany", "iu", "external", "test"),
+    ("kermany_only", "iu_kermany", "kermany", "test", "test"),  # does adding IU cost Kermany?
     ("iu_only", "iu_only_equalize", "iu", "test", "test"),
     ("iu_only", "iu_only_equalize", "kermany", "external", "external"),
     ("iu_only", "iu_only_shift", "iu", "test", "test"),
