@@ -6,6 +6,8 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/<tag>/``::
     state.safetensors   every tensor of the training state (optimizer moments, RNG byte states...)
     state.json          the training state's structure, tensors replaced by references (flatten)
     meta.json           epoch, phase, global step, metrics, resolved config, versions, "format"
+    extra.safetensors   (optional, added after training by amend_checkpoint) the product's tensors,
+                        e.g. the training features' statistics of the out-of-distribution score
     COMPLETE            written last: size and sha256 of each file above
 
 Tags by convention: ``latest`` (overwritten every save, what resume uses) and ``best`` (a copy
@@ -46,8 +48,8 @@ from cxr_dist.errors import CheckpointError
 from cxr_dist.fileio import _write_bytes, fsync_dir, json_bytes as _json_bytes, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
 
 FORMAT = "cxr-dist-checkpoint/1"
-MODEL_FILE, STATE_FILE, STATE_JSON, META_FILE, MARKER = (
-    "model.safetensors", "state.safetensors", "state.json", "meta.json", "COMPLETE",
+MODEL_FILE, STATE_FILE, STATE_JSON, META_FILE, MARKER, EXTRA_FILE = (
+    "model.safetensors", "state.safetensors", "state.json", "meta.json", "COMPLETE", "extra.safetensors",
 )
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -271,7 +273,8 @@ def copy_as(run_dir: str | Path, src_tag: str, dst_tag: str) -> Path:
     ckpt_root = Path(run_dir) / "checkpoints"
     tmp = _new_tmp(ckpt_root, dst_tag)
     try:
-        for name in (MODEL_FILE, STATE_FILE, STATE_JSON, META_FILE, MARKER):  # marker last
+        names = [n for n in (MODEL_FILE, STATE_FILE, STATE_JSON, META_FILE, EXTRA_FILE) if (src / n).is_file()]
+        for name in names + [MARKER]:  # marker last
             try:
                 os.link(src / name, tmp / name)
             except OSError:
@@ -283,6 +286,33 @@ def copy_as(run_dir: str | Path, src_tag: str, dst_tag: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def amend_checkpoint(path: str | Path, meta_updates: dict[str, Any], extra: dict[str, torch.Tensor] | None = None,
+                     tag: str = "best") -> Path:
+    """Atomically rewrite a complete checkpoint with ``meta_updates`` merged into its meta.json and,
+    when given, ``extra`` as its extra.safetensors (replacing any earlier one). What a run learns
+    after training (the calibration temperature, the threshold, the out-of-distribution statistics)
+    travels inside the checkpoint this way. The other files are verified and kept byte for byte."""
+    d, records, meta = _open(path, tag)
+    files = {name: _read_verified(d, name, records) for name in records}
+    files[META_FILE] = _json_bytes({**meta, **meta_updates})
+    if extra is not None:
+        files[EXTRA_FILE] = st_save(_safetensors_ready(dict(extra)), metadata={"format": "pt"})
+    name = d.name if not d.name.startswith(".") else _tag_of(d.name)  # a checkpoint found mid-swap
+    tmp = _new_tmp(d.parent, name)
+    try:
+        _write_files(tmp, files)
+        return _install(d.parent, tmp, name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_extra(path: str | Path, tag: str = "best") -> dict[str, torch.Tensor]:
+    """The checkpoint's extra.safetensors tensors ({} when it has none: an older checkpoint)."""
+    d, records, _ = _open(path, tag)
+    return _load_tensors(d, EXTRA_FILE, records) if EXTRA_FILE in records else {}
 
 
 # ----------------------------------------------------------------------------- finding

@@ -4,6 +4,7 @@
     cxr-dist train    [--config C] [overrides]      (single process; use `accelerate launch -m cxr_dist.train` for many)
     cxr-dist evaluate --checkpoint CKPT [CKPT...] (--data DIR | --shards OUT --split test) [--tta N]
     cxr-dist predict  --checkpoint CKPT IMAGE...
+    cxr-dist export   --checkpoint CKPT --format onnx --out model.onnx
     cxr-dist compare  [--experiment NAME]
     cxr-dist folds    --experiment NAME             (mean and spread of k-fold runs)
     cxr-dist --version
@@ -23,6 +24,7 @@ COMMANDS = {
     "train": ("cxr_dist.train", "train the two-phase classifier (wrap in `accelerate launch` for DDP)"),
     "evaluate": ("cxr_dist.evaluate", "metrics of a checkpoint on a split or a Kaggle-layout folder (JSON)"),
     "predict": ("cxr_dist.predict", "probability of 'abnormal' for each image"),
+    "export": ("cxr_dist.export", "a checkpoint -> ONNX (calibrated probabilities, dynamic batch)"),
     "compare": ("cxr_dist.compare", "table of MLflow runs: differing params and best metrics"),
     "folds": ("cxr_dist.compare", "summary (mean, spread) of the k-fold runs of an experiment"),
 }

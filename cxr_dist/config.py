@@ -81,6 +81,10 @@ class DataConfig:
     # Training loss weights that balance view x label within each source, so the view cannot
     # stand in for the label (e.g. AP films mostly abnormal); false: label only.
     balance_views: bool = False
+    # Where training images are decoded and augmented: "workers" (PIL in the dataloader workers),
+    # "device" (batched torchvision.io decode and tensor augmentation on the training device, the
+    # GPU when there is one; the same code runs on the CPU), "auto" (device with a GPU, else workers).
+    decode_on: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,11 @@ class ModelConfig:
     # (eval mode) while their weights train; false: they normalise with batch statistics, as a
     # plain model.train() does (docs/results.md measures both).
     freeze_bn_stats: bool = False
+    # How the frozen part runs on the CPU in the frozen-compute cache and in evaluation
+    # (frozen_fast.py; docs/performance.md measures each): "eager" (plain PyTorch fp32),
+    # "channels_last", "onnxruntime", "openvino" or "int8" (OpenVINO/ONNX static quantization
+    # calibrated on training images). On a GPU the model always runs in PyTorch.
+    frozen_backend: str = "eager"
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,14 @@ class TrainConfig:
     # predictions.csv): 1 = the plain view; N > 1 averages it with N-1 views drawn with the training
     # augmentation (test-time augmentation; N times the cost). Per-epoch validation stays 1 view.
     tta_views: int = 1
+    # After training: fit a temperature on the validation split (calibrate.py) and store it in the
+    # best checkpoint; predict/evaluate/the served model then return calibrated probabilities.
+    calibrate: bool = True
+    # Out-of-distribution flag: a prediction is flagged when its feature distance from the training
+    # split exceeds this quantile of the validation split's distances (ood.py).
+    ood_quantile: float = 0.99
+    # Grad-CAM overlays of this many fixed test images are logged to MLflow at the end of a run.
+    cam_images: int = 4
 
     @property
     def total_epochs(self) -> int:
@@ -163,6 +180,10 @@ class TrackingConfig:
     # campaign's parent run and tagged campaign=<id>; "" -> a plain run.
     campaign: str = ""
     system_metrics: bool = False  # MLflow system metrics (CPU, memory, GPU) as system/* metrics
+    # MLflow Model Registry: each run's servable model becomes a version of this registered model,
+    # and `model_alias` moves to the version with the best val/<train.best_metric>; "" -> no registry.
+    registered_model: str = "cxr-dist"
+    model_alias: str = "best"
 
 
 @dataclass(frozen=True)
@@ -351,6 +372,12 @@ def validate(cfg: Config) -> None:
                             f"{', '.join(VAL_METRICS)}, source/<source name>/auroc or view/<{'|'.join(VIEW_NAMES)}>/auroc")
     if t.best_mode not in ("", "min", "max"):
         problems.append('train.best_mode must be "", "min" or "max"')
+    if d.decode_on not in ("auto", "workers", "device"):
+        problems.append('data.decode_on must be "auto", "workers" or "device"')
+    if cfg.model.frozen_backend not in FROZEN_BACKENDS:
+        problems.append(f"model.frozen_backend must be one of {', '.join(FROZEN_BACKENDS)}, not {cfg.model.frozen_backend!r}")
+    if not 0.5 <= t.ood_quantile < 1 or t.cam_images < 0:
+        problems.append("train.ood_quantile must be in [0.5, 1), train.cam_images >= 0")
     if t.early_stop_patience < 0:
         problems.append("train.early_stop_patience must be >= 0 (0 = off)")
     if problems:
@@ -361,6 +388,7 @@ def validate(cfg: Config) -> None:
 # the best checkpoint or drive ReduceLROnPlateau; checked when the config loads, not after an epoch.
 VAL_METRICS = ("loss", "accuracy", "precision", "recall", "specificity", "f1", "balanced_accuracy", "auroc",
                "auprc", "source_mean_auroc")
+FROZEN_BACKENDS = ("eager", "channels_last", "onnxruntime", "openvino", "int8")
 VIEW_NAMES = ("PA", "AP", "LATERAL", "FRONTAL", "unknown")
 
 
