@@ -46,6 +46,7 @@ class SourceConfig:
     abnormal_labels: tuple[str, ...] = ("abnormal", "pneumonia", "1")
     view: str = ""  # view of every image when the source does not record it ("PA", "AP", "LATERAL"; "" unknown)
     no_indexing: str = "drop"  # iu: 'No Indexing' reports -> "drop" or "abnormal"
+    licence: str = ""  # the collection's licence, for the model card (e.g. "CC BY 4.0"); "" not stated
 
 
 @dataclass(frozen=True)
