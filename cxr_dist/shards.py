@@ -15,12 +15,15 @@ byte-identical output.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import multiprocessing
 import re
+import shutil
 import sys
+import tarfile
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -40,8 +43,9 @@ from .sources import ERROR_REASONS, read_sources
 from .split import split_by_source, split_names
 
 SHARD_RE = re.compile(r"^(?:train|val|test|external|fold\d+)-\d{5}\.tar$")
-OUR_FILE_RE = re.compile(
-    r"^(?:(?:train|val|test|external|fold\d+)-\d{5}\.tar|index\.json|skipped\.jsonl|\.[^/]+\.tmp(?:-[0-9a-f]+)?)$")
+PARTS_DIR = ".prepare-parts"  # OUT/.prepare-parts/part-TTTT-of-NNNN.tar: an array prepare's tasks
+OUR_FILE_RE = re.compile(r"^(?:(?:train|val|test|external|fold\d+)-\d{5}\.tar|index\.json|skipped\.jsonl"
+                         r"|\.prepare-parts|\.[^/]+\.tmp(?:-[0-9a-f]+)?)$")
 
 
 # ----------------------------------------------------------------------------- images
@@ -165,15 +169,33 @@ def write_shards(data_cfg: DataConfig, out_dir: str | Path, single_split: str | 
     data_cfg.max_skip_frac, or when nothing is left.
     """
     out = Path(out_dir)
+    sources, df, skipped = _read_table(data_cfg, out)
+    encoded = encode_all(df["path"].tolist(), data_cfg)
+    index = _write_output(data_cfg, out, sources, df, skipped, [err if data is None else None for data, err in encoded],
+                          lambda i: encoded[i][0], single_split)
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)  # parts of an earlier, unfinished array prepare
+    return index
+
+
+def _read_table(data_cfg: DataConfig, out: Path) -> tuple[list, pd.DataFrame, list[dict]]:
+    """(sources, the table of usable rows, the rows skipped while reading): cheap, no image decoded."""
     sources = sources_of(data_cfg)
     _check_out_dir(out, [s.path for s in sources])
     df, skipped = read_sources(data_cfg)
-    n_rows = len(df) + len(skipped)
+    return sources, df, skipped
 
-    encoded = encode_all(df["path"].tolist(), data_cfg)
-    ok = np.array([data is not None for data, _ in encoded], dtype=bool)
-    for (data, err), rec in zip(encoded, df.to_dict("records")):
-        if data is None:
+
+def _write_output(data_cfg: DataConfig, out: Path, sources: list, df: pd.DataFrame, skipped: list[dict],
+                  errors: list[str | None], jpg_of, single_split: str | None) -> dict:
+    """Everything after decoding: error skips, the split (which depends on which images decoded),
+    the shard tars, skipped.jsonl and index.json. `errors[i]` is None when row i of df encoded,
+    else why not; `jpg_of(i)` returns row i's JPEG bytes. One code path for the single-process
+    prepare and the merge of an array prepare, so that both write the same bytes."""
+    n_rows = len(df) + len(skipped)
+    skipped = list(skipped)
+    ok = np.array([err is None for err in errors], dtype=bool)
+    for err, rec in zip(errors, df.to_dict("records")):
+        if err is not None:
             skipped.append({"source": rec["source"], "patient": rec["patient"], "uid": _uid(rec, bool(data_cfg.sources)),
                             "filename": rec["filename"], "reason": "corrupt_image", "detail": f"{rec['path']}: {err}"})
     n_err = sum(1 for s in skipped if s["reason"] in ERROR_REASONS)
@@ -185,7 +207,6 @@ def write_shards(data_cfg: DataConfig, out_dir: str | Path, single_split: str | 
             f"conflicting labels, more than data.max_skip_frac = {data_cfg.max_skip_frac:.1%} (skipped by reason: "
             f"{counts}). First ones: {examples[:600]}. If that is expected, raise it: --data.max_skip_frac 0.2"
         )
-    jpgs = [data for data, _ in encoded]
     df = df.assign(jpg_index=np.arange(len(df)))[ok].reset_index(drop=True)
     if df.empty:
         raise DataError(f"no readable images in {', '.join(s.path for s in sources)} (skipped by reason: {counts})")
@@ -213,7 +234,7 @@ def write_shards(data_cfg: DataConfig, out_dir: str | Path, single_split: str | 
                 file = f"{name}-{i:05d}.tar"
                 rows = rows_s[start:start + size]
                 start, i = start + size, i + 1
-                samples = [_sample(r, jpgs[r["jpg_index"]], fold, bool(data_cfg.sources)) for r in rows]
+                samples = [_sample(r, jpg_of(r["jpg_index"]), fold, bool(data_cfg.sources)) for r in rows]
                 data = _tar_bytes(samples)
                 atomic_write(out / file, data)
                 written.add(file)
@@ -276,3 +297,121 @@ def _index(cfg: DataConfig, sources, df: pd.DataFrame, splits: dict, counts: dic
                    "skipped": sum(counts.values()), "error_skipped": n_err},
         "checksum": "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest(),
     }
+
+
+# ----------------------------------------------------------------------------- array prepare
+#
+# Which images decode is known only after decoding them, and the split depends on it (a film that
+# fails to decode leaves the table before the patients are split). So no task can know the shard
+# membership of its films: task T of N decodes rows T, T+N, T+2N, ... of the table (interleaved:
+# the table is grouped by source, and sources differ in film size) into a part file, and the merge
+# runs the same _write_output as a single-process prepare on the parts' bytes, read lazily.
+
+# DataConfig fields that do not change what prepare writes: they may differ between tasks.
+_NOT_OUTPUT = ("shards_dir", "prepare_workers", "input_size", "fold", "batch_size", "num_workers",
+               "shuffle_buffer", "augment", "shift_augment", "balance_views", "decode_on")
+
+
+def part_path(out_dir: str | Path, task: int, tasks: int) -> Path:
+    """Where task `task` of `tasks` writes its part: OUT/.prepare-parts/part-TTTT-of-NNNN.tar."""
+    return Path(out_dir) / PARTS_DIR / f"part-{task:04d}-of-{tasks:04d}.tar"
+
+
+def _check_task(task: int, tasks: int) -> None:
+    if tasks < 1 or not 0 <= task < tasks:
+        raise DataError(f"task {task} of {tasks}: need tasks >= 1 and 0 <= task < tasks")
+
+
+def _fingerprint(data_cfg: DataConfig, df: pd.DataFrame, tasks: int) -> str:
+    """What a part depends on: the output-relevant config (seed included: a task of another seed
+    belongs to another prepare), the task count and the table (keys and paths, in order)."""
+    fields = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _NOT_OUTPUT}
+    h = hashlib.sha256(json.dumps({"config": fields, "tasks": tasks}, sort_keys=True, default=str).encode())
+    for key, path in zip(df["key"], df["path"]):
+        h.update(f"{key}\t{path}\n".encode())
+    return h.hexdigest()
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_part(data_cfg: DataConfig, out_dir: str | Path, task: int, tasks: int) -> dict:
+    """Task `task` of `tasks` of an array prepare: decode its rows (task, task + tasks, ...) and write
+    them, with the rows that failed and why, to part_path(out_dir, task, tasks) (atomically).
+    Returns {"task", "tasks", "rows", "encoded", "failed"}. `merge_parts` then writes the shards."""
+    _check_task(task, tasks)
+    out = Path(out_dir)
+    _, df, _ = _read_table(data_cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.json").unlink(missing_ok=True)  # the folder is being rebuilt: not complete
+    rows = list(range(task, len(df), tasks))
+    encoded = encode_all([df["path"].iat[r] for r in rows], data_cfg)
+    meta = {"fingerprint": _fingerprint(data_cfg, df, tasks), "task": task, "tasks": tasks, "rows": rows,
+            "errors": {str(r): err for r, (data, err) in zip(rows, encoded) if data is None}}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        _tar_add(tar, "meta.json", json.dumps(meta, sort_keys=True).encode())
+        for r, (data, _) in zip(rows, encoded):
+            if data is not None:
+                _tar_add(tar, f"{r:08d}.jpg", data)
+    atomic_write(part_path(out, task, tasks), buf.getvalue())
+    return {"task": task, "tasks": tasks, "rows": len(rows), "encoded": len(rows) - len(meta["errors"]),
+            "failed": len(meta["errors"])}
+
+
+def merge_parts(data_cfg: DataConfig, out_dir: str | Path, tasks: int) -> dict:
+    """Combine the parts of tasks 0..tasks-1 into the shards, skipped.jsonl and index.json that
+    write_shards(data_cfg, out_dir) would write (byte for byte), then delete the parts; the index.
+
+    Raises DataError when a part is missing, unreadable, or was written for another config,
+    seed, task count or table (every task must run the same command line on the same data).
+    """
+    _check_task(0, tasks)
+    out = Path(out_dir)
+    sources, df, skipped = _read_table(data_cfg, out)
+    fingerprint = _fingerprint(data_cfg, df, tasks)
+    missing = [t for t in range(tasks) if not part_path(out, t, tasks).is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {tasks} tasks have no part in {out / PARTS_DIR} (task(s) "
+            f"{', '.join(map(str, missing[:10]))}): they failed or have not run. Run them "
+            f"(`cxr-dist prepare ... --task T --tasks {tasks}`, the same command line) and merge again")
+    errors: list[str | None] = [None] * len(df)
+    where: dict[int, tuple[int, int, int]] = {}  # row -> (task, offset, size) of its JPEG
+    for t in range(tasks):
+        path = part_path(out, t, tasks)
+        try:
+            with tarfile.open(path) as tar:
+                members = tar.getmembers()
+                meta = json.loads(tar.extractfile(members[0]).read()) if members[0].name == "meta.json" else {}
+        except (OSError, tarfile.TarError, ValueError, IndexError) as e:
+            raise DataError(f"part {path} is unreadable ({type(e).__name__}: {e}); run task {t} again") from e
+        if meta.get("fingerprint") != fingerprint or meta.get("task") != t:
+            raise DataError(
+                f"part {path} was written by another prepare (a different config, seed, --tasks or dataset "
+                f"table than this merge): every task and the merge must run the same command line on the same "
+                f"data. Run the array again, or delete {out / PARTS_DIR}")
+        for r, err in meta["errors"].items():
+            errors[int(r)] = err
+        for m in members[1:]:
+            where[int(m.name.split(".")[0])] = (t, m.offset_data, m.size)
+    lost = [r for r in range(len(df)) if errors[r] is None and r not in where]
+    if lost:
+        raise DataError(f"the parts in {out / PARTS_DIR} lack {len(lost)} row(s) of the table; run the array again")
+
+    files = [open(part_path(out, t, tasks), "rb") for t in range(tasks)]
+    try:
+        def jpg_of(row: int) -> bytes:  # read on demand: the merge never holds every film in memory
+            t, offset, size = where[row]
+            files[t].seek(offset)
+            return files[t].read(size)
+
+        index = _write_output(data_cfg, out, sources, df, skipped, errors, jpg_of, None)
+    finally:
+        for f in files:
+            f.close()
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    return index
