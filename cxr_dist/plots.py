@@ -3,7 +3,8 @@
 - training_figure: loss, accuracy, F1 and AUROC per epoch, train vs validation, with the phase
   boundaries marked (the figure the original experiment published);
 - roc_pr_figure: ROC and precision-recall curves of one evaluation;
-- confusion_figure: the 2x2 confusion matrix with counts and row percentages.
+- confusion_figure: the 2x2 confusion matrix with counts and row percentages;
+- reliability_figure: top-label reliability diagram before and after temperature scaling.
 """
 from __future__ import annotations
 
@@ -133,3 +134,40 @@ def confusion_figure(confusion: Sequence[Sequence[int]], path: str | Path,
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def reliability_figure(probs_before: Sequence[float], probs_after: Sequence[float], labels: Sequence[int],
+                       path: str | Path, bins: int = 15, title: str | None = None) -> Path:
+    """Reliability diagram of the same predictions before and after calibration: accuracy against
+    mean confidence per bin (calibrate.reliability_bins, the bins of calibrate.ece, whose values
+    are in the legend), the diagonal of perfect calibration, and below it how many predictions
+    fall in each bin. Points under the diagonal are over-confident. Written atomically."""
+    import io
+
+    from .calibrate import ece, reliability_bins
+    from .fileio import write_bytes_atomic
+
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", label="perfect calibration")
+    width = 1.0 / bins
+    for i, (name, probs, color) in enumerate((("before", probs_before, "tab:red"), ("after", probs_after, "tab:blue"))):
+        r = reliability_bins(probs, labels, bins)
+        used = r["count"] > 0
+        ax.plot(r["confidence"][used], r["accuracy"][used], marker="o", color=color, linewidth=1.5,
+                label=f"{name}: ECE = {ece(probs, labels, bins):.3f}")
+        centres = (r["edges"][:-1] + r["edges"][1:]) / 2
+        ax_n.bar(centres + (i - 0.5) * width / 2, r["count"], width=width / 2, color=color, alpha=0.7, label=name)
+    ax.set(ylabel="accuracy", title=title or "Reliability (top-label confidence)", ylim=(0, 1.01))
+    ax.set_xlim(0.45, 1.005)  # a 2-class model's confidence is never below 0.5
+    ax.legend(loc="upper left", fontsize=9)
+    ax_n.set(xlabel="confidence (probability of the predicted class)", ylabel="predictions")
+    for a in (ax, ax_n):
+        a.grid(True, alpha=0.3)
+    fig.tight_layout()
+    # Atomic: a reader (MLflow artifact upload, a browser) never sees half a PNG.
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    out = Path(path)
+    write_bytes_atomic(out, buf.getvalue())
+    return out
