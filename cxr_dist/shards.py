@@ -394,6 +394,9 @@ def merge_parts(data_cfg: DataConfig, out_dir: str | Path, tasks: int) -> dict:
                 f"part {path} was written by another prepare (a different config, seed, --tasks or dataset "
                 f"table than this merge): every task and the merge must run the same command line on the same "
                 f"data. Run the array again, or delete {out / PARTS_DIR}")
+        # tarfile lists a file cut short without complaint: its last member would read short.
+        if members[-1].offset_data + members[-1].size > path.stat().st_size:
+            raise DataError(f"part {path} is cut short (a task killed while writing, a full disk?); run task {t} again")
         for r, err in meta["errors"].items():
             errors[int(r)] = err
         for m in members[1:]:
