@@ -130,19 +130,19 @@ def _model(cfg: Config) -> str:
         f"{d.input_size} px; intensity normalisation: {d.intensity}.",
         f"- Training: class-weighted loss: {'yes' if t.class_weighted_loss else 'no'}; view x label balancing: "
         f"{'yes' if d.balance_views else 'no'}; the best checkpoint by val/{t.best_metric}"
-        + (f", early stopping after {t.early_stop_patience} epochs without improvement per phase" if t.early_stop_patience else "")
+        + (f", early stopping after {t.early_stop_patience} epochs without improvement per phase"
+           if t.early_stop_patience else "")
         + f"; evaluated over {t.tta_views} view(s) per image.",
         "", phases,
     ])
 
 
-def label_definition(src: SourceConfig, no_indexing: str | None = None) -> str:
+def label_definition(src: SourceConfig) -> str:
     """How one source's labels are made, in words (the readers in sources/ are the truth)."""
     normal, abnormal = ", ".join(src.normal_labels), ", ".join(src.abnormal_labels)
     if src.format == "iu":
-        treat = no_indexing or src.no_indexing
         return ("normal when the report's Problems field is exactly 'normal', abnormal when it lists any finding; "
-                f"'No Indexing' reports: {'dropped' if treat == 'drop' else 'called abnormal'}")
+                f"'No Indexing' reports: {'dropped' if src.no_indexing == 'drop' else 'called abnormal'}")
     if src.format == "nih":
         return "normal when Finding Labels is 'No Finding', abnormal when it lists any of the 14 ChestX-ray14 findings"
     where = "class folder name" if src.format == "folder" else "`label` column"
@@ -165,7 +165,7 @@ def _data(cfg: Config, index: dict | None) -> str:
         role = "trained on (train/val/test)" if s.role == "train" else "external (evaluated only, never trained on)"
         rows.append([s.name, s.format, Path(s.path).name or "(not set)", role, s.licence or "not stated",
                      images or "n/a"])
-        labels.append(f"- `{s.name}` ({s.format}): {label_definition(s, cfg.data.no_indexing if not cfg.data.sources else None)}"
+        labels.append(f"- `{s.name}` ({s.format}): {label_definition(s)}"
                       + (f"; every image's view taken as {s.view}" if s.view else ""))
     return "\n".join(["## Data", "", _table(["source", "format", "folder", "role", "licence", "images per split"], rows),
                       "", "Label definition (abnormal is the positive class):", "", *labels])
@@ -179,7 +179,9 @@ def _views(counts: dict) -> str:
 def _splits(cfg: Config, index: dict | None) -> str:
     idx = index or {}
     seed = idx.get("seed", cfg.data.seed)
-    val, test, k = idx.get("val_frac", cfg.data.val_frac), idx.get("test_frac", cfg.data.test_frac), idx.get("k_folds", cfg.data.k_folds)
+    # What the shards were made with (the index) over what the config says now.
+    val, test = idx.get("val_frac", cfg.data.val_frac), idx.get("test_frac", cfg.data.test_frac)
+    k = idx.get("k_folds", cfg.data.k_folds)
     how = (f"By patient (all films of a patient in one split), stratified by label, per training source, seeded "
            f"(seed {seed}): {val:.0%} of patients for validation, {test:.0%} for test")
     how += (f"; the rest cut into {k} folds, fold {cfg.data.fold} validating." if k else ", the rest for training.")
@@ -197,7 +199,8 @@ def _splits(cfg: Config, index: dict | None) -> str:
 
 
 def _group_table(groups: dict[str, dict]) -> str:
-    return _table(["group", "images", "normal", "abnormal", "AUROC [95% CI]", "mean P(abn.) normal", "mean P(abn.) abnormal"],
+    return _table(["group", "images", "normal", "abnormal", "AUROC [95% CI]", "mean P(abn.) normal",
+                   "mean P(abn.) abnormal"],
                   [[g, m.get("n", "n/a"), m.get("n_normal", "n/a"), m.get("n_abnormal", "n/a"), _auroc(m),
                     _num(m.get("mean_prob_normal")), _num(m.get("mean_prob_abnormal"))] for g, m in groups.items()])
 

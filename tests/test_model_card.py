@@ -82,7 +82,7 @@ def test_card_has_sources_metrics_threshold_and_use(setup):
     card = path.read_text()
 
     # Sources: format, folder name, role, licence ("not stated" when the config gives none), labels.
-    assert re.search(r"\| iu \| iu \| iu_small \| trained on [^|]*\| " + re.escape(IU_LICENCE.replace("|", "")) + " \\|", card)
+    assert re.search(r"\| iu \| iu \| iu_small \| trained on [^|]*\| " + re.escape(IU_LICENCE) + r" \|", card)
     assert re.search(r"\| kermany \| folder \| kermany_ped \| external [^|]*\| not stated \|", card)
     assert "Problems field is exactly 'normal'" in card
     assert "class folder name: normal = NORMAL; abnormal = PNEUMONIA" in card
