@@ -402,3 +402,42 @@ def test_preempting_one_kfold_task_requeues_only_that_task(kfold_shards, mlflow_
         assert (run_dir / "mlflow_run_id.txt").read_text().strip() == r.info.run_id
     summary = fold_summary(client, experiment)
     assert summary["campaign"] == job and summary["folds"] == ["0", "1"] and summary["missing"] == {}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_prepare_array_writes_the_single_process_bytes(cluster, tmp_path):
+    """Issue 16.4: `sbatch --array=0-2 slurm/prepare.sh`: three tasks decode their shares (two at
+    a time, 1 CPU each), the first submits the merge job (afterok on the array), and the folder
+    holds the same bytes as a single-process prepare of the same arguments: every tar,
+    index.json and skipped.jsonl, and no parts left behind. ~60 rows, one of them undecodable."""
+    import re
+
+    from cxr_dist.config import DataConfig
+    from cxr_dist.shards import write_shards
+    from tests.datagen import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_uids=30, size=48, broken=True)
+    out = tmp_path / "array"
+    args = ["--data", str(data), "--out", str(out), "--data.image_size", "40", "--data.input_size", "32",
+            "--data.samples_per_shard", "7", "--data.max_skip_frac", "0.2"]
+    job = sbatch("prepare.sh", args, tmp_path / "logs", sbatch_opts=["--array=0-2", "--cpus-per-task=1"])
+    records = wait_job(job, timeout=300)
+    logs = log_text(tmp_path / "logs")
+    assert len(records) == 3 and all(r["JobState"] == "COMPLETED" for r in records), logs
+    merge_job = re.search(r"submitted merge job (\d+) \(after array (\d+), 3 tasks\)", logs)
+    assert merge_job and merge_job.group(2) == job, logs
+    merge = wait_job(merge_job.group(1), timeout=300)[0]
+    logs = log_text(tmp_path / "logs")
+    assert merge["JobState"] == "COMPLETED" and merge["ExitCode"] == "0:0", logs
+    assert sorted(re.findall(r"prepare task (\d) of 3", logs)) == ["0", "1", "2"], logs
+
+    single = tmp_path / "single"
+    write_shards(DataConfig(data_dir=str(data), image_size=40, input_size=32, samples_per_shard=7,
+                            max_skip_frac=0.2, prepare_workers=1), single)
+    want = {p.name: p.read_bytes() for p in single.iterdir()}
+    got = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(got) == sorted(want), logs
+    assert sum(n.endswith(".tar") for n in want) >= 6
+    for name, blob in want.items():
+        assert got[name] == blob, name
