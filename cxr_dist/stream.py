@@ -16,6 +16,11 @@ iteration advances to the next epoch by itself. With several sources (a shard ho
 slot reads every source's part as its own endless shuffled stream and draws the source of each
 sample by the sources' weights (``_ShardStream._mix``).
 
+Decode on the device (``on_device=True``, data.decode_on): the workers only read and shuffle,
+and a batch carries its JPEG files (``jpeg``, ``jpeg_sizes``: device_input.pack_jpegs) instead of
+``image``; ``device_input.DeviceInput`` decodes and augments it on the training device. Same
+samples in the same order as the PIL path (shuffling draws from its own RNG).
+
 Eval stream (``eval_loader``): every sample of the split exactly once across all ranks and
 workers, in a fixed order, no augmentation; the last batch of a worker may be short and ranks
 may get different numbers of batches.
@@ -31,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
+from .device_input import pack_jpegs
 from .errors import DataError
 from .index import LEGACY_SOURCE, Shard, load_index, shard_list
 from .preprocess import decode_film
@@ -80,9 +86,14 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
     yield from buf
 
 
-def _collate(items: list[tuple[torch.Tensor, int, str, str, str, str]]) -> Batch:
+def _collate(items: list[tuple[torch.Tensor | bytes, int, str, str, str, str]]) -> Batch:
+    if isinstance(items[0][0], bytes):  # on_device: the files, packed into one tensor
+        data, sizes = pack_jpegs([x[0] for x in items])
+        pixels = {"jpeg": data, "jpeg_sizes": sizes}
+    else:
+        pixels = {"image": torch.stack([x[0] for x in items])}
     return {
-        "image": torch.stack([x[0] for x in items]),
+        **pixels,
         "label": torch.tensor([x[1] for x in items], dtype=torch.int64),
         "key": [x[2] for x in items],
         "uid": [x[3] for x in items],
@@ -106,7 +117,7 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, shards: list[Shard], cfg: DataConfig, rank: int, world: int,
                  workers: int, train: bool, seed: int, batches_per_epoch: int, augment: bool | None = None,
-                 keyed: bool = False, weights: dict[str, float] | None = None) -> None:
+                 keyed: bool = False, weights: dict[str, float] | None = None, on_device: bool = False) -> None:
         super().__init__()
         self.shards, self.rank, self.world, self.workers = shards, rank, world, max(1, workers)
         self.batch_size, self.buffer, self.train, self.seed = cfg.batch_size, cfg.shuffle_buffer, train, seed
@@ -121,6 +132,7 @@ class _ShardStream(IterableDataset):
         # the same whichever rank or worker reads it (test-time augmentation gives the same answer
         # on any number of processes). Otherwise one stream per (rank, worker), cheaper to seed.
         self.keyed = keyed
+        self.on_device = on_device  # yield the JPEG bytes: decoded and augmented by device_input
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -130,7 +142,14 @@ class _ShardStream(IterableDataset):
         slots = range(self.rank * self.workers, (self.rank + 1) * self.workers)
         return sum(-(-_slot_count(self.shards, n_slots, s) // self.batch_size) for s in slots)
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str, str, str, str]:
+    def _decode(self, sample: dict) -> tuple[torch.Tensor | bytes, int, str, str, str, str]:
+        meta = json.loads(sample["json"])
+        tail = (int(sample["cls"]), sample["__key__"], str(meta["uid"]), *sample_source_view(meta))
+        if self.on_device:
+            return (sample["jpg"], *tail)
+        return (self._image(sample), *tail)
+
+    def _image(self, sample: dict) -> torch.Tensor:
         # PIL rather than torchvision.io.decode_jpeg (deprecated in torchvision 0.29); the same
         # decode as `cxr-dist predict` (preprocess.decode_film), so both see the same pixels.
         img = decode_film(sample["jpg"], self.input_size)
@@ -147,8 +166,7 @@ class _ShardStream(IterableDataset):
             torch.set_rng_state(saved)
         else:
             img = self.transform(img)
-        meta = json.loads(sample["json"])
-        return (img, int(sample["cls"]), sample["__key__"], str(meta["uid"]), *sample_source_view(meta))
+        return img
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -237,7 +255,8 @@ class EpochLoader(DataLoader):
 
 
 def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int,
-                 index: dict | None = None, weights: dict[str, float] | None = None) -> tuple[EpochLoader, int]:
+                 index: dict | None = None, weights: dict[str, float] | None = None,
+                 on_device: bool = False) -> tuple[EpochLoader, int]:
     """Augmented, shuffled training batches for ``rank`` of ``world`` from the given splits.
 
     Returns (loader, batches_per_epoch); every rank gets the same batches_per_epoch, all batches
@@ -245,6 +264,7 @@ def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int,
     per-rank streams differ by construction. Use ``loader.set_epoch(e)`` for epoch e. With
     several sources, ``weights`` ({source: weight}, default 1 each) sets each one's share of the
     batches. ``index``: the shard index already read (else read from data_cfg.shards_dir).
+    ``on_device``: batches of JPEG bytes for ``device_input.DeviceInput`` (the module docstring).
     """
     index = index or load_index(data_cfg.shards_dir)
     shards = shard_list(index, splits)
@@ -253,18 +273,22 @@ def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int,
         raise DataError(f"splits {splits} in {data_cfg.shards_dir} hold no samples")
     # At least one batch even for tiny data (samples then repeat within the epoch).
     batches = max(1, total // (world * data_cfg.batch_size))
-    ds = _ShardStream(shards, data_cfg, rank, world, data_cfg.num_workers, True, seed, batches, weights=weights)
+    ds = _ShardStream(shards, data_cfg, rank, world, data_cfg.num_workers, True, seed, batches, weights=weights,
+                      on_device=on_device)
     return EpochLoader(ds, data_cfg.num_workers), batches
 
 
-def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int, index: dict | None = None) -> EpochLoader:
+def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int, index: dict | None = None,
+                on_device: bool = False) -> EpochLoader:
     """Every sample of ``split`` exactly once across all ranks and workers; no augmentation.
 
     Ranks may yield different numbers of batches (gather results without collectives inside
-    the loop). ``len(loader)`` is this rank's number of batches.
+    the loop). ``len(loader)`` is this rank's number of batches. ``on_device``: batches of JPEG
+    bytes, for ``device_input.DeviceInput(..., augment=False)``.
     """
     index = index or load_index(data_cfg.shards_dir)
-    ds = _ShardStream(shard_list(index, [split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0)
+    ds = _ShardStream(shard_list(index, [split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0,
+                      on_device=on_device)
     return EpochLoader(ds, data_cfg.num_workers)
 
 

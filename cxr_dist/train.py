@@ -27,6 +27,7 @@ from . import dist
 from .cache import CachedBatches, cached_eval_batches, frozen_caches
 from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError, PhaseConfig, describe_fields, dump_toml, load_config, to_dict, train_sources
+from .device_input import DeviceInput, decode_where
 from .errors import run_main
 from .evaluate import evaluate_split
 from .final import finish
@@ -127,7 +128,13 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
     table = loss_weight_table(source_view_counts(index, train_splits), cfg.data.balance_views)
     loss_fn = SampleWeightedLoss(table if t.class_weighted_loss else None).to(accelerator.device)
     weights = source_weights(cfg.data)
-    loader, batches_per_epoch = train_loader(cfg.data, train_splits, rank, world, t.seed, index, weights)
+    # data.decode_on: decode and augment in the workers (PIL) or on the training device (the GPU's
+    # input pipeline, device_input.py); the frozen-compute cache has its own loader.
+    on_device = decode_where(cfg.data, accelerator.device) == "device" and not t.cache_views
+    loader, batches_per_epoch = train_loader(cfg.data, train_splits, rank, world, t.seed, index, weights,
+                                             on_device=on_device)
+    inputs = DeviceInput(cfg.data, accelerator.device, t.seed, rank) if on_device else None
+    accelerator.print(f"training images decoded and augmented on {accelerator.device if on_device else 'the workers'}")
 
     seed_everything(t.seed)
     raw = build_model(cfg.model)
@@ -188,7 +195,7 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
                 break
             t0 = time.time()
             train_m, partial = train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader,
-                                           batches_per_epoch, epoch, progress, watch, resume)
+                                           batches_per_epoch, epoch, progress, watch, resume, inputs)
             resume = None
             if partial is not None:  # preempted at an agreed step
                 save_state(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest",
@@ -218,14 +225,16 @@ def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple
 
 
 def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, epoch, progress, watch,
-                resume=None):
+                resume=None, inputs=None):
     """One epoch of `n_batches` steps (the same on every rank).
 
     Returns (metrics, None), or (None, partial) when preempted: this rank's predictions so far,
     saved so that the resumed epoch reports the same metrics. Resuming mid-epoch,
     `progress.step_in_epoch` batches are skipped (the stream is a function of the epoch, so they
     are the ones already trained on) and `resume` (this rank's RNG state and partial
-    predictions at the preemption) is restored before the first new step.
+    predictions at the preemption) is restored before the first new step. `inputs`: a
+    `device_input.DeviceInput` for loaders that yield JPEG bytes (data.decode_on = device);
+    its augmentation is seeded by (epoch, step), so skipped batches need no decoding.
     """
     t = cfg.train
     model.train()
@@ -252,6 +261,8 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
         if watch.requested():
             progress.step_in_epoch = step
             return None, {"probs": _cat(probs), "labels": _cat(labels), "loss_sum": loss_sum}
+        if inputs is not None:
+            batch = inputs(batch, epoch, step)
         y = batch["label"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
             logits = logits_of(model, batch, accelerator.device)

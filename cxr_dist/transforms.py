@@ -6,6 +6,8 @@ apparent heart size, which is itself a finding). The stream hands them PIL image
 affine on an 8-bit image is ~9x faster than the same v2 op on a tensor (which goes through
 float grid_sample), the whole train transform ~2.4x (bench/bench_transforms.py, docs/data.md).
 Normalisation to the backbone's mean/std is the model's job, not the data pipeline's.
+device_input.py does the same on batches of tensors on the training device (data.decode_on),
+with the ranges below.
 """
 from __future__ import annotations
 
@@ -16,6 +18,15 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+
+# The augmentation's ranges, shared with device_input.py (so both draw from the same distributions).
+DEGREES, TRANSLATE, SCALE = 7.0, 0.05, (0.9, 1.1)  # affine: rotation, shift (share of the side), zoom
+BRIGHTNESS, CONTRAST, SHIFT_CONTRAST = 0.2, 0.2, 0.4  # factors in [1 - x, 1 + x]
+CROP_SCALE, CROP_RATIO = (0.75, 1.0), (0.9, 1.1)  # shift: crop area and aspect ratio
+GAMMA = (0.7, 1.5)  # shift: log-uniform
+BLUR_P, BLUR_SIGMA = 0.3, (0.3, 1.5)  # shift: probability, sigma in pixels
+NOISE_P, NOISE_STD = 0.3, (2.0, 8.0)  # shift: probability, std in grey levels
 
 
 class PadToSquare(torch.nn.Module):
@@ -112,17 +123,17 @@ def train_transform(input_size: int, shift: bool = False) -> v2.Compose:
     """
     # Resize (shift: crop and resize) before the affine: the affine then works on input_size
     # pixels, not image_size.
-    resize = (v2.RandomResizedCrop(input_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True) if shift
+    resize = (v2.RandomResizedCrop(input_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True) if shift
               else v2.Resize((input_size, input_size), antialias=True))
     return v2.Compose([
         PadToSquare(),
         resize,
-        v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=0),
-        *([RandomGamma(0.7, 1.5)] if shift else []),
-        v2.ColorJitter(brightness=0.2, contrast=0.4 if shift else 0.2),
-        *([RandomBlur(0.3, (0.3, 1.5))] if shift else []),
+        v2.RandomAffine(degrees=DEGREES, translate=(TRANSLATE, TRANSLATE), scale=SCALE, fill=0),
+        *([RandomGamma(*GAMMA)] if shift else []),
+        v2.ColorJitter(brightness=BRIGHTNESS, contrast=SHIFT_CONTRAST if shift else CONTRAST),
+        *([RandomBlur(BLUR_P, BLUR_SIGMA)] if shift else []),
         v2.PILToTensor(),  # PIL -> uint8 1 x S x S (a tensor input passes through)
-        *([RandomNoise(0.3, (2.0, 8.0))] if shift else []),
+        *([RandomNoise(NOISE_P, NOISE_STD)] if shift else []),
     ])
 
 
