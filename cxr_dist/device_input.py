@@ -30,9 +30,13 @@ What is the same as transforms.py, and what is not:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
 import random
+import threading
 import warnings
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as nnf
@@ -246,12 +250,23 @@ def _affine(x: torch.Tensor, p: Params) -> torch.Tensor:
     # -> input pixel, both in coordinates centred on the image.
     inv = torch.stack([torch.stack([cos, sin, -cos * tx - sin * ty], -1),
                        torch.stack([-sin, cos, sin * tx - cos * ty], -1)], 1)
-    coords = torch.linspace(-s * 0.5 + 0.5, s * 0.5 - 0.5, s, dtype=torch.float64)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    base = torch.stack([xx, yy, torch.ones_like(xx)], -1).view(1, s * s, 3)
-    grid = (base @ inv.transpose(1, 2)) / (0.5 * s)  # to grid_sample's [-1, 1] (align_corners=False)
-    grid = grid.to(dev, torch.float32).view(b, s, s, 2)
-    return nnf.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    # In float32 on the device, as torchvision's _gen_affine_grid (the main process must not
+    # spend milliseconds per batch on the CPU building B x S x S grids).
+    grid = _base_grid(s, dev) @ inv.to(dev, torch.float32).transpose(1, 2) / (0.5 * s)  # to [-1, 1]
+    return nnf.grid_sample(x, grid.view(b, s, s, 2), mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+_grid_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _base_grid(s: int, device: torch.device) -> torch.Tensor:
+    """1 x S*S x 3 pixel-centre coordinates (x, y, 1), centred on the image (torchvision's)."""
+    key = (s, str(device))
+    if key not in _grid_cache:
+        coords = torch.linspace(-s * 0.5 + 0.5, s * 0.5 - 0.5, s)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        _grid_cache[key] = torch.stack([xx, yy, torch.ones_like(xx)], -1).view(1, s * s, 3).to(device)
+    return _grid_cache[key]
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -293,3 +308,58 @@ class DeviceInput:
         p = draw_params(gen, len(images), self.shift)
         out["image"] = augment(letterbox(images, self.input_size, p.get("crop")), p)
         return out
+
+    def batches(self, loader: Iterable[dict], epoch: int, n: int, skip: int = 0, ahead: int = 2) -> Iterator[dict]:
+        """Batches 0..n-1 of `loader`, ready for the model, prepared `ahead` batches in advance by
+        a background thread (on its own CUDA stream on a GPU): the training step waits on the GPU
+        every step (loss.item()), so without this, decoding batch k+1 could not overlap step k.
+        The first `skip` batches (a resumed epoch) are passed on undecoded. Closing the iterator
+        (break, return, an error) stops the thread."""
+        box: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        stop = threading.Event()
+        cuda = self.device.type == "cuda"
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    box.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def work() -> None:
+            try:
+                stream = torch.cuda.Stream(self.device) if cuda else None
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    for step, batch in enumerate(loader):
+                        if step >= n or stop.is_set():
+                            break
+                        if step >= skip:
+                            batch = self(batch, epoch, step)
+                            if cuda:
+                                stream.synchronize()  # this thread waits, not the training step
+                        put(batch)
+                put(_END)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                put(e)
+
+        thread = threading.Thread(target=work, name="device-input", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = box.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if cuda and "image" in item:
+                    # made on the side stream: keep its memory from being reused while the
+                    # training stream still reads it
+                    item["image"].record_stream(torch.cuda.current_stream(self.device))
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+
+
+_END = object()  # the background thread's "no more batches"

@@ -233,8 +233,9 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
     `progress.step_in_epoch` batches are skipped (the stream is a function of the epoch, so they
     are the ones already trained on) and `resume` (this rank's RNG state and partial
     predictions at the preemption) is restored before the first new step. `inputs`: a
-    `device_input.DeviceInput` for loaders that yield JPEG bytes (data.decode_on = device);
-    its augmentation is seeded by (epoch, step), so skipped batches need no decoding.
+    `device_input.DeviceInput` for loaders that yield JPEG bytes (data.decode_on = device): it
+    decodes and augments a batch or two ahead, seeded by (epoch, step), so skipped batches need
+    no decoding.
     """
     t = cfg.train
     model.train()
@@ -250,7 +251,8 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
         loss_sum = resume["partial"]["loss_sum"]
     bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not bars_enabled(accelerator.is_main_process),
                leave=False, dynamic_ncols=True, file=sys.stderr)
-    for step, batch in enumerate(loader):
+    batches = inputs.batches(loader, epoch, n_batches, skip) if inputs is not None else loader
+    for step, batch in enumerate(batches):
         if step >= n_batches:
             break
         if step < skip:  # resuming mid-epoch: these batches were trained before the preemption
@@ -261,8 +263,6 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
         if watch.requested():
             progress.step_in_epoch = step
             return None, {"probs": _cat(probs), "labels": _cat(labels), "loss_sum": loss_sum}
-        if inputs is not None:
-            batch = inputs(batch, epoch, step)
         y = batch["label"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
             logits = logits_of(model, batch, accelerator.device)

@@ -172,6 +172,30 @@ def test_train_stream_yields_the_same_samples_as_jpeg_bytes(cfg):
     assert batch["image"].shape == a[0]["image"].shape and batch["image"].dtype == torch.uint8
 
 
+def test_batches_ahead_equal_batches_one_by_one(cfg):
+    """The background thread gives the same batches, in order; skipped (resumed) steps stay
+    undecoded; leaving early stops the thread; an error in it reaches the training loop."""
+    import threading
+
+    loader, n = train_loader(cfg, ["train"], 0, 1, seed=2, on_device=True)
+    inputs = di.DeviceInput(cfg, "cpu", seed=2)
+    loader.set_epoch(4)
+    expected = [inputs(b, 4, step)["image"] for step, b in enumerate(loader)]
+    loader.set_epoch(4)
+    got = list(inputs.batches(loader, 4, n, skip=2))
+    assert len(got) == n and all("jpeg" in b and "image" not in b for b in got[:2])
+    assert all(torch.equal(b["image"], e) for b, e in zip(got[2:], expected[2:]))
+    threads = threading.active_count()
+    loader.set_epoch(4)
+    for step, _ in enumerate(inputs.batches(loader, 4, n)):
+        if step == 1:
+            break
+    assert threading.active_count() == threads
+    broken = [{"jpeg": torch.zeros(9, dtype=torch.uint8), "jpeg_sizes": torch.tensor([9]), "key": ["k"]}]
+    with pytest.raises(DataError, match="could not decode"):
+        list(inputs.batches(broken, 0, 1))
+
+
 @pytest.mark.slow
 def test_training_run_with_decode_on_device(tiny_shards, tmp_path):
     """The real entry point, one process, data.decode_on = device on the CPU: both phases train."""
