@@ -43,26 +43,39 @@ from .stream import eval_loader, views_loader
 
 
 @torch.no_grad()
-def infer(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None) -> dict:
-    """This rank's predictions: keys, uids, probability of abnormal, labels, summed loss."""
+def infer(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
+          with_features: bool = False) -> dict:
+    """This rank's predictions: keys, uids, probability of abnormal, labels, summed loss, and with
+    `with_features` the pooled features the MLP head received (for the OOD score, ood.py)."""
     was_training = model.training
     model.eval()
-    keys, uids, sources, views, probs, labels, loss_sum = [], [], [], [], [], [], 0.0
-    for batch in loader:
-        y = batch["label"].to(device, non_blocking=True)
-        logits = logits_of(model, batch, device).float()
-        if loss_fn is not None:
-            loss_sum += loss_fn(logits, y, batch["source"], batch["view"]).item() * len(y)
-        probs.append(torch.softmax(logits, 1)[:, 1].cpu())
-        labels.append(y.cpu())
-        keys += list(batch["key"])
-        uids += list(batch["uid"])
-        sources += list(batch["source"])
-        views += list(batch["view"])
+    keys, uids, sources, views, probs, labels, feats, loss_sum = [], [], [], [], [], [], [], 0.0
+    # The head's input is the pooled feature whatever the path (images or a frozen-compute cache):
+    # a pre-hook on it sees both. getattr(.., "module"): the model inside a DDP/DeepSpeed wrapper.
+    hook = (getattr(model, "module", model).head.register_forward_pre_hook(
+        lambda _m, inputs: feats.append(inputs[0].float().cpu())) if with_features else None)
+    try:
+        for batch in loader:
+            y = batch["label"].to(device, non_blocking=True)
+            logits = logits_of(model, batch, device).float()
+            if loss_fn is not None:
+                loss_sum += loss_fn(logits, y, batch["source"], batch["view"]).item() * len(y)
+            probs.append(torch.softmax(logits, 1)[:, 1].cpu())
+            labels.append(y.cpu())
+            keys += list(batch["key"])
+            uids += list(batch["uid"])
+            sources += list(batch["source"])
+            views += list(batch["view"])
+    finally:
+        if hook is not None:
+            hook.remove()
     model.train(was_training)
     cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)  # noqa: E731
-    return {"keys": keys, "uids": uids, "sources": sources, "views": views, "probs": cat(probs),
-            "labels": cat(labels).astype(np.int64), "loss_sum": loss_sum}
+    out = {"keys": keys, "uids": uids, "sources": sources, "views": views, "probs": cat(probs),
+           "labels": cat(labels).astype(np.int64), "loss_sum": loss_sum}
+    if with_features:
+        out["features"] = torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32)
+    return out
 
 
 def merge(parts: list[dict]) -> dict:
@@ -73,8 +86,12 @@ def merge(parts: list[dict]) -> dict:
     labels = np.concatenate([p["labels"] for p in parts])
     keys, probs, labels = dedupe(keys, probs, labels)
     uids, sources, views = (list(col) for col in zip(*(meta[k] for k in keys))) if keys else ([], [], [])
-    return {"keys": keys, "uids": uids, "sources": sources, "views": views, "probs": probs, "labels": labels,
-            "loss_sum": sum(p["loss_sum"] for p in parts), "n_seen": sum(len(p["keys"]) for p in parts)}
+    out = {"keys": keys, "uids": uids, "sources": sources, "views": views, "probs": probs, "labels": labels,
+           "loss_sum": sum(p["loss_sum"] for p in parts), "n_seen": sum(len(p["keys"]) for p in parts)}
+    if parts and "features" in parts[0]:  # each key's row, in the deduplicated key order
+        row = {k: f for p in parts for k, f in zip(p["keys"], p["features"])}
+        out["features"] = np.stack([row[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+    return out
 
 
 def average(sets: list[dict]) -> dict:
@@ -99,28 +116,35 @@ def view_loaders(data: DataConfig, split: str, rank: int, world: int, views: int
 
 
 def predict_split(model: nn.Module, data: DataConfig, split: str, views: int = 1, index: dict | None = None,
-                  device: torch.device | None = None) -> dict:
+                  device: torch.device | None = None, with_features: bool = False) -> dict:
     """One process's predictions on a whole split, averaged over `views` views, on `device`
     (default: model.inference_device(), the GPU when there is one). Moves `model` there."""
     device = device or inference_device()
     model.to(device)
-    return average([merge([infer(model, loader, device)]) for loader in view_loaders(data, split, 0, 1, views, index)])
+    return average([merge([infer(model, loader, device, with_features=with_features and v == 0)])
+                    for v, loader in enumerate(view_loaders(data, split, 0, 1, views, index))])
 
 
 PREDICTION_COLUMNS = ("split", "key", "uid", "label", "prob_abnormal")
 EXTRA_COLUMNS = ("source", "view")  # written since sources exist; older files lack them
+# Written when the predictions have them: the probability before calibration (prob_abnormal is
+# then the calibrated one) and the out-of-distribution score (ood.py).
+OPTIONAL_COLUMNS = ("prob_uncalibrated", "ood_score")
 
 
 def predictions_csv(by_split: dict[str, dict]) -> str:
     """Per-image predictions of several splits as CSV text (PREDICTION_COLUMNS)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(PREDICTION_COLUMNS + EXTRA_COLUMNS)
+    optional = [c for c in OPTIONAL_COLUMNS if all(c in p for p in by_split.values())]
+    w.writerow(PREDICTION_COLUMNS + EXTRA_COLUMNS + tuple(optional))
     for split, p in by_split.items():
         n = len(p["keys"])
-        for key, uid, label, prob, source, view in zip(p["keys"], p["uids"], p["labels"].tolist(), p["probs"].tolist(),
-                                                       p.get("sources", [LEGACY_SOURCE] * n), p.get("views", [""] * n)):
-            w.writerow([split, key, uid, label, f"{prob:.6f}", source, view])
+        extra = zip(*(p[c].tolist() for c in optional)) if optional else iter(lambda: (), None)
+        for key, uid, label, prob, source, view, more in zip(
+                p["keys"], p["uids"], p["labels"].tolist(), p["probs"].tolist(),
+                p.get("sources", [LEGACY_SOURCE] * n), p.get("views", [""] * n), extra):
+            w.writerow([split, key, uid, label, f"{prob:.6f}", source, view, *(f"{v:.6f}" for v in more)])
     return buf.getvalue()
 
 
@@ -151,7 +175,8 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
 
 
 def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, loss_fn=None,
-                   with_predictions: bool = False, batches=None, views: int = 1, index: dict | None = None) -> dict:
+                   with_predictions: bool = False, batches=None, views: int = 1, index: dict | None = None,
+                   with_features: bool = False) -> dict:
     """Metrics of `model` on a shard split, computed once from all ranks' predictions.
 
     A collective: every rank runs its share of the split (no collectives inside the loop, so
@@ -160,13 +185,14 @@ def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, 
     `batches` replaces the shard stream (e.g. this rank's share of a validation cache); `views`
     > 1 averages the probabilities over that many views (view_loaders; the loss is the plain view's).
     The metrics include the per-source and per-view AUROC and `source_mean_auroc` (metrics.breakdown).
+    `with_features`: the predictions also hold each image's pooled features (of the plain view).
     """
     loaders = [batches] if batches is not None else view_loaders(data, split, accelerator.process_index,
                                                                  accelerator.num_processes, views, index)
     sets = []
     for i, loader in enumerate(loaders):
         with accelerator.autocast():
-            mine = infer(model, loader, accelerator.device, loss_fn if i == 0 else None)
+            mine = infer(model, loader, accelerator.device, loss_fn if i == 0 else None, with_features and i == 0)
         parts = dist.gather_objects(mine)
         if accelerator.is_main_process:
             sets.append(merge(parts))
@@ -238,9 +264,39 @@ def external_source(data: DataConfig, path: str, fmt: str, patient_regex: str | 
     return replace(data, data_dir="", sources=(src,))
 
 
+def product_outputs(preds: dict, temperature: float, density=None, ood_threshold: float | None = None) -> dict:
+    """Predictions as the product gives them: `probs` calibrated with `temperature` (the network's
+    own in `prob_uncalibrated`) and, given a density (ood.FeatureDensity), the `ood_score` of each
+    image from its `features` (which are dropped: they are large and said once by the score)."""
+    from .calibrate import apply_temperature
+
+    out = {k: v for k, v in preds.items() if k != "features"}
+    out["prob_uncalibrated"] = preds["probs"]
+    out["probs"] = apply_temperature(preds["probs"], temperature)
+    if density is not None and "features" in preds:
+        out["ood_score"] = density.score(preds["features"])
+        if ood_threshold is not None:
+            out["ood_flag"] = out["ood_score"] > ood_threshold
+    return out
+
+
+def ood_summary(preds: dict, threshold: float | None) -> dict | None:
+    """How a split's images score out of distribution: mean and quartiles, and the share flagged."""
+    if "ood_score" not in preds or not len(preds["ood_score"]):
+        return None
+    scores = np.asarray(preds["ood_score"])
+    q = np.quantile(scores, [0.25, 0.5, 0.75])
+    out = {"n": int(len(scores)), "mean_score": float(scores.mean()), "quartiles": [float(v) for v in q]}
+    if threshold is not None:
+        out.update(threshold=float(threshold), flagged_frac=float((scores > threshold).mean()))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import load_model_state
+    from .calibrate import temperature_of
+    from .checkpoint import load_extra, load_model_state
     from .model import build_model
+    from .ood import FeatureDensity
 
     ap = argparse.ArgumentParser(prog="cxr-dist evaluate", description="Metrics of a checkpoint, as JSON.")
     ap.add_argument("--checkpoint", required=True, nargs="+",
@@ -264,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tta", type=int, default=1, metavar="N",
                     help="test-time augmentation: mean over N views per image, the plain one and N-1 with the "
                          "training augmentation (default 1: the plain view only)")
+    ap.add_argument("--uncalibrated", action="store_true",
+                    help="the network's own probabilities (default: calibrated with the run's temperature)")
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--predictions", help="also write the per-image probabilities here (CSV)")
     args = ap.parse_args(argv)
@@ -271,12 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.tta < 1:
         raise UserError(f"--tta must be at least 1 (views per image), not {args.tta}")
 
-    models = []
+    models, product = [], []
     for path in args.checkpoint:
         state, meta = load_model_state(path, tag="best")
         model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
         model.load_state_dict(state)  # the weights come from the checkpoint
         models.append((model, replace(from_dict(DataConfig, meta["config"]["data"]), batch_size=args.batch_size)))
+        # Calibration per checkpoint (an ensemble averages calibrated probabilities); the OOD score
+        # only for one checkpoint (each run has its own feature space).
+        ood = meta.get("ood") if len(args.checkpoint) == 1 else None
+        product.append((1.0 if args.uncalibrated else temperature_of(meta),
+                        FeatureDensity.from_tensors(load_extra(path)) if ood else None, (ood or {}).get("threshold")))
     with tempfile.TemporaryDirectory(prefix="cxr-eval-") as tmp:
         shards = args.shards
         if args.data:
@@ -291,11 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         preds = {}
         for name in splits:
             split = train_val_splits(models[0][1])[1] if name == "val" else name
-            preds[name] = average([predict_split(m, d, split, args.tta, index) for m, d in models])
+            sets = [product_outputs(predict_split(m, d, split, args.tta, index, with_features=dens is not None), t, dens, ot)
+                    for (m, d), (t, dens, ot) in zip(models, product)]
+            preds[name] = average(sets)
+            if len(sets) > 1:  # an ensemble: these columns belong to one model each
+                preds[name] = {k: v for k, v in preds[name].items() if k not in ("prob_uncalibrated", "ood_score", "ood_flag")}
     if threshold is None:
         threshold = balanced_threshold(preds["val"]["probs"], preds["val"]["labels"])
     out = {"checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
-           "split": args.split, "tta": args.tta, **report(preds[args.split], threshold)}
+           "split": args.split, "tta": args.tta, "calibrated": not args.uncalibrated,
+           **report(preds[args.split], threshold)}
+    ood = ood_summary(preds[args.split], product[0][2])
+    if ood is not None:
+        out["ood"] = ood
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

@@ -1,14 +1,18 @@
-"""`cxr-dist predict --checkpoint CKPT IMAGE...`: the probability of "abnormal" for each image.
+"""`cxr-dist predict --checkpoint CKPT FILE...`: for each film, the calibrated probability of
+"abnormal", the label at the run's validation-picked threshold and an out-of-distribution score.
 
-Images are read exactly as `prepare` reads them into the shards (preprocess.py: any size, PNG or
-JPEG, grayscale, RGB or 16-bit; the run's data.image_size, resize and intensity; the same JPEG q95
-encoding, decoded as the stream decodes it), then given the evaluation transform: the model sees
-exactly what `evaluate` gives it for that file's shard sample. With test-time augmentation
-(`--tta N`; by default the number of views the run's own final evaluation used, `train.tta_views`),
-the probability is the mean over the plain view and N-1 views augmented as in training, drawn per
-(view, file name) as `evaluate --tta` draws them per shard sample. `--threshold T` adds a label:
-abnormal when the probability is >= T (a run's threshold picked on validation is
-`test_at_val_threshold.threshold` in its evaluation.json).
+Films (PNG, JPEG, DICOM; any size or bit depth) are read exactly as `prepare` read the training
+films and checked for being films at all (inference.read_film: a constant image is refused); the
+model, calibration, threshold and OOD statistics all come from the checkpoint (inference.py).
+
+    cxr-dist predict --checkpoint runs/x chest.dcm other.png          # table: prob, label, OOD flag, file
+    cxr-dist predict --checkpoint runs/x --json *.png                  # one JSON object per line
+    cxr-dist predict --checkpoint runs/x --cam cams/ chest.png         # + a Grad-CAM overlay PNG per film
+
+`--uncalibrated` gives the network's own softmax probability (and maps the threshold back to that
+scale); `--threshold T` replaces the run's threshold; `--tta N` the run's test-time views
+(`train.tta_views`). A missing, unreadable or constant film stops the command with exit code 2
+and its name: no probability is printed for a file that is not a film.
 """
 from __future__ import annotations
 
@@ -17,54 +21,39 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from .checkpoint import load_model_state
-from .config import DataConfig, ModelConfig, from_dict, replace
+from .config import DataConfig
 from .errors import UserError, run_main
-from .manifest import sample_key
-from .model import build_model, inference_device
-from .preprocess import decode_film, encode_film
-from .transforms import eval_transform, seeded_transform, train_transform, view_seed
+from .inference import load_product, read_film
 
 
 def load_image(path: Path, data: DataConfig) -> Image.Image:
-    """A file -> the grayscale PIL image the transforms get for its shard sample: encoded as
-    `prepare` encodes it (the JPEG round trip included: it changes pixels) and decoded as the
-    stream decodes it. A missing or unreadable file raises DataError, a UserError (exit 2)."""
-    return decode_film(encode_film(path, data.image_size, data.resize, data.intensity), data.input_size)
+    """A file -> the grayscale PIL image the transforms get for its shard sample (inference.read_film)."""
+    return read_film(Path(path), Path(path).name, data)
 
 
-@torch.no_grad()
 def predict(checkpoint: str, images: list[str], batch_size: int = 16, views: int | None = None,
-            threshold: float | None = None) -> list[dict]:
-    """One dict per image: its path, `prob_abnormal`, `views`, and `label` when `threshold` is given."""
-    state, meta = load_model_state(checkpoint, tag="best")
-    # Older checkpoints lack the later data fields (resize, intensity, shift_augment):
-    # from_dict fills in their defaults, which are what those runs used.
-    data = from_dict(DataConfig, meta["config"]["data"])
-    views = views or int(meta["config"]["train"].get("tta_views", 1))  # older checkpoints: 1 view
-    model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
-    model.load_state_dict(state)
-    device = inference_device()  # the GPU when there is one
-    model.to(device).eval()
-    # The run's own augmentation, as evaluate --tta draws it from the stream.
-    plain, augment = eval_transform(data.input_size), train_transform(data.input_size, data.shift_augment)
+            threshold: float | None = None, calibrated: bool = True, cam_dir: str | None = None) -> list[dict]:
+    """One dict per image: its path, prob_abnormal, prob_uncalibrated, views, and label / ood_score /
+    ood_flag when the checkpoint (or `threshold`) provides them; `cam_dir`: Grad-CAM overlays there."""
+    product = load_product(checkpoint, calibrated=calibrated, views=views, threshold=threshold)
     out = []
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]
-        pics = [(load_image(Path(p), data), sample_key(Path(p).name)) for p in chunk]
-        probs = torch.zeros(len(chunk))
-        for view in range(views):  # view 0 plain; view v the augmented view v-1, as in evaluate
-            x = torch.stack([plain(im) if view == 0 else seeded_transform(augment, im, view_seed(0, view - 1, key))
-                             for im, key in pics])
-            probs += torch.softmax(model(x.to(device)).float(), 1)[:, 1].cpu()
-        for path, prob in zip(chunk, (probs / views).tolist()):
-            row = {"image": path, "prob_abnormal": round(prob, 6), "views": views}
-            if threshold is not None:
-                row["label"] = "abnormal" if prob >= threshold else "normal"
-            out.append(row)
+        films = [(load_image(Path(p), product.data), Path(p).name) for p in chunk]
+        rows = product.predict(films)
+        if cam_dir:
+            from .cam import write_overlays
+            from .transforms import eval_transform
+
+            plain = eval_transform(product.data.input_size)
+            import torch
+
+            x = torch.stack([plain(im) for im, _ in films]).to(product.device)
+            for row, path in zip(rows, write_overlays(product.model, x, [Path(p).stem for p in chunk], cam_dir)):
+                row["cam"] = str(path)
+        out += [{"image": p, **row} for p, row in zip(chunk, rows)]
     return out
 
 
@@ -73,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/x/checkpoints/best) or a run dir (its best checkpoint)")
     ap.add_argument("--tta", type=int, metavar="N",
                     help="views per image: the plain one and N-1 augmented (default: the run's train.tta_views)")
-    ap.add_argument("--threshold", type=float, metavar="T", help="also print a label: abnormal when prob >= T")
+    ap.add_argument("--threshold", type=float, metavar="T",
+                    help="label abnormal when prob >= T (default: the run's threshold picked on validation)")
+    ap.add_argument("--uncalibrated", action="store_true", help="the network's own probability, no temperature")
+    ap.add_argument("--cam", metavar="DIR", help="also write a Grad-CAM heat-map overlay PNG per image into DIR")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     ap.add_argument("images", nargs="+")
     args = ap.parse_args(argv)
@@ -81,9 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--tta must be at least 1 (views per image), not {args.tta}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], not {args.threshold}")
-    for row in predict(args.checkpoint, args.images, views=args.tta, threshold=args.threshold):
+    rows = predict(args.checkpoint, args.images, views=args.tta, threshold=args.threshold,
+                   calibrated=not args.uncalibrated, cam_dir=args.cam)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+            continue
         label = f"{row['label']:<8}  " if "label" in row else ""
-        print(json.dumps(row) if args.json else f"{row['prob_abnormal']:.4f}  {label}{row['image']}")
+        ood = f"ood {row['ood_score']:7.1f}{' FLAG' if row['ood_flag'] else '     '}  " if "ood_score" in row else ""
+        print(f"{row['prob_abnormal']:.4f}  {label}{ood}{row['image']}")
     return 0
 
 

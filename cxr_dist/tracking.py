@@ -20,7 +20,6 @@ its default. With `tracking.campaign` (k-fold), the run is nested under the camp
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -197,13 +196,18 @@ def _as_float(v: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+# What the servable model (serve.py) imports, pinned to the versions it was logged with.
+MODEL_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "safetensors", "scikit-learn",
+                  "scipy", "pydicom", "python-gdcm", "pylibjpeg", "pylibjpeg-openjpeg", "mlflow")
+
+
 def _model_requirements() -> list[str]:
-    """Pinned torch/timm for the logged model; explicit, so MLflow does not infer them in a
-    subprocess (slow, may reach for the network). cxr_dist itself must be importable to load."""
+    """Pinned requirements of the logged model; explicit, so MLflow does not infer them in a
+    subprocess (slow, may reach for the network). cxr_dist itself travels as code (serve.py)."""
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for pkg in ("torch", "torchvision", "timm"):
+    for pkg in MODEL_PACKAGES:
         try:
             reqs.append(f"{pkg}=={version(pkg)}")
         except PackageNotFoundError:
@@ -231,8 +235,14 @@ class Tracker:
     def log_figure(self, fig: Any, name: str) -> None:
         """Store a matplotlib figure, or an existing image file, as artifact `name`."""
 
-    def log_model(self, model: Any, name: str = "model", **kwargs: Any) -> str | None:
-        """Log a torch model loadable with mlflow.pytorch.load_model; returns its URI."""
+    def log_pyfunc(self, name: str = "model", **kwargs: Any) -> str | None:
+        """Log an MLflow pyfunc model (kwargs go to mlflow.pyfunc.log_model); returns its URI."""
+        return None
+
+    def register(self, model_uri: str, name: str, alias: str, metric: str, value: float | None,
+                 mode: str = "max") -> str | None:
+        """Register `model_uri` as a new version of `name`; move `alias` to it when `value` (the
+        run's `metric`) beats the alias's current version. Returns the new version."""
         return None
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -401,24 +411,42 @@ class MLflowTracker(Tracker):
         else:
             self._safe("log_figure", self.client.log_figure, self.run_id, fig, name)
 
-    def log_model(self, model: Any, name: str = "model", **kwargs: Any) -> str | None:
-        """Log a CPU copy of `model` (DDP wrapper removed, eval mode) with mlflow.pytorch.
-
-        Serialized with pickle by default: loading needs the model's classes importable
-        (cxr_dist, timm), but any input shape works, unlike MLflow's "pt2" default which traces
-        one example. Extra kwargs go to mlflow.pytorch.log_model. Returns "models:/<id>".
-        """
-        import torch
-
-        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        cpu_copy = copy.deepcopy(inner).cpu().eval()
-        kwargs.setdefault("pip_requirements", _model_requirements())
-        kwargs.setdefault("serialization_format", "pickle")
-        info = self._safe("log_model", self._mlflow.pytorch.log_model, cpu_copy, name=name, **kwargs)
+    def log_pyfunc(self, name: str = "model", **kwargs: Any) -> str | None:
+        """Log a pyfunc model into this run (serve.log_servable builds the arguments: a
+        models-from-code file, the checkpoint as an artifact, this package as code, a signature).
+        Returns "models:/<id>" and tags the run with it."""
+        info = self._safe("log_model", self._mlflow.pyfunc.log_model, name=name, **kwargs)
         if info is None:
             return None
         self.set_tags({f"model_uri.{name}": info.model_uri})
         return info.model_uri
+
+    def register(self, model_uri: str, name: str, alias: str, metric: str, value: float | None,
+                 mode: str = "max") -> str | None:
+        return self._safe("register model", self._register, model_uri, name, alias, metric, value, mode)
+
+    def _register(self, model_uri: str, name: str, alias: str, metric: str, value: float | None, mode: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        version = self._mlflow.register_model(model_uri, name).version
+        tag = f"val/{metric}"  # the comparison is kept on the version, so it survives the run's deletion
+        self.client.set_model_version_tag(name, version, tag, "nan" if value is None else repr(float(value)))
+        self.client.set_model_version_tag(name, version, "run_id", self.run_id)
+        try:
+            current = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:  # no version holds the alias yet
+            current = None
+        theirs = _as_float(float(current.tags.get(tag, "nan"))) if current is not None else None
+        ours = _as_float(value)
+        better = ours is not None and (theirs is None or (ours > theirs if mode == "max" else ours < theirs))
+        if current is None or better:
+            # Two jobs finishing together may both move it; the later one wins (no lock in MLflow).
+            self.client.set_registered_model_alias(name, alias, version)
+            log.info("registered %s version %s as @%s (val/%s %s)", name, version, alias, metric, value)
+        else:
+            log.info("registered %s version %s; @%s stays on version %s (val/%s %s >= %s)", name, version,
+                     alias, current.version, metric, theirs, value)
+        return str(version)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag

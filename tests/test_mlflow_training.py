@@ -259,14 +259,16 @@ def test_artifacts_figures_and_evaluation(mlflow_server: str, full_run: dict) ->
     assert artifact_bytes(mlflow_server, run_id, "predictions.csv") == (full_run["run_dir"] / "predictions.csv").read_bytes()
 
 
-def test_logged_model_loads_and_predicts_like_the_best_checkpoint(mlflow_server: str, full_run: dict,
-                                                                  tiny_shards: Path) -> None:
-    import mlflow.pytorch
+def test_logged_model_is_a_servable_pyfunc_that_predicts_like_the_checkpoint(mlflow_server: str, full_run: dict,
+                                                                             tiny_data: Path) -> None:
+    """The run's MLflow model: a pyfunc "from code" with the checkpoint as an artifact (nothing
+    pickled), a signature, and answers equal to inference.py's on the same files."""
+    import base64
 
-    from cxr_dist.checkpoint import load_model_state
-    from cxr_dist.config import DataConfig, ModelConfig, from_dict
-    from cxr_dist.model import build_model
-    from cxr_dist.stream import eval_loader
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from cxr_dist.inference import load_product, read_film
 
     run_id = full_run["runs"][0]["info"]["run_id"]
     model_uri = tags_of(get_run(mlflow_server, run_id))["model_uri.model"]
@@ -277,20 +279,13 @@ def test_logged_model_loads_and_predicts_like_the_best_checkpoint(mlflow_server:
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(mlflow_server)
-    loaded = mlflow.pytorch.load_model(model_uri)
-    assert not loaded.training
-
-    state, meta = load_model_state(full_run["run_dir"], tag="best")
-    model = build_model(from_dict(ModelConfig, meta["config"]["model"]))
-    model.load_state_dict(state)
-    model.eval()
-    data = from_dict(DataConfig, {**meta["config"]["data"], "shards_dir": str(tiny_shards)})
-    batch = next(iter(eval_loader(data, "test", 0, 1)))
-    with torch.no_grad():
-        out = loaded(batch["image"])
-        ref = model(batch["image"])
-    assert out.shape == (len(batch["label"]), 2)
-    torch.testing.assert_close(out, ref)
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    assert loaded.metadata.signature.inputs.input_names() == ["image"]
+    files = sorted((tiny_data / "images").rglob("*.png"))[:5]
+    out = loaded.predict(pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in files]}))
+    product = load_product(full_run["run_dir"])
+    want = product.predict([(read_film(p, p.name, product.data), p.name) for p in files])
+    assert out["prob_abnormal"].tolist() == pytest.approx([w["prob_abnormal"] for w in want], abs=1e-6)
 
 
 # --- failures, resumption, reachability ------------------------------------------------------
