@@ -38,6 +38,7 @@ from safetensors.torch import save
 from .fileio import write_bytes_atomic
 from .log import bars_enabled
 from .config import Config, DataConfig, to_dict
+from .frozen_fast import attached, build_runner, calibration_batches
 from .model import CXRClassifier
 from .stream import eval_loader, views_loader
 
@@ -216,14 +217,43 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: dict, train_splits: 
     inputs = {"data": to_dict(cfg.data), "checksum": index.get("checksum", ""), "seed": t.seed,
               "backbone": [cfg.model.backbone, cfg.model.pretrained, cfg.model.weights],
               "depth": depth, "rank": rank, "world": world}
+    if cfg.model.frozen_backend == "int8":  # other numerics: never mixed with an fp32 cache
+        inputs["frozen_backend"] = "int8"
+    fast = _FastFrozen(cfg, model, depth, index, train_splits[0], cache_dir, accelerator)
     train_cache = cached_on_disk(
         cache_dir / cache_name(f"train-r{rank}", {**inputs, "splits": train_splits, "views": t.cache_views}),
-        lambda: build_cache(model, cfg.data, train_splits, rank, world, t.cache_views, seed_views(t.seed),
-                            accelerator.device, augment=True, show=show, index=index), accelerator.print)
+        lambda: fast(lambda: build_cache(model, cfg.data, train_splits, rank, world, t.cache_views,
+                                         seed_views(t.seed), accelerator.device, augment=True, show=show,
+                                         index=index)), accelerator.print)
     val_cache = cached_on_disk(
         cache_dir / cache_name(f"val-r{rank}", {**inputs, "splits": [val_split]}),
-        lambda: build_cache(model, cfg.data, [val_split], rank, world, 1, 0, accelerator.device,
-                            augment=False, show=show, index=index), accelerator.print)
+        lambda: fast(lambda: build_cache(model, cfg.data, [val_split], rank, world, 1, 0, accelerator.device,
+                                         augment=False, show=show, index=index)), accelerator.print)
     accelerator.print(f"frozen-compute cache: {t.cache_views} views of {len(train_cache.keys)} training images "
                       f"on this rank, {tuple(train_cache.feats.shape[2:])} each, ready in {time.time() - t0:.0f} s")
     return train_cache, val_cache
+
+
+class _FastFrozen:
+    """Runs a cache build with the frozen part through `model.frozen_backend` (frozen_fast.py) when
+    it is not "eager" and the device is the CPU. The runner is built (or its export loaded from
+    `cache_dir`) once, and only if some cache has to be computed."""
+
+    def __init__(self, cfg: Config, model: CXRClassifier, depth: int, index: dict, calib_split: str,
+                 cache_dir: Path, accelerator) -> None:
+        self.cfg, self.model, self.depth, self.index = cfg, model, depth, index
+        self.calib_split, self.cache_dir, self.accelerator = calib_split, cache_dir, accelerator
+        self.runner = None
+
+    def __call__(self, build: Callable[[], FeatureCache]) -> FeatureCache:
+        backend = self.cfg.model.frozen_backend
+        if backend == "eager" or self.accelerator.device.type != "cpu":
+            return build()
+        if self.runner is None:
+            calib = (calibration_batches(self.cfg.data, self.calib_split, index=self.index)
+                     if backend == "int8" else None)
+            self.runner = build_runner(self.model, backend, self.depth, self.cfg.data.input_size, self.cache_dir,
+                                       calibration=calib, log=self.accelerator.print)
+            self.accelerator.print(f"frozen part through {backend}: ready in {self.runner.build_s:.1f} s")
+        with attached(self.model, self.runner):
+            return build()

@@ -55,6 +55,9 @@ class CXRClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.depth = 0  # set_phase: how many of the backbone's last blocks train (0 = head only)
+        # frozen_fast.attached() puts a faster CPU engine here for the frozen part at one depth
+        # (a plain attribute, not a submodule: never in state_dict or parameters).
+        self.frozen_runner = None
         self.set_phase(0)
 
     # ------------------------------------------------------------------ structure
@@ -113,6 +116,9 @@ class CXRClassifier(nn.Module):
     @torch.no_grad()
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen part: pooled features (phase 1) or the input of the first trainable block."""
+        runner = self.frozen_runner
+        if runner is not None and runner.depth == self.depth and x.device.type == "cpu":
+            return runner(x)
         bb = self.backbone
         x = self.normalize(x)
         if self.depth == 0:

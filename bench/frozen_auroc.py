@@ -1,0 +1,79 @@
+"""Does a frozen backend change the metrics? A trained model's test AUROC through eager and each
+backend, and the paired bootstrap difference (bench/paired_auroc.py's logic).
+
+    .venv/bin/python bench/frozen_auroc.py out/sources/runs/iu_only \\
+        --shards out/sources/shards/iu_kermany_ext --split test --backends int8,openvino
+
+The run's best checkpoint (weights and head as trained) predicts `--split` once in plain eager
+fp32 PyTorch on the CPU and once per backend, with the frozen part (depth 0: the whole backbone)
+run by that backend (frozen_fast.attached, as evaluation would); int8 is calibrated on the
+first 128 images of the shards' train split. For each: AUROC, max |prob difference|, and the
+AUROC difference from eager with its paired 95% interval over 2,000 draws of whole studies, per
+image and per study. An interval that contains 0 and is narrow says the backend does not move
+the metric beyond the luck of which studies are in the test split.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired_auroc import gain, levels  # noqa: E402
+
+from cxr_dist.checkpoint import load_model_state  # noqa: E402
+from cxr_dist.config import DataConfig, ModelConfig, from_dict, replace  # noqa: E402
+from cxr_dist.evaluate import predict_split  # noqa: E402
+from cxr_dist.frozen_fast import attached, build_runner, calibration_batches  # noqa: E402
+from cxr_dist.metrics import compute_metrics  # noqa: E402
+from cxr_dist.model import build_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a run dir (its best checkpoint) or a checkpoint dir")
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--backends", default="int8")
+    ap.add_argument("--calibration-split", default="train")
+    ap.add_argument("--work-dir", default="", help="where exports are kept (default: a temporary folder)")
+    args = ap.parse_args()
+
+    state, meta = load_model_state(args.run, tag="best")
+    model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
+    model.load_state_dict(state)
+    model.eval()
+    data = replace(from_dict(DataConfig, meta["config"]["data"]), shards_dir=args.shards, num_workers=1)
+    cpu = torch.device("cpu")
+    print(f"{args.run}: {args.split} split of {args.shards}, {torch.get_num_threads()} threads")
+
+    t0 = time.time()
+    base = predict_split(model, data, args.split, device=cpu)
+    print(f"eager      AUROC {compute_metrics(base['probs'], base['labels'])['auroc']:.4f} "
+          f"({len(base['keys'])} images, {time.time() - t0:.0f} s)")
+    base_levels = levels(base)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="frozen-auroc-"))
+    for backend in args.backends.split(","):
+        calib = calibration_batches(data, args.calibration_split) if backend == "int8" else None
+        runner = build_runner(model, backend, model.depth, data.input_size, work, calibration=calib)
+        t0 = time.time()
+        with attached(model, runner):
+            preds = predict_split(model, data, args.split, device=cpu)
+        assert preds["keys"] == base["keys"]
+        other = levels(preds)
+        auroc = compute_metrics(preds["probs"], preds["labels"])["auroc"]
+        print(f"{backend:10s} AUROC {auroc:.4f} ({time.time() - t0:.0f} s, build {runner.build_s:.0f} s); "
+              f"max |prob diff| {np.abs(preds['probs'] - base['probs']).max():.4f}; "
+              f"difference vs eager, image level {gain(base_levels['image'], other['image'])}, "
+              f"study level {gain(base_levels['study'], other['study'])}")
+
+
+if __name__ == "__main__":
+    main()

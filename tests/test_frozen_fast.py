@@ -1,0 +1,123 @@
+"""frozen_fast: every CPU backend computes the frozen part as eager PyTorch does (fp32 within
+float tolerance, int8 close by cosine), exports are kept, and the cache built through a backend
+equals the eager one."""
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from cxr_dist.cache import frozen_caches
+from cxr_dist.config import ConfigError, ModelConfig, load_config
+from cxr_dist.frozen_fast import attached, build_runner, calibration_batches
+from cxr_dist.index import load_index
+from cxr_dist.model import build_model
+from cxr_dist.stream import eval_loader
+from tests.conftest import TINY
+
+FP32 = ("channels_last", "onnxruntime", "openvino")
+SIZE = 48  # the tiny shards' stored size: big enough for depth 1 to keep a 2 x 2 map
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_shards, tmp_path_factory):
+    cfg = load_config(TINY, ["--data.shards_dir", str(tiny_shards), "--data.num_workers", "0",
+                             "--data.input_size", str(SIZE), "--model.backbone", "tf_efficientnet_lite1",
+                             "--model.weights", "lite1-package"])
+    model = build_model(cfg.model).eval()  # real ImageNet weights: realistic activation ranges
+    images = torch.cat([b["image"] for b in eval_loader(cfg.data, "val", 0, 1)])
+    return cfg, model, images, tmp_path_factory.mktemp("exports")
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+@pytest.mark.parametrize("backend", FP32)
+def test_fp32_backends_equal_eager(setup, backend, depth):
+    cfg, model, images, work = setup
+    model.set_phase(depth)
+    runner = build_runner(model, backend, depth, SIZE, work)
+    want = model.frozen_forward(images)
+    got = runner(images)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    model.set_phase(0)
+
+
+def test_int8_stays_close_and_needs_calibration(setup):
+    cfg, model, images, work = setup
+    with pytest.raises(ConfigError, match="calibration"):
+        build_runner(model, "int8", 0, SIZE, work)
+    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.data, "train", 32))
+    want, got = model.frozen_forward(images), runner(images)
+    cos = torch.nn.functional.cosine_similarity(got, want)
+    assert cos.min() > 0.97, cos
+    assert not torch.allclose(got, want, atol=1e-3)  # it is quantized, not the fp32 graph by mistake
+
+
+def test_bad_backend_is_a_config_error(setup, tiny_shards):
+    cfg, model, _, work = setup
+    with pytest.raises(ConfigError, match="frozen_backend"):
+        build_runner(model, "tensorrt", 0, SIZE, work)
+    with pytest.raises(ConfigError, match="frozen_backend"):
+        load_config(TINY, ["--model.frozen_backend", "tensorrt"])
+    assert build_runner(model, "eager", 0, SIZE, work) is None
+
+
+def test_export_is_kept_and_reused(setup, tmp_path):
+    cfg, model, images, _ = setup
+    first = build_runner(model, "onnxruntime", 0, SIZE, tmp_path)
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert [p.suffix for p in files] == [".onnx"]
+    again = build_runner(model, "onnxruntime", 0, SIZE, tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == files  # not exported again
+    torch.testing.assert_close(again(images), first(images))
+    # Other weights (a different backbone state) get their own export.
+    other = build_model(ModelConfig(backbone="tf_efficientnet_lite1", pretrained=False)).eval()
+    build_runner(other, "onnxruntime", 0, SIZE, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_runner_is_used_only_at_its_depth_on_the_cpu_and_detached_after(setup):
+    cfg, model, images, work = setup
+    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.data, "train", 32))
+    eager = model.frozen_forward(images)
+    with attached(model, runner):
+        torch.testing.assert_close(model.frozen_forward(images), runner(images))  # through the runner
+        model.set_phase(1)
+        torch.testing.assert_close(model.frozen_forward(images), _eager_at(model, images))  # other depth: eager
+        model.set_phase(0)
+    assert model.frozen_runner is None
+    torch.testing.assert_close(model.frozen_forward(images), eager)
+    assert not any("runner" in k for k in model.state_dict())
+
+
+def _eager_at(model, images):
+    runner, model.frozen_runner = model.frozen_runner, None
+    try:
+        return model.frozen_forward(images)
+    finally:
+        model.frozen_runner = runner
+
+
+def test_cache_through_a_backend_equals_the_eager_cache(setup, tmp_path):
+    cfg, _, _, _ = setup
+    acc = Accelerator(cpu=True)
+    caches = {}
+    for backend in ("eager", "openvino", "int8"):
+        c = load_config(TINY, ["--data.shards_dir", cfg.data.shards_dir, "--data.num_workers", "0",
+                               "--data.input_size", str(SIZE), "--model.backbone", "tf_efficientnet_lite1",
+                               "--model.weights", "lite1-package", "--model.frozen_backend", backend,
+                               "--train.cache_views", "1", "--train.cache_dir", str(tmp_path / "cache"),
+                               "--train.run_dir", str(tmp_path / "run")])
+        model = build_model(c.model)
+        caches[backend] = frozen_caches(c, model, load_index(c.data.shards_dir), ["train"], "val", acc)
+        assert model.frozen_runner is None  # detached once the cache is built
+    (et, ev), (ot, ov) = caches["eager"], caches["openvino"]
+    assert et.keys == ot.keys and et.feats.shape == ot.feats.shape
+    torch.testing.assert_close(ot.feats.float(), et.feats.float(), atol=2e-2, rtol=1e-2)  # fp16 storage
+    torch.testing.assert_close(ov.feats.float(), ev.feats.float(), atol=2e-2, rtol=1e-2)
+    # int8 is a different cache file (other numerics), close to the eager one.
+    names = sorted(p.name for p in (tmp_path / "cache").glob("train-*.safetensors"))
+    assert len(names) == 2  # eager and openvino share one (same numerics), int8 has its own
+    it = caches["int8"][0]
+    cos = torch.nn.functional.cosine_similarity(it.feats[0].float().flatten(1), et.feats[0].float().flatten(1))
+    assert cos.min() > 0.9, cos
