@@ -103,11 +103,18 @@ def average(sets: list[dict]) -> dict:
     return {**first, "probs": np.mean([p["probs"] for p in sets], axis=0)}
 
 
-def view_loaders(data: DataConfig, split: str, rank: int, world: int, views: int = 1, index: dict | None = None):
+def view_loaders(data: DataConfig, split: str, rank: int, world: int, views: int = 1, index: dict | None = None,
+                 device: torch.device | None = None):
     """Loaders that each show this rank's share of `split` once: the plain view, then views - 1
     views with the training augmentation (test-time augmentation). Each view of an image is seeded
-    by (view, image key): the same on every call, whatever the number of processes and workers."""
-    yield eval_loader(data, split, rank, world, index=index)
+    by (view, image key): the same on every call, whatever the number of processes and workers.
+    The plain view is decoded on `device` when `data.decode_on` says so (device_input.py: on a
+    GPU by default; bit-identical to the workers' decode on the CPU)."""
+    from .device_input import DeviceInput, decode_where
+
+    on_device = device is not None and decode_where(data, device) == "device"
+    plain = eval_loader(data, split, rank, world, index=index, on_device=on_device)
+    yield map(DeviceInput(data, device, augment=False), plain) if on_device else plain
     if views > 1:
         loader = views_loader(replace(data, augment=True), [split], rank, world, seed=0, keyed=True, index=index)
         for view in range(views - 1):
@@ -122,7 +129,7 @@ def predict_split(model: nn.Module, data: DataConfig, split: str, views: int = 1
     device = device or inference_device()
     model.to(device)
     return average([merge([infer(model, loader, device, with_features=with_features and v == 0)])
-                    for v, loader in enumerate(view_loaders(data, split, 0, 1, views, index))])
+                    for v, loader in enumerate(view_loaders(data, split, 0, 1, views, index, device))])
 
 
 PREDICTION_COLUMNS = ("split", "key", "uid", "label", "prob_abnormal")
@@ -188,7 +195,8 @@ def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, 
     `with_features`: the predictions also hold each image's pooled features (of the plain view).
     """
     loaders = [batches] if batches is not None else view_loaders(data, split, accelerator.process_index,
-                                                                 accelerator.num_processes, views, index)
+                                                                 accelerator.num_processes, views, index,
+                                                                 accelerator.device)
     sets = []
     for i, loader in enumerate(loaders):
         with accelerator.autocast():

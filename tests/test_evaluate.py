@@ -252,7 +252,33 @@ def test_predict_prints_a_probability_per_image(trained, tiny_data):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["image"] for r in rows] == [str(p) for p in images]
-    assert all(0.0 <= r["prob_abnormal"] <= 1.0 and r["views"] == 1 and "label" not in r for r in rows)
+    assert all(0.0 <= r["prob_abnormal"] <= 1.0 and r["views"] == 1 for r in rows)
+    # The run's threshold (picked on val, stored in the checkpoint) labels each image.
+    from cxr_dist.checkpoint import load_model_state
+
+    threshold = load_model_state(trained, tag="best")[1]["threshold"]["value"]
+    assert [r["label"] for r in rows] == ["abnormal" if r["prob_abnormal"] >= threshold else "normal" for r in rows]
+
+
+def test_predict_split_decodes_on_the_device_like_the_workers(trained, tiny_shards):
+    """data.decode_on = "device" (device_input.py, the GPU input pipeline) runs on the CPU as the
+    same code path: evaluation gives the same probabilities as the workers' PIL decode."""
+    import torch
+
+    from cxr_dist.checkpoint import load_model_state
+    from cxr_dist.config import DataConfig, ModelConfig, from_dict, replace
+    from cxr_dist.evaluate import predict_split
+    from cxr_dist.model import build_model
+
+    state, meta = load_model_state(trained, tag="best")
+    model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
+    model.load_state_dict(state)
+    data = replace(from_dict(DataConfig, meta["config"]["data"]), shards_dir=str(tiny_shards))
+    cpu = torch.device("cpu")
+    workers = predict_split(model, replace(data, decode_on="workers"), "test", device=cpu)
+    device = predict_split(model, replace(data, decode_on="device"), "test", device=cpu)
+    assert device["keys"] == workers["keys"] and len(workers["keys"]) > 0
+    np.testing.assert_array_equal(device["probs"], workers["probs"])
 
 
 def test_predict_with_views_and_a_threshold(trained, second, tiny_data):
