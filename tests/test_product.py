@@ -77,7 +77,7 @@ def product_run(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) ->
     res = accelerate_launch(["-m", "cxr_dist.train", "--config", str(ROOT / "configs" / "demo.toml"),
                              "--data.shards_dir", str(shards), "--train.run_dir", str(run_dir),
                              "--tracking.uri", mlflow_server, "--tracking.experiment", exp,
-                             "--tracking.registered_model", registered, *SCHEDULE], cwd=ROOT, timeout=900)
+                             "--tracking.registered_model", registered, *SCHEDULE], cwd=tmp, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
     runs = experiment_runs(mlflow_server, exp)
     assert len(runs) == 1
