@@ -123,9 +123,9 @@ def _export_proto(wrapper: nn.Module, example: torch.Tensor, opset: int | None):
     exporter (torch.export) is the default: its graph has 134 nodes against 671, because the
     BatchNorms are folded into the convolutions and the "same" padding, computed at run time by
     the TorchScript graph (Shape, Ceil, Pad... per conv), is a constant for the fixed S; on
-    onnxruntime it ran ~20% faster here, and the TorchScript exporter is deprecated. Its one
-    drawback is export time (15-50 s against 3-7 s on 2 busy cores). Opsets below 18 need the
-    TorchScript exporter (see DYNAMO_MIN_OPSET).
+    onnxruntime it ran 1.1-1.2x faster (bench/bench_onnx.py, docs/performance.md), and the
+    TorchScript exporter is deprecated. Its one drawback is export time (15-50 s against 2-8 s on
+    2 busy cores). Opsets below 18 need the TorchScript exporter (see DYNAMO_MIN_OPSET).
     """
     if opset is None or opset >= DYNAMO_MIN_OPSET:
         # An example batch of 2: torch.export specialises a dimension seen as 0 or 1 to a constant.
