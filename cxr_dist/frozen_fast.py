@@ -162,6 +162,7 @@ def _onnxruntime(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Ten
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: the graph clean-up warnings say nothing wrong
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
