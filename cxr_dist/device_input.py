@@ -40,7 +40,6 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as nnf
-from torchvision.transforms.v2 import functional as F
 
 from .config import DataConfig
 from .errors import DataError

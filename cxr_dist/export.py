@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from . import __version__
+from .calibrate import temperature_of
 from .checkpoint import load_model_state
 from .config import DataConfig, ModelConfig, from_dict, replace
-from .errors import CheckpointError, UserError, run_main
+from .errors import UserError, run_main
 from .fileio import write_bytes_atomic
 from .model import CXRClassifier, build_model
 
@@ -61,18 +62,6 @@ class CalibratedClassifier(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(image)
         return torch.softmax(logits / self.temperature, dim=1)[:, 1], logits
-
-
-def temperature_of(meta: dict[str, Any]) -> float:
-    """meta.json "calibration" temperature; 1.0 when the checkpoint has none (before calibration)."""
-    value = (meta.get("calibration") or {}).get("temperature", 1.0)
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        t = math.nan
-    if not (math.isfinite(t) and t > 0):
-        raise CheckpointError(f"the checkpoint's calibration temperature {value!r} is not a positive number")
-    return t
 
 
 def threshold_of(meta: dict[str, Any], calibrated: bool) -> float | None:

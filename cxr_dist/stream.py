@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
