@@ -1,0 +1,119 @@
+"""Calibration and out-of-distribution scores of a trained run, measured on real data (docs/product.md).
+
+    .venv/bin/python bench/product_report.py --run out/sources/runs/iu_only \
+        --shards out/sources/shards/iu_kermany_ext --external-limit 1024 --out out/product_report.json
+
+Does, on the run's best checkpoint and without changing it, what the end of a training run does
+(final.py): predictions with pooled features on val, test and the external split; the temperature
+fitted on val; the OOD density fitted on the same sample of training images (final.ood_fit_index)
+and its flag threshold on val. Then scores what a deployed model meets: the test films (same
+hospital), the external films (another population; `--external-limit` first images, in shard
+order), scikit-learn's two sample photographs (not chest films) and a blank image (refused).
+Prints one JSON object: calibration before/after on val and test, and per group the OOD score
+quartiles and the share flagged.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr_dist.calibrate import apply_temperature, calibration_report, fit_temperature  # noqa: E402
+from cxr_dist.config import replace  # noqa: E402
+from cxr_dist.errors import DataError  # noqa: E402
+from cxr_dist.evaluate import predict_split  # noqa: E402
+from cxr_dist.final import OOD_FIT_SPLIT, ood_fit_index  # noqa: E402
+from cxr_dist.index import load_index, train_val_splits  # noqa: E402
+from cxr_dist.inference import load_product, read_film  # noqa: E402
+from cxr_dist.ood import FeatureDensity, features_and_logits, flag_threshold  # noqa: E402
+from cxr_dist.transforms import eval_transform  # noqa: E402
+
+
+def summary(scores: np.ndarray, threshold: float) -> dict:
+    q = np.quantile(scores, [0.25, 0.5, 0.75])
+    return {"n": int(len(scores)), "quartiles": [round(float(v), 1) for v in q],
+            "flagged_frac": round(float((scores > threshold).mean()), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a run dir (its best checkpoint is read, never changed)")
+    ap.add_argument("--shards", required=True, help="the shards the run was trained on")
+    ap.add_argument("--external-limit", type=int, default=1024, help="external images scored (0: none)")
+    ap.add_argument("--quantile", type=float, default=0.99)
+    ap.add_argument("--out", help="also write the JSON here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.monotonic()
+    product = load_product(args.run, calibrated=False, device=torch.device("cpu"))
+    data = replace(product.data, shards_dir=args.shards, num_workers=1)
+    index = load_index(args.shards)
+    train_splits, val_split = train_val_splits(data)
+    fit_index = ood_fit_index(index, train_splits)
+    fit = predict_split(product.model, data, OOD_FIT_SPLIT, index=fit_index, with_features=True)
+    preds = {name: predict_split(product.model, data, split, index=index, with_features=True)
+             for name, split in (("val", val_split), ("test", "test"))}
+    if args.external_limit and index["splits"].get("external", {}).get("total", 0):
+        ext = {**index, "splits": {**index["splits"], "external_sample": {
+            "shards": [], "total": 0}}}
+        shards, total = [], 0
+        for s in index["splits"]["external"]["shards"]:
+            if total >= args.external_limit:
+                break
+            shards.append(s)
+            total += int(s["count"])
+        ext["splits"]["external_sample"] = {"shards": shards, "total": total}
+        preds["external"] = predict_split(product.model, data, "external_sample", index=ext, with_features=True)
+    val = preds["val"]
+    temperature = fit_temperature(val["probs"], val["labels"])
+    density = FeatureDensity.fit(fit["features"])
+    threshold = flag_threshold(density.score(val["features"]), args.quantile)
+    out = {"run": args.run, "temperature": temperature, "ood_threshold": round(threshold, 2),
+           "fit_images": int(len(fit["features"])), "calibration": {}, "ood": {}}
+    for name in ("val", "test"):
+        p = preds[name]
+        out["calibration"][name] = {k: (round(v, 4) if isinstance(v, float) else v)
+                                    for k, v in calibration_report(p["probs"], p["labels"], temperature).items()}
+    for name, p in preds.items():
+        out["ood"][name] = summary(density.score(p["features"]), threshold)
+        if name == "external":  # external AUROC with calibrated probabilities is unchanged; say its calibration
+            out["calibration"]["external"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in
+                                              calibration_report(p["probs"], p["labels"], temperature).items()}
+    from sklearn.datasets import load_sample_images
+
+    plain = eval_transform(data.input_size)
+    photos = []
+    for i, arr in enumerate(load_sample_images().images):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG")
+        photos.append(plain(read_film(buf.getvalue(), f"photo{i}.jpg", data)))
+    h, logits = features_and_logits(product.model, torch.stack(photos))
+    out["ood"]["photographs"] = {**summary(density.score(h.numpy()), threshold),
+                                 "scores": [round(float(v), 1) for v in density.score(h.numpy())],
+                                 "prob_abnormal": [round(float(v), 3) for v in apply_temperature(
+                                     torch.softmax(logits, 1)[:, 1].numpy(), temperature)]}
+    blank = io.BytesIO()
+    Image.new("L", (512, 512), 255).save(blank, format="PNG")
+    try:
+        read_film(blank.getvalue(), "blank.png", data)
+        out["blank_image"] = "accepted (unexpected)"
+    except DataError as e:
+        out["blank_image"] = f"refused: {e}"
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
