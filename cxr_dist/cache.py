@@ -219,7 +219,7 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: dict, train_splits: 
               "depth": depth, "rank": rank, "world": world}
     if cfg.model.frozen_backend == "int8":  # other numerics: never mixed with an fp32 cache
         inputs["frozen_backend"] = "int8"
-    fast = _FastFrozen(cfg, model, depth, index, train_splits[0], cache_dir, accelerator)
+    fast = FastFrozen(cfg, model, depth, index, train_splits[0], cache_dir, accelerator)
     train_cache = cached_on_disk(
         cache_dir / cache_name(f"train-r{rank}", {**inputs, "splits": train_splits, "views": t.cache_views}),
         lambda: fast(lambda: build_cache(model, cfg.data, train_splits, rank, world, t.cache_views,
@@ -234,10 +234,11 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: dict, train_splits: 
     return train_cache, val_cache
 
 
-class _FastFrozen:
-    """Runs a cache build with the frozen part through `model.frozen_backend` (frozen_fast.py) when
-    it is not "eager" and the device is the CPU. The runner is built (or its export loaded from
-    `cache_dir`) once, and only if some cache has to be computed."""
+class FastFrozen:
+    """Runs a cache build (or any work through `model`'s frozen part: the final evaluation) with the
+    frozen part through `model.frozen_backend` (frozen_fast.py) when it is not "eager" and the
+    device is the CPU. The runner is built (or its export loaded from `cache_dir`) once, and only
+    if some work has to be done."""
 
     def __init__(self, cfg: Config, model: CXRClassifier, depth: int, index: dict, calib_split: str,
                  cache_dir: Path, accelerator) -> None:

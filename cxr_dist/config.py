@@ -106,8 +106,9 @@ class ModelConfig:
     # How the frozen part runs on the CPU in the frozen-compute cache and in evaluation
     # (frozen_fast.py; docs/performance.md measures each): "eager" (plain PyTorch fp32),
     # "channels_last", "onnxruntime", "openvino" or "int8" (OpenVINO/ONNX static quantization
-    # calibrated on training images). On a GPU the model always runs in PyTorch.
-    frozen_backend: str = "eager"
+    # calibrated on training images). On a GPU the model always runs in PyTorch. Default: the
+    # fastest that leaves the features unchanged (docs/performance.md, "The frozen forward on the CPU").
+    frozen_backend: str = "openvino"
 
 
 @dataclass(frozen=True)

@@ -300,8 +300,20 @@ def ood_summary(preds: dict, threshold: float | None) -> dict | None:
     return out
 
 
+def _fast_runner(model: nn.Module, backend: str, input_size: int, work_dir: Path):
+    """The run's fast CPU runtime for the frozen part (frozen_fast.py), exported from the loaded
+    weights into `work_dir`; None on a GPU, for "eager", and for "int8" (its calibration needs the
+    training shards, which evaluate may not have: it runs the fp32 eager path instead)."""
+    from .frozen_fast import build_runner
+
+    if inference_device().type != "cpu" or backend in ("eager", "int8"):
+        return None
+    return build_runner(model, backend, model.depth, input_size, work_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .calibrate import temperature_of
+    from .frozen_fast import attached
     from .checkpoint import load_extra, load_model_state
     from .model import build_model
     from .ood import FeatureDensity
@@ -337,12 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.tta < 1:
         raise UserError(f"--tta must be at least 1 (views per image), not {args.tta}")
 
-    models, product = [], []
+    models, product, backends = [], [], []
     for path in args.checkpoint:
         state, meta = load_model_state(path, tag="best")
         model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
         model.load_state_dict(state)  # the weights come from the checkpoint
         models.append((model, replace(from_dict(DataConfig, meta["config"]["data"]), batch_size=args.batch_size)))
+        backends.append(from_dict(ModelConfig, meta["config"]["model"]).frozen_backend)
         # Calibration per checkpoint (an ensemble averages calibrated probabilities); the OOD score
         # only for one checkpoint (each run has its own feature space).
         ood = meta.get("ood") if len(args.checkpoint) == 1 else None
@@ -359,11 +372,16 @@ def main(argv: list[str] | None = None) -> int:
         models = [(m, replace(d, shards_dir=shards)) for m, d in models]
         index = load_index(shards)
         splits = list(dict.fromkeys([args.split] + (["val"] if threshold is None else [])))
+        runners = [_fast_runner(m, b, d.input_size, Path(tmp) / f"frozen-{i}")
+                   for i, ((m, d), b) in enumerate(zip(models, backends))]
         preds = {}
         for name in splits:
             split = train_val_splits(models[0][1])[1] if name == "val" else name
-            sets = [product_outputs(predict_split(m, d, split, args.tta, index, with_features=dens is not None), t, dens, ot)
-                    for (m, d), (t, dens, ot) in zip(models, product)]
+            sets = []
+            for (m, d), (t, dens, ot), runner in zip(models, product, runners):
+                with attached(m, runner):
+                    sets.append(product_outputs(predict_split(m, d, split, args.tta, index, with_features=dens is not None),
+                                                t, dens, ot))
             preds[name] = average(sets)
             if len(sets) > 1:  # an ensemble: these columns belong to one model each
                 preds[name] = {k: v for k, v in preds[name].items() if k not in ("prob_uncalibrated", "ood_score", "ood_flag")}

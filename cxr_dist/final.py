@@ -36,6 +36,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import dist
+from .cache import FastFrozen
 from .calibrate import calibration_report, fit_temperature
 from .config import Config, replace
 from .evaluate import evaluate_split, ood_summary, predictions_csv, product_outputs, report
@@ -71,11 +72,15 @@ def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: lis
     for name in ("test", "external"):  # external: the sources never trained on (cross-source evaluation)
         if index["splits"].get(name, {}).get("total", 0):
             splits[name] = name
-    preds = {name: evaluate_split(best, cfg.data, split, accelerator, with_predictions=True,
-                                  views=cfg.train.tta_views, index=index, with_features=True)["predictions"]
-             for name, split in splits.items()}
-    fit = evaluate_split(best, cfg.data, OOD_FIT_SPLIT, accelerator, with_predictions=True, with_features=True,
-                         index=ood_fit_index(index, train_val_splits(cfg.data)[0]))["predictions"]
+    train_splits = train_val_splits(cfg.data)[0]
+    # The frozen part through the fast CPU runtime (model.frozen_backend), as the cache was built.
+    fast = FastFrozen(cfg, best, best.depth, index, train_splits[0],
+                      Path(cfg.train.cache_dir or run_dir / "cache"), accelerator)
+    preds = fast(lambda: {name: evaluate_split(best, cfg.data, split, accelerator, with_predictions=True,
+                                               views=cfg.train.tta_views, index=index, with_features=True)["predictions"]
+                          for name, split in splits.items()})
+    fit = fast(lambda: evaluate_split(best, cfg.data, OOD_FIT_SPLIT, accelerator, with_predictions=True,
+                                      with_features=True, index=ood_fit_index(index, train_splits))["predictions"])
     if accelerator.is_main_process:
         best_dir = ckpt.find_checkpoint(run_dir, "best")
         product, preds = _product(cfg, preds, fit["features"])
