@@ -8,7 +8,7 @@
 #   ./run.sh /path/to/chest-xrays-indiana-university [--train.seed 3 ...]   # your IU X-ray copy
 #
 # CONFIG picks the config: for DATA_DIR default configs/iu_xray_cached.toml (offline ImageNet
-# weights and the frozen-compute cache, ~30 min on a 2-core CPU; configs/offline.toml is the same
+# weights and the frozen-compute cache, ~10 min on a 2-core CPU; configs/offline.toml is the same
 # without the cache, configs/original.toml downloads EfficientNet-B1 weights from timm's hub); for
 # the demo default configs/demo.toml. OUT defaults to ./out: shards in $OUT/shards and runs in
 # $OUT/runs/CONFIG_NAME for DATA_DIR, $OUT/demo/shards and $OUT/demo/runs/CONFIG_NAME for the demo.
