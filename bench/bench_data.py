@@ -137,7 +137,7 @@ def _run(tmp: Path) -> int:
         n, s = _rate(base, len(big))  # all but the first batch
         rows.append((f"map Dataset: {args.kaggle_side}px PNG files (Kaggle-size), same", n, s))
         t0 = time.perf_counter()
-        encode_all(big, 256, 2)
+        encode_all(big, DataConfig(image_size=256, prepare_workers=2))
         rows.append((f"prepare (one-time): {args.kaggle_side}px PNG -> 256px JPEG, 2 procs", len(big),
                      time.perf_counter() - t0))
 
