@@ -205,8 +205,9 @@ def _figures(cfg: Config, history: list[dict], preds: dict[str, dict], evaluatio
 def _model_card(cfg: Config, index: dict, evaluation: dict, run_dir: Path, product: dict) -> Path:
     from .model_card import write_model_card
 
+    # evaluation.json holds calibrated probabilities (and the threshold on that scale).
     return write_model_card(cfg, index, evaluation, run_dir, temperature=product["temperature"],
-                            calibration=product["calibration"], ood=product["ood"])
+                            calibration=product["calibration"], ood=product["ood"], evaluation_calibrated=True)
 
 
 def _cam_overlays(cfg: Config, model: CXRClassifier, index: dict, run_dir: Path, device) -> list[Path]:

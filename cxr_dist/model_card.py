@@ -257,12 +257,23 @@ def _calibration(temperature: float | None, calibration: dict | None) -> str:
             "fitted on the validation split by minimising the negative log-likelihood. It changes no ranking "
             "(AUROC is unchanged), only how far the probabilities can be taken at face value.")
     if calibration:
-        text += "\n\n" + _table(["on validation", "before", "after"], [
-            ["ECE (15 bins, top-label)", _num(calibration.get("ece_before")), _num(calibration.get("ece_after"))],
-            ["Brier score", _num(calibration.get("brier_before")), _num(calibration.get("brier_after"))]])
-        if "n" in calibration:
-            text += f"\n\n{calibration['n']} validation images."
+        rows = []
+        for name, rep in _calibration_reports(calibration).items():
+            where = "validation (T fitted here)" if name == "val" else name
+            rows.append([where, rep.get("n", ""), f"{_num(rep.get('ece_before'))} -> {_num(rep.get('ece_after'))}",
+                         f"{_num(rep.get('brier_before'))} -> {_num(rep.get('brier_after'))}"])
+        text += "\n\n" + _table(["split", "images", "ECE (15 bins, top-label) before -> after",
+                                   "Brier score before -> after"], rows)
     return text
+
+
+def _calibration_reports(calibration: dict | None) -> dict[str, dict]:
+    """{split: calibration_report} from a run's calibration ({"val": ..., "test": ...}) or from
+    one bare report (then the validation split's)."""
+    if not calibration:
+        return {}
+    splits = {k: v for k, v in calibration.items() if k in ("val", "test", "external") and isinstance(v, dict)}
+    return splits or {"val": calibration}
 
 
 def _ood(ood: dict | None) -> str:
@@ -333,8 +344,9 @@ def limitations(cfg: Config, evaluation: dict, calibration: dict | None = None) 
                    "the threshold and the temperature, so they are optimistic.")
     if "val" in reports and not any(k.endswith("_at_val_threshold") for k in evaluation):
         out.append("No decision threshold was picked on validation: labels use 0.5, which drifts with calibration.")
-    if calibration and _finite(calibration.get("ece_after")) and calibration["ece_after"] > 0.05:
-        out.append(f"Still mis-calibrated after temperature scaling: ECE {calibration['ece_after']:.3f} on validation.")
+    for name, rep in _calibration_reports(calibration).items():
+        if _finite(rep.get("ece_after")) and rep["ece_after"] > 0.05:
+            out.append(f"Still mis-calibrated after temperature scaling: ECE {rep['ece_after']:.3f} on {name}.")
     return out + _fixed_limitations(cfg, calibration is not None)
 
 

@@ -104,8 +104,7 @@ def test_card_has_sources_metrics_threshold_and_use(setup):
     assert f"{thr:.4f} on P(abnormal), picked on the validation split" in card
     assert f"the same cut is {float(apply_temperature(thr, t)):.4f}" in card
     # Calibration, OOD, intended use.
-    assert f"T = {t:.3f}" in card and f"| ECE (15 bins, top-label) | {calibration['ece_before']:.3f} | " \
-                                     f"{calibration['ece_after']:.3f} |" in card
+    assert f"T = {t:.3f}" in card and f"| {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f} |" in card
     assert "exceeds 12.35, the 0.99 quantile" in card
     assert "not for clinical use" in card.lower() and NOT_FOR_CLINICAL_USE in card
     # Fixed limitations that fit these sources; no view-shortcut line without a shortcut.

@@ -114,6 +114,11 @@ def test_evaluation_predictions_and_mlflow_have_the_product_parts(product_run: d
     assert header[-2:] == ["prob_uncalibrated", "ood_score"]
     card = (run_dir / "MODEL_CARD.md").read_text()
     assert "CC BY 4.0" in card and "not for clinical use" in card.lower()
+    # The run's own calibration numbers (val and test), and the threshold on the calibrated scale.
+    for split in ("val", "test"):
+        rep = cal[split]
+        assert f"| {rep['ece_before']:.3f} -> {rep['ece_after']:.3f} |" in card, split
+    assert f"{evaluation['test_at_val_threshold']['threshold']:.4f} on P(abnormal)" in card
     cams = sorted((run_dir / "cam").glob("*.png"))
     assert len(cams) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in cams)
     top = {f["path"] for f in api(server, "artifacts/list", run_id=run_id)["files"]}
