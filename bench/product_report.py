@@ -63,16 +63,9 @@ def main() -> None:
     preds = {name: predict_split(product.model, data, split, index=index, with_features=True)
              for name, split in (("val", val_split), ("test", "test"))}
     if args.external_limit and index["splits"].get("external", {}).get("total", 0):
-        ext = {**index, "splits": {**index["splits"], "external_sample": {
-            "shards": [], "total": 0}}}
-        shards, total = [], 0
-        for s in index["splits"]["external"]["shards"]:
-            if total >= args.external_limit:
-                break
-            shards.append(s)
-            total += int(s["count"])
-        ext["splits"]["external_sample"] = {"shards": shards, "total": total}
-        preds["external"] = predict_split(product.model, data, "external_sample", index=ext, with_features=True)
+        # Whole shards of the external split, in order, up to the limit (as final.py samples training films).
+        ext = ood_fit_index(index, ["external"], args.external_limit)
+        preds["external"] = predict_split(product.model, data, OOD_FIT_SPLIT, index=ext, with_features=True)
     val = preds["val"]
     temperature = fit_temperature(val["probs"], val["labels"])
     density = FeatureDensity.fit(fit["features"])

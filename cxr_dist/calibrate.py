@@ -169,3 +169,12 @@ def temperature_of(meta: Mapping[str, Any]) -> float:
     if not (math.isfinite(t) and t > 0):
         raise CheckpointError(f"the checkpoint's calibration temperature {value!r} is not a positive number")
     return t
+
+
+def uncalibrated_threshold(threshold: float, temperature: float) -> float:
+    """A threshold on the calibrated scale -> the same cut on the network's own probabilities:
+    p_cal >= t exactly when p_raw >= sigmoid(T * logit(t)) (0 and 1 stay as they are)."""
+    t = float(threshold)
+    if temperature == 1.0 or t in (0.0, 1.0):
+        return t
+    return 1.0 / (1.0 + math.exp(-temperature * math.log(t / (1.0 - t))))

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import dist
+from .calibrate import apply_temperature
 from .config import DataConfig, ModelConfig, from_dict, replace
 from .errors import UserError, run_main
 from .config import SOURCE_FORMATS, SourceConfig, train_sources
@@ -147,11 +148,10 @@ def predictions_csv(by_split: dict[str, dict]) -> str:
     w.writerow(PREDICTION_COLUMNS + EXTRA_COLUMNS + tuple(optional))
     for split, p in by_split.items():
         n = len(p["keys"])
-        extra = zip(*(p[c].tolist() for c in optional)) if optional else iter(lambda: (), None)
-        for key, uid, label, prob, source, view, more in zip(
-                p["keys"], p["uids"], p["labels"].tolist(), p["probs"].tolist(),
-                p.get("sources", [LEGACY_SOURCE] * n), p.get("views", [""] * n), extra):
-            w.writerow([split, key, uid, label, f"{prob:.6f}", source, view, *(f"{v:.6f}" for v in more)])
+        columns = [p["keys"], p["uids"], p["labels"].tolist(), [f"{v:.6f}" for v in p["probs"].tolist()],
+                   p.get("sources", [LEGACY_SOURCE] * n), p.get("views", [""] * n),
+                   *([f"{v:.6f}" for v in p[c].tolist()] for c in optional)]
+        w.writerows([split, *row] for row in zip(*columns))
     return buf.getvalue()
 
 
@@ -276,8 +276,6 @@ def product_outputs(preds: dict, temperature: float, density=None, ood_threshold
     """Predictions as the product gives them: `probs` calibrated with `temperature` (the network's
     own in `prob_uncalibrated`) and, given a density (ood.FeatureDensity), the `ood_score` of each
     image from its `features` (which are dropped: they are large and said once by the score)."""
-    from .calibrate import apply_temperature
-
     out = {k: v for k, v in preds.items() if k != "features"}
     out["prob_uncalibrated"] = preds["probs"]
     out["probs"] = apply_temperature(preds["probs"], temperature)

@@ -24,7 +24,6 @@ view only: averaging augmented views (`predict --tta`) stays outside the graph.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calibrate import temperature_of
+from .calibrate import temperature_of, uncalibrated_threshold
 from .checkpoint import load_model_state
 from .config import DataConfig, ModelConfig, from_dict, replace
 from .errors import UserError, run_main
@@ -71,11 +70,7 @@ def threshold_of(meta: dict[str, Any], calibrated: bool) -> float | None:
     value = (meta.get("threshold") or {}).get("value")
     if value is None:
         return None
-    t = float(value)
-    temperature = temperature_of(meta)
-    if calibrated or temperature == 1.0 or t in (0.0, 1.0):
-        return t
-    return 1.0 / (1.0 + math.exp(-temperature * math.log(t / (1.0 - t))))
+    return float(value) if calibrated else uncalibrated_threshold(value, temperature_of(meta))
 
 
 def load_model(checkpoint: str | Path) -> tuple[CXRClassifier, dict[str, Any]]:

@@ -42,7 +42,7 @@ from .config import Config, replace
 from .evaluate import evaluate_split, ood_summary, predictions_csv, product_outputs, report
 from .fileio import write_bytes_atomic, write_json_atomic
 from .index import train_val_splits
-from .metrics import balanced_threshold, scalar_metrics
+from .metrics import balanced_threshold, metric_mode, scalar_metrics
 from .model import CXRClassifier
 from .ood import FeatureDensity, flag_threshold
 
@@ -213,22 +213,21 @@ def _model_card(cfg: Config, index: dict, evaluation: dict, run_dir: Path, produ
 def _cam_overlays(cfg: Config, model: CXRClassifier, index: dict, run_dir: Path, device) -> list[Path]:
     """Grad-CAM overlays of the first `train.cam_images` films of the test split (else val), in
     shard order: the same films run after run, so runs can be compared by eye."""
+    from .cam import write_overlays  # restores the model's modes itself
     from .stream import eval_loader
 
-    split = "test" if index["splits"].get("test", {}).get("total", 0) else train_val_splits(cfg.data)[1]
     if cfg.train.cam_images == 0:
         return []
-    from .cam import write_overlays
-
     data = replace(cfg.data, num_workers=0, batch_size=cfg.train.cam_images)
-    batch = next(iter(eval_loader(data, split, 0, 1, index=index)), None)
+    batch = next(iter(eval_loader(data, _shown_split(cfg, index), 0, 1, index=index)), None)
     if batch is None:
         return []
-    was_training = model.training
-    model.eval()
-    paths = write_overlays(model, batch["image"].to(device), list(batch["key"]), run_dir / "cam")
-    model.train(was_training)
-    return paths
+    return write_overlays(model, batch["image"].to(device), list(batch["key"]), run_dir / "cam")
+
+
+def _shown_split(cfg: Config, index: dict) -> str:
+    """The split whose first films show the model: its CAM overlays, the served model's example."""
+    return "test" if index["splits"].get("test", {}).get("total", 0) else train_val_splits(cfg.data)[1]
 
 
 def _log_servable(cfg: Config, tracker, best_dir: Path, index: dict, history: list[dict]) -> None:
@@ -238,15 +237,13 @@ def _log_servable(cfg: Config, tracker, best_dir: Path, index: dict, history: li
     from .index import shard_list
     from .serve import log_servable
 
-    split = "test" if index["splits"].get("test", {}).get("total", 0) else train_val_splits(cfg.data)[1]
-    with tarfile.open(shard_list(index, [split])[0].path) as tar:  # the first film of the split, as stored
+    with tarfile.open(shard_list(index, [_shown_split(cfg, index)])[0].path) as tar:  # the first film of the split, as stored
         member = next((m for m in tar if m.name.endswith(".jpg")), None)
         example = tar.extractfile(member).read() if member is not None else None
     uri = log_servable(tracker, best_dir, example)
     if uri and cfg.tracking.registered_model:
         metric = cfg.train.best_metric
-        # As train.metric_mode decides it (train.py imports this module, so not imported from there).
-        mode = cfg.train.best_mode or ("min" if metric.endswith("loss") else "max")
+        mode = metric_mode(metric, cfg.train.best_mode)
         values = [r[f"val/{metric}"] for r in history if r.get(f"val/{metric}") is not None]
         best = (max(values) if mode == "max" else min(values)) if values else None
         tracker.register(uri, cfg.tracking.registered_model, cfg.tracking.model_alias, metric, best, mode)

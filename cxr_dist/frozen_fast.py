@@ -37,7 +37,7 @@ from torch import nn
 
 from .config import FROZEN_BACKENDS, ConfigError, DataConfig
 from .fileio import write_bytes_atomic
-from .model import CXRClassifier
+from .model import CXRClassifier, frozen_part, normalize_input
 from .stream import eval_loader
 
 EXPORT_FORMAT = 1  # bump when the exported graph changes, so old files are not reused
@@ -48,18 +48,10 @@ class _FrozenPart(nn.Module):
 
     def __init__(self, model: CXRClassifier, depth: int) -> None:
         super().__init__()
-        self.backbone = model.backbone
-        self.depth = depth
-        self.kept = nn.ModuleList(model.blocks()[:-depth]) if depth else None
+        self.backbone, self.depth = model.backbone, depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        if self.depth == 0:
-            return bb.forward_head(bb.forward_features(x), pre_logits=True)
-        x = bb.bn1(bb.conv_stem(x))
-        for block in self.kept:
-            x = block(x)
-        return x
+        return frozen_part(self.backbone, x, self.depth)
 
 
 class FrozenRunner:
@@ -72,10 +64,7 @@ class FrozenRunner:
         self._mean, self._std, self._run = mean.clone(), std.clone(), run
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return (x - self._mean) / self._std
+        return normalize_input(x, self._mean, self._std)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

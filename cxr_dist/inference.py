@@ -24,17 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .calibrate import apply_temperature, temperature_of
+from .calibrate import apply_temperature, temperature_of, uncalibrated_threshold
 from .checkpoint import load_extra, load_model_state
 from .config import DataConfig, ModelConfig, from_dict, replace
 from .manifest import sample_key
 from .model import CXRClassifier, build_model, inference_device
 from .ood import FeatureDensity, check_not_constant, features_and_logits
-from .preprocess import JPEG_QUALITY, decode_film, load_film
+from .preprocess import decode_film, film_jpeg, load_film
 from .transforms import eval_transform, seeded_transform, train_transform, view_seed
 
 
@@ -100,7 +99,7 @@ def load_product(checkpoint: str | Path, *, calibrated: bool = True, views: int 
     if threshold is None:
         threshold = (meta.get("threshold") or {}).get("value")
         if threshold is not None and not calibrated:  # stored on the calibrated scale: map it back
-            threshold = float(apply_temperature(np.array([threshold]), 1.0 / temperature_of(meta))[0])
+            threshold = uncalibrated_threshold(threshold, temperature_of(meta))
     return Product(model=model, data=data, views=views or int(meta["config"]["train"].get("tta_views", 1)),
                    temperature=temperature, threshold=threshold, density=density,
                    ood_threshold=ood.get("threshold"), meta=meta, device=device)
@@ -111,12 +110,8 @@ def read_film(src: str | Path | bytes, name: str, data: DataConfig) -> Image.Ima
     get for its shard sample: read as `prepare` reads it, the JPEG q95 round trip included (it
     changes pixels), decoded as the stream decodes it. Raises DataError (a UserError, exit 2) for a
     missing or unreadable file and for a (nearly) constant image."""
-    import io
-
     film = load_film(src, data.image_size, data.resize, "none")
     check_not_constant(film, name)  # before the intensity mapping, which stretches noise to full range
     if data.intensity != "none":
         film = load_film(src, data.image_size, data.resize, data.intensity)
-    buf = io.BytesIO()
-    film.save(buf, format="JPEG", quality=JPEG_QUALITY)  # = preprocess.encode_film's bytes
-    return decode_film(buf.getvalue(), data.input_size)
+    return decode_film(film_jpeg(film), data.input_size)  # = decode_film(encode_film(src, ...))

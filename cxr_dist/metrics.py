@@ -118,6 +118,11 @@ def compute_metrics(
     return out
 
 
+def metric_mode(name: str, mode: str = "") -> str:
+    """"max" or "min" for a validation metric: `mode` when given, else "min" for loss-like names."""
+    return mode or ("min" if name.endswith("loss") else "max")
+
+
 def balanced_threshold(probs: ArrayLike, labels: ArrayLike) -> float:
     """The decision threshold that maximises balanced accuracy (Youden's J) on these predictions.
 

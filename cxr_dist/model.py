@@ -36,6 +36,31 @@ def inference_device() -> torch.device:
 LITE1_PACKAGE = "lite1-package"
 
 
+def normalize_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0,1] float) grayscale/RGB N x C x H x W -> the backbone's normalised 3-channel
+    input (CXRClassifier.normalize; the fast frozen runtimes normalise the same way)."""
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (x - mean) / std
+
+
+def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """An EfficientNet backbone's blocks in forward order (its stages flattened)."""
+    return [b for stage in backbone.blocks for b in stage]
+
+
+def frozen_part(backbone: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
+    """The frozen part at `depth` on normalised input: pooled features at depth 0, else the input
+    of block[-depth]. CXRClassifier.frozen_forward runs it; frozen_fast.py exports it."""
+    if depth == 0:
+        return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+    x = backbone.bn1(backbone.conv_stem(x))
+    for block in backbone_blocks(backbone)[:-depth]:
+        x = block(x)
+    return x
+
+
 class CXRClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, hidden: int, dropout: float, num_classes: int,
                  freeze_bn_stats: bool = False) -> None:
@@ -63,7 +88,7 @@ class CXRClassifier(nn.Module):
     # ------------------------------------------------------------------ structure
     def blocks(self) -> list[nn.Module]:
         """The backbone's blocks in forward order (EfficientNet stages flattened)."""
-        return [b for stage in self.backbone.blocks for b in stage]
+        return backbone_blocks(self.backbone)
 
     def tail_modules(self, depth: int) -> list[nn.Module]:
         """Backbone modules that train at `depth`: the last `depth` blocks and, with any block,
@@ -108,10 +133,7 @@ class CXRClassifier(nn.Module):
     # ------------------------------------------------------------------ forward
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (or [0,1] float) grayscale/RGB -> the backbone's normalised 3-channel input."""
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean) / self.std
+        return normalize_input(x, self.mean, self.std)
 
     @torch.no_grad()
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,14 +141,7 @@ class CXRClassifier(nn.Module):
         runner = self.frozen_runner
         if runner is not None and runner.depth == self.depth and x.device.type == "cpu":
             return runner(x)
-        bb = self.backbone
-        x = self.normalize(x)
-        if self.depth == 0:
-            return bb.forward_head(bb.forward_features(x), pre_logits=True)
-        x = bb.bn1(bb.conv_stem(x))
-        for block in self.blocks()[: -self.depth]:
-            x = block(x)
-        return x
+        return frozen_part(self.backbone, self.normalize(x), self.depth)
 
     @torch.no_grad()
     def frozen_from(self, h: torch.Tensor, from_depth: int, to_depth: int) -> torch.Tensor:

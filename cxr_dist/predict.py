@@ -21,11 +21,13 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from .config import DataConfig
 from .errors import UserError, run_main
 from .inference import load_product, read_film
+from .transforms import eval_transform
 
 
 def load_image(path: Path, data: DataConfig) -> Image.Image:
@@ -38,17 +40,14 @@ def predict(checkpoint: str, images: list[str], batch_size: int = 16, views: int
     """One dict per image: its path, prob_abnormal, prob_uncalibrated, views, and label / ood_score /
     ood_flag when the checkpoint (or `threshold`) provides them; `cam_dir`: Grad-CAM overlays there."""
     product = load_product(checkpoint, calibrated=calibrated, views=views, threshold=threshold)
+    plain = eval_transform(product.data.input_size)  # the view Grad-CAM explains
     out = []
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]
         films = [(load_image(Path(p), product.data), Path(p).name) for p in chunk]
         rows = product.predict(films)
         if cam_dir:
-            from .cam import write_overlays
-            from .transforms import eval_transform
-
-            plain = eval_transform(product.data.input_size)
-            import torch
+            from .cam import write_overlays  # matplotlib: only when asked
 
             x = torch.stack([plain(im) for im, _ in films]).to(product.device)
             for row, path in zip(rows, write_overlays(product.model, x, [Path(p).stem for p in chunk], cam_dir)):

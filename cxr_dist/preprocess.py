@@ -168,8 +168,13 @@ def load_film(src: str | Path | bytes, image_size: int, resize: str = "letterbox
 def encode_film(src: str | Path | bytes, image_size: int, resize: str = "letterbox",
                 intensity: str = "none") -> bytes:
     """load_film(...) as JPEG bytes, quality JPEG_QUALITY: the `jpg` field of a shard sample."""
+    return film_jpeg(load_film(src, image_size, resize, intensity))
+
+
+def film_jpeg(film: Image.Image) -> bytes:
+    """A film as load_film returns it -> the JPEG bytes a shard stores for it (quality JPEG_QUALITY)."""
     buf = io.BytesIO()
-    load_film(src, image_size, resize, intensity).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    film.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
 
 

@@ -79,6 +79,25 @@ class CXRPyfunc(mlflow.pyfunc.PythonModel):
                             columns=[c.name for c in OUTPUT_SCHEMA.inputs])
 
 
+# What the servable model imports, pinned to the versions it was logged with.
+MODEL_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "safetensors", "scikit-learn",
+                  "scipy", "pydicom", "python-gdcm", "pylibjpeg", "pylibjpeg-openjpeg", "mlflow")
+
+
+def model_requirements() -> list[str]:
+    """Pinned requirements of the logged model; explicit, so MLflow does not infer them in a
+    subprocess (slow, may reach for the network). cxr_dist itself travels as code (serve.py)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in MODEL_PACKAGES:
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return reqs
+
+
 def _bad(message: str) -> MlflowException:
     """A client error: the scoring server answers it with HTTP 400 and this message."""
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
@@ -88,8 +107,6 @@ def log_servable(tracker, checkpoint_dir: Path, example_image: bytes | None = No
     """Log the best checkpoint as the run's servable pyfunc model (through `tracker`, so nothing on
     other ranks and a tracking outage only warns); returns its "models:/..." URI or None."""
     import cxr_dist
-
-    from .tracking import _model_requirements
 
     with tempfile.TemporaryDirectory(prefix="cxr-pyfunc-") as tmp:
         code = Path(tmp) / "cxr_model.py"
@@ -101,4 +118,4 @@ def log_servable(tracker, checkpoint_dir: Path, example_image: bytes | None = No
             name=name, python_model=str(code), artifacts={"checkpoint": str(checkpoint_dir)},
             code_paths=[str(Path(cxr_dist.__file__).parent)],
             signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA), input_example=example,
-            pip_requirements=_model_requirements())
+            pip_requirements=model_requirements())

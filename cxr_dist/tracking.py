@@ -199,25 +199,6 @@ def _as_float(v: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-# What the servable model (serve.py) imports, pinned to the versions it was logged with.
-MODEL_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "safetensors", "scikit-learn",
-                  "scipy", "pydicom", "python-gdcm", "pylibjpeg", "pylibjpeg-openjpeg", "mlflow")
-
-
-def _model_requirements() -> list[str]:
-    """Pinned requirements of the logged model; explicit, so MLflow does not infer them in a
-    subprocess (slow, may reach for the network). cxr_dist itself travels as code (serve.py)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for pkg in MODEL_PACKAGES:
-        try:
-            reqs.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            pass
-    return reqs
-
-
 class Tracker:
     """What the training loop may call; this base does nothing (the stand-in on other ranks)."""
 

@@ -34,7 +34,7 @@ from .final import finish
 from .index import LEGACY_SOURCE, class_counts, has_views, load_index, source_view_counts, train_val_splits
 from .log import bars_enabled
 from .log import setup as setup_logging
-from .metrics import compute_metrics, scalar_metrics, summary_line, view_name
+from .metrics import compute_metrics, metric_mode, scalar_metrics, summary_line, view_name
 from .mix import SampleWeightedLoss, loss_weight_table, source_weights
 from .model import CXRClassifier, build_model, count_trainable, logits_of, param_groups, weights_source
 from .stream import train_loader
@@ -56,11 +56,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def metric_mode(name: str, mode: str = "") -> str:
-    """"max" or "min" for a validation metric: `mode` when given, else "min" for loss-like names."""
-    return mode or ("min" if name.endswith("loss") else "max")
 
 
 def improved(value: float, best: float, mode: str) -> bool:
