@@ -30,9 +30,9 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxr_dist.config import DataConfig, replace  # noqa: E402
-from cxr_dist.manifest import build_manifest  # noqa: E402
-from cxr_dist.shards import encode_all, write_shards  # noqa: E402
-from cxr_dist.stream import train_loader  # noqa: E402
+from cxr_dist.data.sources.iu import build_manifest  # noqa: E402
+from cxr_dist.data.shards import encode_all, write_shards  # noqa: E402
+from cxr_dist.data.stream import train_loader  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/iu_xray_small"
 

@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_dist.config import FROZEN_BACKENDS, DataConfig, ModelConfig  # noqa: E402
-from cxr_dist.frozen_fast import _FrozenPart, build_runner, calibration_batches  # noqa: E402
-from cxr_dist.model import build_model  # noqa: E402
-from cxr_dist.stream import eval_loader  # noqa: E402
+from cxr_dist.model.frozen_runtime import _FrozenPart, build_runner, calibration_batches  # noqa: E402
+from cxr_dist.model.classifier import build_model  # noqa: E402
+from cxr_dist.data.stream import eval_loader  # noqa: E402
 
 
 def clock_ghz() -> float:

@@ -35,20 +35,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxr_dist.config import Config, DataConfig, ModelConfig, PhaseConfig, TrainConfig  # noqa: E402
-from cxr_dist.device_input import DeviceInput  # noqa: E402
-from cxr_dist.index import load_index  # noqa: E402
-from cxr_dist.mix import SampleWeightedLoss  # noqa: E402
-from cxr_dist.model import build_model, param_groups  # noqa: E402
-from cxr_dist.stream import eval_loader, train_loader  # noqa: E402
-from cxr_dist.train import train_epoch  # noqa: E402
-from cxr_dist.train_state import Progress  # noqa: E402
+from cxr_dist.data.device_input import DeviceInput  # noqa: E402
+from cxr_dist.data.index import load_index  # noqa: E402
+from cxr_dist.data.mixing import SampleWeightedLoss  # noqa: E402
+from cxr_dist.model.classifier import build_model, param_groups  # noqa: E402
+from cxr_dist.data.stream import eval_loader, train_loader  # noqa: E402
+from cxr_dist.train.loop import train_epoch  # noqa: E402
+from cxr_dist.train.state import Progress  # noqa: E402
 
 
 def shards_for(args, tmp: Path) -> Path:
     """--shards as given; else shards prepared from --data (or a synthetic IU-layout dataset)."""
     if args.shards:
         return Path(args.shards)
-    from cxr_dist.shards import write_shards
+    from cxr_dist.data.shards import write_shards
 
     data = args.data
     if not data:

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.checkpoint import amend_checkpoint, save_checkpoint  # noqa: E402
+from cxr_dist.model.checkpoint import amend_checkpoint, save_checkpoint  # noqa: E402
 from cxr_dist.config import Config, DataConfig, ModelConfig, from_dict, to_dict  # noqa: E402
-from cxr_dist.export import export_onnx, load_model, temperature_of  # noqa: E402
-from cxr_dist.model import build_model  # noqa: E402
+from cxr_dist.product.export import export_onnx, load_model, temperature_of  # noqa: E402
+from cxr_dist.model.classifier import build_model  # noqa: E402
 
 EXPORTS = (("onnxruntime (dynamo export)", None), ("onnxruntime (TorchScript export, opset 17)", 17))
 

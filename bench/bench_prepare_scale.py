@@ -44,8 +44,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cxr_dist.config import DataConfig, SourceConfig  # noqa: E402
-from cxr_dist.preprocess import encode_film  # noqa: E402
-from cxr_dist.shards import PARTS_DIR, merge_parts, write_part  # noqa: E402
+from cxr_dist.data.preprocess import encode_film  # noqa: E402
+from cxr_dist.data.shards import PARTS_DIR, merge_parts, write_part  # noqa: E402
 
 KINDS = {  # name: (width, height, bits, format)
     "png8-1024": (1024, 1024, 8, "PNG"),

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.preprocess import INTENSITY_MODES, _intensity, _read, _resize, load_film  # noqa: E402
+from cxr_dist.data.preprocess import INTENSITY_MODES, _intensity, _read, _resize, load_film  # noqa: E402
 
 
 def median_ms(f, repeats: int) -> float:

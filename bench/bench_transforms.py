@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.transforms import train_transform  # noqa: E402
+from cxr_dist.data.transforms import train_transform  # noqa: E402
 
 
 def ms_per_call(f, x, n: int = 200) -> float:

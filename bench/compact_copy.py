@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.manifest import IMAGE_EXTENSIONS, PROJECTIONS_CSV, REPORTS_CSV  # noqa: E402
+from cxr_dist.data.sources.common import RASTER_EXTENSIONS as IMAGE_EXTENSIONS
+from cxr_dist.data.sources.iu import PROJECTIONS_CSV, REPORTS_CSV  # noqa: E402
 
 
 def _convert(job: tuple[Path, Path, int]) -> tuple[int, float]:

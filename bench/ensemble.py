@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_dist.errors import UserError  # noqa: E402
-from cxr_dist.evaluate import average, read_predictions, report  # noqa: E402
-from cxr_dist.metrics import balanced_threshold  # noqa: E402
+from cxr_dist.eval.evaluate import average, read_predictions, report  # noqa: E402
+from cxr_dist.eval.metrics import balanced_threshold  # noqa: E402
 
 
 def _auroc(level: dict | None) -> str:

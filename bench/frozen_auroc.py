@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paired_auroc import gain, levels  # noqa: E402
 
-from cxr_dist.checkpoint import load_model_state  # noqa: E402
+from cxr_dist.model.checkpoint import load_model_state  # noqa: E402
 from cxr_dist.config import DataConfig, ModelConfig, from_dict, replace  # noqa: E402
-from cxr_dist.evaluate import predict_split  # noqa: E402
-from cxr_dist.frozen_fast import attached, build_runner, calibration_batches  # noqa: E402
-from cxr_dist.metrics import compute_metrics  # noqa: E402
-from cxr_dist.model import build_model  # noqa: E402
+from cxr_dist.eval.evaluate import predict_split  # noqa: E402
+from cxr_dist.model.frozen_runtime import attached, build_runner, calibration_batches  # noqa: E402
+from cxr_dist.eval.metrics import compute_metrics  # noqa: E402
+from cxr_dist.model.classifier import build_model  # noqa: E402
 
 
 def main() -> None:

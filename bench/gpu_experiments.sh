@@ -47,7 +47,7 @@ mkdir -p "$OUT/runs"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
 
-"$PY" -m cxr_dist.prepare --config configs/iu_xray_cached.toml --data "$DATA" --out "$SHARDS" \
+"$PY" -m cxr_dist.data.prepare --config configs/iu_xray_cached.toml --data "$DATA" --out "$SHARDS" \
     --data.prepare_workers "$(nproc)" || exit 1
 stamp "shards ready"
 [ "${BENCH:-1}" = 1 ] && timeout 120 "$PY" bench/bench_gpu.py | tee "$OUT/bench_gpu.md"
@@ -76,8 +76,8 @@ for name in "${names[@]}"; do
     "$PY" - "$run" "$SHARDS" <<'EOF'  # from the repository root, so cxr_dist imports
 import json, subprocess, sys
 from pathlib import Path
-from cxr_dist.checkpoint import latest_checkpoint
-from cxr_dist.evaluate import read_predictions, report
+from cxr_dist.model.checkpoint import latest_checkpoint
+from cxr_dist.eval.evaluate import read_predictions, report
 run, shards = Path(sys.argv[1]), sys.argv[2]
 latest = latest_checkpoint(run)
 if latest is None:
@@ -86,7 +86,7 @@ meta = json.loads((latest / "meta.json").read_text())
 (run / "history.json").write_text(json.dumps(meta["progress"]["history"]))
 # test, and val for the threshold, over the run's train.tta_views: the three reports training writes
 views = str(meta["config"]["train"].get("tta_views", 1))
-at_val = json.loads(subprocess.run([sys.executable, "-m", "cxr_dist.evaluate", "--checkpoint", str(run), "--shards",
+at_val = json.loads(subprocess.run([sys.executable, "-m", "cxr_dist.eval.evaluate", "--checkpoint", str(run), "--shards",
                                     shards, "--split", "test", "--threshold", "val", "--tta", views, "--predictions",
                                     str(run / "predictions.csv")], capture_output=True, text=True, check=True).stdout)
 preds = read_predictions(run / "predictions.csv")

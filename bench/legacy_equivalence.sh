@@ -23,7 +23,7 @@ SHORT=(--train.cache_views 1 --train.phases.0.epochs 2 --train.phases.1.epochs 1
 for side in before after; do
     tree="$ROOT"; [ "$side" = before ] && tree="$OLD"
     rm -rf "$ROOT/$OUT/$side"
-    (cd "$tree" && PYTHONPATH="$tree" "$ROOT/.venv/bin/python" -m cxr_dist.prepare --config configs/iu_xray_cached.toml \
+    (cd "$tree" && PYTHONPATH="$tree" "$ROOT/.venv/bin/python" -m cxr_dist.data.prepare --config configs/iu_xray_cached.toml \
         --data "$ROOT/$DATA" --out "$ROOT/$OUT/$side/shards" >/dev/null \
      && PYTHONPATH="$tree" "$ROOT/.venv/bin/python" -m cxr_dist.train --config configs/iu_xray_cached.toml \
         --data.shards_dir "$ROOT/$OUT/$side/shards" --train.run_dir "$ROOT/$OUT/$side/run" "${SHORT[@]}" \

@@ -26,8 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_dist.errors import UserError  # noqa: E402
-from cxr_dist.evaluate import read_predictions  # noqa: E402
-from cxr_dist.metrics import auroc_interval, compute_metrics, study_level  # noqa: E402
+from cxr_dist.eval.evaluate import read_predictions  # noqa: E402
+from cxr_dist.eval.metrics import auroc_interval, compute_metrics, study_level  # noqa: E402
 
 
 def levels(preds: dict) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:

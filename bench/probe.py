@@ -32,10 +32,10 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxr_dist.config import DataConfig, ModelConfig  # noqa: E402
-from cxr_dist.manifest import build_manifest  # noqa: E402
-from cxr_dist.metrics import study_level  # noqa: E402
-from cxr_dist.model import build_model  # noqa: E402
-from cxr_dist.stream import eval_loader, load_index  # noqa: E402
+from cxr_dist.data.sources.iu import build_manifest  # noqa: E402
+from cxr_dist.eval.metrics import study_level  # noqa: E402
+from cxr_dist.model.classifier import build_model  # noqa: E402
+from cxr_dist.data.stream import eval_loader, load_index  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Problems terms of small, focal or skeletal findings (hard to see on a 256 px chest film).
@@ -97,7 +97,7 @@ def head_sweep(x: np.ndarray, y: np.ndarray, split: np.ndarray, epochs: int = 15
     class-weighted CE, batch 32, over a grid of lr x weight decay: val/test AUROC per epoch."""
     from torch import nn
 
-    from cxr_dist.mix import class_weights
+    from cxr_dist.data.mixing import class_weights
 
     xt = torch.tensor(x)
     yt = torch.tensor(y)

@@ -27,15 +27,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_dist.calibrate import apply_temperature, calibration_report, fit_temperature  # noqa: E402
+from cxr_dist.eval.calibrate import apply_temperature, calibration_report, fit_temperature  # noqa: E402
 from cxr_dist.config import replace  # noqa: E402
 from cxr_dist.errors import DataError  # noqa: E402
-from cxr_dist.evaluate import predict_split  # noqa: E402
-from cxr_dist.final import OOD_FIT_SPLIT, ood_fit_index  # noqa: E402
-from cxr_dist.index import load_index, train_val_splits  # noqa: E402
-from cxr_dist.inference import load_product, read_film  # noqa: E402
-from cxr_dist.ood import FeatureDensity, features_and_logits, flag_threshold  # noqa: E402
-from cxr_dist.transforms import eval_transform  # noqa: E402
+from cxr_dist.eval.evaluate import predict_split  # noqa: E402
+from cxr_dist.train.end_of_run import OOD_FIT_SPLIT, ood_fit_index  # noqa: E402
+from cxr_dist.data.index import load_index, train_val_splits  # noqa: E402
+from cxr_dist.product.inference import load_product, read_film  # noqa: E402
+from cxr_dist.eval.ood import FeatureDensity, features_and_logits, flag_threshold  # noqa: E402
+from cxr_dist.data.transforms import eval_transform  # noqa: E402
 
 
 def summary(scores: np.ndarray, threshold: float) -> dict:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paired_auroc import gain, levels, select  # noqa: E402  (bench/ is on sys.path: this script's folder)
 
-from cxr_dist.evaluate import read_predictions, report  # noqa: E402
+from cxr_dist.eval.evaluate import read_predictions, report  # noqa: E402
 
 # (baseline run, other run, source, baseline split, other split): the comparisons worth making.
 PAIRS = [

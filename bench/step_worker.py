@@ -10,7 +10,7 @@ from torch import nn
 
 from cxr_dist import dist
 from cxr_dist.config import ModelConfig, PhaseConfig, TrainConfig, DataConfig
-from cxr_dist.model import build_model, param_groups
+from cxr_dist.model.classifier import build_model, param_groups
 
 
 def main() -> None:

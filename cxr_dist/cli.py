@@ -20,13 +20,13 @@ from .errors import run_main
 
 # sub-command -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
 COMMANDS = {
-    "prepare": ("cxr_dist.prepare", "Kaggle-layout IU X-ray folder -> uid-level splits -> WebDataset shards"),
-    "train": ("cxr_dist.train", "train the two-phase classifier (wrap in `accelerate launch` for DDP)"),
-    "evaluate": ("cxr_dist.evaluate", "metrics of a checkpoint on a split or a Kaggle-layout folder (JSON)"),
-    "predict": ("cxr_dist.predict", "probability of 'abnormal' for each image"),
-    "export": ("cxr_dist.export", "a checkpoint -> ONNX (calibrated probabilities, dynamic batch)"),
-    "compare": ("cxr_dist.compare", "table of MLflow runs: differing params and best metrics"),
-    "folds": ("cxr_dist.compare", "summary (mean, spread) of the k-fold runs of an experiment"),
+    "prepare": ("cxr_dist.data.prepare", "Kaggle-layout IU X-ray folder -> uid-level splits -> WebDataset shards"),
+    "train": ("cxr_dist.train.loop", "train the two-phase classifier (wrap in `accelerate launch` for DDP)"),
+    "evaluate": ("cxr_dist.eval.evaluate", "metrics of a checkpoint on a split or a Kaggle-layout folder (JSON)"),
+    "predict": ("cxr_dist.product.predict", "probability of 'abnormal' for each image"),
+    "export": ("cxr_dist.product.export", "a checkpoint -> ONNX (calibrated probabilities, dynamic batch)"),
+    "compare": ("cxr_dist.runs.compare", "table of MLflow runs: differing params and best metrics"),
+    "folds": ("cxr_dist.runs.compare", "summary (mean, spread) of the k-fold runs of an experiment"),
 }
 
 

@@ -4,7 +4,7 @@
 #   CXR_VENV               virtual environment to use (default .venv; if it has no bin/python,
 #                          the python already on PATH is used, e.g. an activated venv/conda env)
 #   CXR_ACCELERATE_CONFIG  launch/<name>.yaml, or "auto" (default): cpu_2proc / gpu_1 / gpu_multi /
-#                          multinode chosen from the allocation by cxr_dist.slurm_launch
+#                          multinode chosen from the allocation by cxr_dist.runs.slurm_launch
 #   CXR_PROCS_PER_NODE     processes per node (default: the GPUs SLURM gave the node)
 #   CXR_RUN_DIR            run folder (default runs/<job name>-<job id>, stable across requeues)
 
@@ -60,7 +60,7 @@ cxr_train() {
     local nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
     srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 \
         --cpus-per-task="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" --kill-on-bad-exit=1 \
-        "$PY" -m cxr_dist.slurm_launch -- --train.run_dir "$RUN_DIR" "$@" &
+        "$PY" -m cxr_dist.runs.slurm_launch -- --train.run_dir "$RUN_DIR" "$@" &
     local pid=$! rc
     # `wait` returns early (status > 128) when a trapped signal arrives: wait again until srun ends.
     while :; do

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from cxr_dist import dist
 from cxr_dist.config import load_config
-from cxr_dist.tracking import make_tracker
-from cxr_dist.train import train
+from cxr_dist.runs.tracking import make_tracker
+from cxr_dist.train.loop import train
 
 
 def main() -> int:

@@ -1,30 +1,34 @@
-"""The layering rule of docs/architecture.md: each module imports only from modules listed above it.
+"""The layering rule of docs/architecture.md, checked over packages.
 
-The order is the modules table of docs/architecture.md, parsed from the file (one module, or the
-`sources/` package, per row); the imports are every module's `import` statements parsed with `ast`:
-relative and absolute `cxr_dist` imports, at the top of the file or inside functions. Imports
-between the modules of the `sources/` package count as one row importing itself (allowed).
-Dynamic imports by name (cli.py's `importlib.import_module` of each sub-command) are not seen:
-cli.py is the last row for that reason.
+`cxr_dist` is a stack of stages, each a sub-package; a module imports only from its own stage and
+the stages below it:
+
+    root (errors, log, fileio, config, dist) < data < model < eval < product < runs < train < cli
+
+Imports are every module's `import` statements parsed with `ast` (relative and absolute, at the
+top of a file or inside a function). Within a stage any module may import any other, but the
+modules of the whole package must form no cycle. cli.py imports each sub-command by name
+(`importlib.import_module`), which `ast` does not see: it is the top of the stack for that reason.
 """
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cxr_dist"
 DOC = ROOT / "docs" / "architecture.md"
-PACKAGES = ("sources",)  # sub-packages: one row each
+ROOT_MODULES = ("__init__", "errors", "log", "fileio", "config", "dist")
+STAGES = ("root", "data", "model", "eval", "product", "runs", "train", "cli")
 
 
-def row_of(dotted: str) -> str:
-    """`cxr_dist.x[.y]` -> the table row that holds it: `x` (a module or a sub-package), or
-    `__init__` for the package itself (`from cxr_dist import __version__`)."""
+def stage_of(dotted: str) -> str:
+    """`cxr_dist.data.stream` -> "data"; `cxr_dist.config` -> "root"; `cxr_dist.cli` -> "cli"."""
     parts = dotted.split(".")
     assert parts[0] == "cxr_dist", dotted
-    return parts[1] if len(parts) > 1 else "__init__"
+    if len(parts) == 1 or parts[1] in ROOT_MODULES:
+        return "root"
+    return parts[1]
 
 
 def is_module(dotted: str, package: Path = PACKAGE) -> bool:
@@ -32,14 +36,13 @@ def is_module(dotted: str, package: Path = PACKAGE) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
-def modules() -> dict[str, Path]:
-    """Every module file of the package, by dotted name."""
+def modules(package: Path = PACKAGE) -> dict[str, Path]:
+    """Every module file of the package, by dotted name (a package's __init__ by the package's name)."""
     out = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(PACKAGE.parent).with_suffix("")
-        parts = list(rel.parts)
-        if parts[-1] == "__init__" and len(parts) > 2:
-            parts = parts[:-1]  # cxr_dist/sources/__init__.py is cxr_dist.sources
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
         out[".".join(parts)] = path
     return out
 
@@ -64,54 +67,77 @@ def imported(dotted: str, path: Path, package_dir: Path = PACKAGE) -> set[str]:
     return out
 
 
-def table_order() -> list[str]:
-    """Rows of the modules table in docs/architecture.md, top to bottom: `log.py` -> `log`,
-    `sources/` -> `sources`, `__init__.py` -> `__init__`."""
-    rows, in_table = [], False
-    for line in DOC.read_text().splitlines():
-        if line.startswith("| module |"):
-            in_table = True
-            continue
-        if in_table:
-            if not line.startswith("|"):
-                break
-            cell = line.split("|")[1].strip()
-            if set(cell) <= {"-", " "}:
-                continue
-            names = re.findall(r"`([\w/]+?)(?:\.py|/)`", cell)
-            assert len(names) == 1, f"one module per row of the table, not {cell!r}"
-            rows.append(names[0])
-    return rows
+def graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    mods = modules(package)
+    return {d: imported(d, p, package) - {d} for d, p in mods.items()}
 
 
-def test_the_table_lists_every_module_once():
-    order = table_order()
-    assert len(order) == len(set(order)), f"listed twice: {[m for m in order if order.count(m) > 1]}"
-    have = {row_of(m) for m in modules()}
-    assert not have - set(order), f"modules missing from the table in docs/architecture.md: {sorted(have - set(order))}"
-    assert not set(order) - have, f"the table lists modules that do not exist: {sorted(set(order) - have)}"
+def test_every_module_belongs_to_a_known_stage():
+    unknown = sorted({stage_of(m) for m in modules()} - set(STAGES))
+    assert not unknown, f"sub-packages missing from the stack {STAGES}: {unknown} (and from docs/architecture.md)"
 
 
-def test_each_module_imports_only_from_modules_above_it():
-    order = table_order()
-    rank = {name: i for i, name in enumerate(order)}
+def test_each_stage_imports_only_from_itself_and_the_stages_below():
+    rank = {s: i for i, s in enumerate(STAGES)}
     wrong = []
-    for dotted, path in modules().items():
-        me = row_of(dotted)
-        for dep in sorted(imported(dotted, path)):
-            them = row_of(dep)
-            if them == me:
+    for dotted, deps in graph().items():
+        for dep in sorted(deps):
+            if rank[stage_of(dep)] > rank[stage_of(dotted)]:
+                wrong.append(f"{dotted} imports {dep}: {stage_of(dep)} is above {stage_of(dotted)}")
+    assert not wrong, "imports against the stack of docs/architecture.md:\n" + "\n".join(wrong)
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of module imports, or None. A package's __init__ importing its own modules is not a
+    cycle with them (importing `pkg.mod` runs `pkg/__init__` first by Python's rules, not by code)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for dep in sorted(g.get(m, ())):
+            if dep.startswith(m + "."):  # a package importing its own module
                 continue
-            if me not in rank or them not in rank:
-                missing = me if me not in rank else them
-                wrong.append(f"{path.relative_to(ROOT)} imports {dep}: {missing} is not in the table")
-            elif rank[them] > rank[me]:
-                wrong.append(f"{path.relative_to(ROOT)} imports {dep} ({them} is listed below {me})")
-    assert not wrong, "imports against the order of docs/architecture.md:\n" + "\n".join(wrong)
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if state.get(dep) is None and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(g):
+        if state.get(m) is None and (found := visit(m)):
+            return found
+    return None
 
 
-def test_the_parser_sees_every_kind_of_import(tmp_path):
-    """The checker itself: relative, absolute, package-level and function-local imports."""
+def test_no_module_imports_form_a_cycle():
+    cycle = find_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_stage_says_what_it_holds_and_may_import():
+    for stage in STAGES:
+        if stage in ("root", "cli"):
+            continue
+        doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text())) or ""
+        assert "May import" in doc, f"cxr_dist/{stage}/__init__.py: its docstring should say what it may import"
+        for path in sorted((PACKAGE / stage).glob("*.py")):
+            if path.stem not in ("__init__", "__main__"):
+                assert path.stem in doc, f"cxr_dist/{stage}/__init__.py does not mention its module {path.stem}"
+
+
+def test_architecture_doc_names_every_module():
+    text = DOC.read_text()
+    missing = [str(p.relative_to(PACKAGE)) for d, p in modules().items()
+               if p.name not in ("__init__.py", "__main__.py") and str(p.relative_to(PACKAGE)) not in text]
+    assert not missing, f"docs/architecture.md does not name: {missing}"
+
+
+def test_the_checker_sees_every_kind_of_import_and_cycle(tmp_path):
+    """The checker itself: relative, absolute, package-level and function-local imports; cycles."""
     src = tmp_path / "cxr_dist"
     (src / "sub").mkdir(parents=True)
     for name in ("__init__.py", "a.py", "b.py", "c.py", "d.py", "sub/__init__.py", "sub/x.py"):
@@ -122,5 +148,8 @@ def test_the_parser_sees_every_kind_of_import(tmp_path):
     (src / "sub" / "x.py").write_text("from ..a import z\nfrom . import y_name\n")
     found = imported("cxr_dist.e", src / "e.py", src)
     assert found == {"cxr_dist.a", "cxr_dist.b", "cxr_dist.c", "cxr_dist", "cxr_dist.d", "cxr_dist.sub.x"}
-    assert {row_of(m) for m in found} == {"a", "b", "c", "__init__", "d", "sub"}
+    assert {stage_of(m) for m in found} == {"root", "a", "b", "c", "d", "sub"}
     assert imported("cxr_dist.sub.x", src / "sub" / "x.py", src) == {"cxr_dist.a", "cxr_dist.sub"}
+    assert find_cycle({"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": set()}) is None
+    assert find_cycle({"p.a": {"p.b"}, "p.b": {"p.a"}}) == ["p.a", "p.b", "p.a"]
+    assert find_cycle({"p": {"p.x"}, "p.x": {"p"}}) is None  # a package and its own module

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from cxr_dist.cache import CachedBatches, build_cache, cache_name, cached_on_disk, load_cache
+from cxr_dist.model.feature_cache import CachedBatches, build_cache, cache_name, cached_on_disk, load_cache
 from cxr_dist.config import ModelConfig, load_config
-from cxr_dist.model import build_model
-from cxr_dist.stream import eval_loader
+from cxr_dist.model.classifier import build_model
+from cxr_dist.data.stream import eval_loader
 from tests.conftest import TINY
 from tests.test_train import assert_same_state, params_of, probe
 

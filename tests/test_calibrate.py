@@ -1,4 +1,4 @@
-"""Temperature scaling, ECE, Brier score and the reliability figure (cxr_dist/calibrate.py, plots.py).
+"""Temperature scaling, ECE, Brier score and the reliability figure (cxr_dist/eval/calibrate.py, plots.py).
 
 The models are real: a scikit-learn logistic regression fitted on generated two-class data, made
 over- or under-confident by scaling its logits, and data drawn from a known logistic model, where
@@ -14,7 +14,7 @@ from scipy.special import expit, softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from cxr_dist.calibrate import (APPLY_EPS, CalibrationError, apply_temperature, brier, calibration_report, ece,
+from cxr_dist.eval.calibrate import (APPLY_EPS, CalibrationError, apply_temperature, brier, calibration_report, ece,
                                 fit_temperature, reliability_bins, temperature_of)
 from cxr_dist.errors import CheckpointError, UserError
 
@@ -163,7 +163,7 @@ def test_bad_temperatures_and_meta():
 
 
 def test_reliability_figure_is_written_atomically_as_png(logistic, tmp_path):
-    from cxr_dist.plots import reliability_figure
+    from cxr_dist.eval.plots import reliability_figure
 
     z, y = logistic["test"]
     before = expit(4.5 * z)

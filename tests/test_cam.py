@@ -1,4 +1,4 @@
-"""Grad-CAM (cxr_dist/cam.py): the map points at the evidence on a really trained classifier,
+"""Grad-CAM (cxr_dist/product/cam.py): the map points at the evidence on a really trained classifier,
 and computing it leaves the model exactly as it was."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cxr_dist.cam import grad_cam, overlay, peak, safe_name, write_overlays
+from cxr_dist.product.cam import grad_cam, overlay, peak, safe_name, write_overlays
 from cxr_dist.config import ModelConfig
-from cxr_dist.model import build_model
+from cxr_dist.model.classifier import build_model
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_dist import checkpoint as ckpt
-from cxr_dist.checkpoint import (
+from cxr_dist.model import checkpoint as ckpt
+from cxr_dist.model.checkpoint import (
     FORMAT,
     copy_as,
     flatten,

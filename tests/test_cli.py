@@ -14,7 +14,7 @@ import pytest
 from cxr_dist import cli
 from cxr_dist.config import Config, ConfigError, describe_fields, to_dict
 from cxr_dist.errors import CheckpointError, DataError, UserError
-from cxr_dist.slurm_launch import LaunchError
+from cxr_dist.runs.slurm_launch import LaunchError
 from tests.conftest import ROOT, VENV_BIN, _env, run_cmd, tiny_overrides
 
 
@@ -30,14 +30,14 @@ def test_every_user_error_has_one_root():
 
 # (module, arguments with a user error, program name in the message, words of the message)
 USER_ERRORS = [
-    ("cxr_dist.prepare", ["--config", "{tmp}/none.toml", "--data", "{tmp}", "--out", "{tmp}/out"],
+    ("cxr_dist.data.prepare", ["--config", "{tmp}/none.toml", "--data", "{tmp}", "--out", "{tmp}/out"],
      "cxr-dist prepare", "does not exist"),
     ("cxr_dist.train", ["--config", "{tmp}/none.toml"], "cxr_dist.train", "does not exist"),
-    ("cxr_dist.evaluate", ["--checkpoint", "{tmp}/none", "--shards", "{tmp}", "--threshold", "2"],
+    ("cxr_dist.eval.evaluate", ["--checkpoint", "{tmp}/none", "--shards", "{tmp}", "--threshold", "2"],
      "cxr-dist evaluate", "--threshold"),
-    ("cxr_dist.predict", ["--checkpoint", "{tmp}/none", "{tmp}/x.png"], "cxr-dist predict", "does not exist"),
-    ("cxr_dist.compare", ["--tracking-uri", "sqlite:///{tmp}/none.db"], "cxr-dist compare", "no MLflow store"),
-    ("cxr_dist.slurm_launch", ["--accelerate-config", "{tmp}/none.yaml", "--dry-run"], "slurm_launch",
+    ("cxr_dist.product.predict", ["--checkpoint", "{tmp}/none", "{tmp}/x.png"], "cxr-dist predict", "does not exist"),
+    ("cxr_dist.runs.compare", ["--tracking-uri", "sqlite:///{tmp}/none.db"], "cxr-dist compare", "no MLflow store"),
+    ("cxr_dist.runs.slurm_launch", ["--accelerate-config", "{tmp}/none.yaml", "--dry-run"], "slurm_launch",
      "does not exist"),
 ]
 
@@ -134,7 +134,7 @@ def test_training_into_a_log_file_prints_summaries_and_log_lines_but_no_bar(tiny
     text = err.read_text()
     assert res.returncode == 0, res.stdout[-3000:] + text[-3000:]
     assert "epoch 1/2 [head]" in res.stdout and "epoch 2/2 [finetune]" in res.stdout  # the per-epoch lines
-    assert "INFO cxr_dist.tracking: MLflow run" in text  # logging is configured on the main process
+    assert "INFO cxr_dist.runs.tracking: MLflow run" in text  # logging is configured on the main process
     assert "\r" not in text and "it/s" not in text and "s/it" not in text  # no progress bar
 
 

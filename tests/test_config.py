@@ -99,7 +99,7 @@ def test_training_settings_are_checked_when_the_config_loads(override, message):
 
 def test_best_metric_mode_follows_the_metric():
     """best_metric = "loss" used to keep the *worst* epoch (always 'higher is better')."""
-    from cxr_dist.train import improved, metric_mode
+    from cxr_dist.train.loop import improved, metric_mode
 
     assert metric_mode("loss") == "min" and metric_mode("auroc") == "max" and metric_mode("loss", "max") == "max"
     assert improved(0.4, 0.5, "min") and not improved(0.6, 0.5, "min") and improved(0.6, 0.5, "max")

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from cxr_dist import device_input as di
+from cxr_dist.data import device_input as di
 from cxr_dist.config import DataConfig
 from cxr_dist.errors import DataError
-from cxr_dist.preprocess import decode_film
-from cxr_dist.shards import write_shards
-from cxr_dist.stream import eval_loader, train_loader
-from cxr_dist.transforms import eval_transform, seeded_transform, train_transform
+from cxr_dist.data.preprocess import decode_film
+from cxr_dist.data.shards import write_shards
+from cxr_dist.data.stream import eval_loader, train_loader
+from cxr_dist.data.transforms import eval_transform, seeded_transform, train_transform
 from tests.conftest import run_cmd, tiny_overrides
 from tests.datagen import _image, make_dataset
 

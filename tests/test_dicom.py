@@ -1,4 +1,4 @@
-"""DICOM input (cxr_dist/dicom.py through preprocess.load_film), on real DICOM files written here by
+"""DICOM input (cxr_dist/data/dicom.py through preprocess.load_film), on real DICOM files written here by
 pydicom: Digital X-Ray / CR SOP classes, Explicit VR Little Endian, RLE Lossless and JPEG 2000
 Lossless (encoded here), JPEG baseline (an IU JPEG wrapped as it is), and the reference files pydicom
 ships (JPEG-LS lossless, JPEG 2000, RLE and JPEG extended, written by other toolkits); made from
@@ -18,9 +18,9 @@ from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 
-from cxr_dist.dicom import is_dicom, read_dicom
+from cxr_dist.data.dicom import is_dicom, read_dicom
 from cxr_dist.errors import DataError
-from cxr_dist.preprocess import encode_film, load_film
+from cxr_dist.data.preprocess import encode_film, load_film
 from tests.conftest import TINY, VENV_BIN, run_cmd
 
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared/data/iu_xray_small/images"
@@ -236,7 +236,7 @@ def test_reference_files_of_other_toolkits_decode_alike(capfd):
     Extended, which pydicom's installed plugins refuse and GDCM's reader decodes: the values
     pydicom's own tests expect, through bytes too, the file meant to be bad (JPEG-lossy.dcm) alike,
     and nothing printed on stderr by GDCM's codecs."""
-    from cxr_dist.dicom import _decode
+    from cxr_dist.data.dicom import _decode
 
     ref = REFERENCE / "MR_small.dcm"
     if not ref.is_file():
@@ -533,10 +533,11 @@ def test_predict_reads_a_dicom_as_its_png(tmp_path, capsys):
     a bad .dcm ends it with the reason and exit code 2. The checkpoint is a real one
     (checkpoint.save_checkpoint of the tiny config's model, random weights): a training run would add
     a minute and test nothing more about reading DICOM."""
-    from cxr_dist import cli, predict
-    from cxr_dist.checkpoint import save_checkpoint
+    from cxr_dist import cli
+    from cxr_dist.product import predict
+    from cxr_dist.model.checkpoint import save_checkpoint
     from cxr_dist.config import load_config, to_dict
-    from cxr_dist.model import build_model
+    from cxr_dist.model.classifier import build_model
 
     cfg = load_config(str(TINY), [])
     run = tmp_path / "run"

@@ -36,7 +36,7 @@ def second(tiny_shards, tmp_path_factory) -> Path:
 
 
 def _csv(path: Path) -> dict:
-    from cxr_dist.evaluate import read_predictions
+    from cxr_dist.eval.evaluate import read_predictions
 
     return read_predictions(path)
 
@@ -83,7 +83,7 @@ def test_evaluate_with_a_threshold_picked_on_val(trained, tiny_shards):
 
 def test_training_writes_its_predictions(trained, tiny_shards):
     """RUN_DIR/predictions.csv: every val and test image once, the numbers behind evaluation.json."""
-    from cxr_dist.evaluate import report
+    from cxr_dist.eval.evaluate import report
 
     preds = _csv(trained / "predictions.csv")
     index = json.loads((tiny_shards / "index.json").read_text())
@@ -136,7 +136,7 @@ def test_tta_gives_the_same_answer_on_two_processes(tiny_shards, tmp_path):
     """evaluate_split with 3 views on 2 real processes (gloo) = the mean of the plain view and two
     augmented views computed here in one process. A brightness 'model' makes every view count."""
     from cxr_dist.config import load_config, replace
-    from cxr_dist.evaluate import predict_split
+    from cxr_dist.eval.evaluate import predict_split
     from tests.conftest import TINY
     from tests.tta_probe import Brightness
 
@@ -153,7 +153,7 @@ def test_tta_gives_the_same_answer_on_two_processes(tiny_shards, tmp_path):
 
 def test_ensemble_of_runs_from_their_predictions(trained, second, tmp_path):
     """bench/ensemble.py: the same mean as `evaluate --checkpoint A B`, from the runs' CSVs alone."""
-    from cxr_dist.metrics import compute_metrics
+    from cxr_dist.eval.metrics import compute_metrics
 
     script = [str(VENV_BIN / "python"), str(ROOT / "bench" / "ensemble.py")]
     res = run_cmd([*script, str(trained), str(second), "--out", str(tmp_path / "e.json")], cwd=tmp_path)
@@ -184,8 +184,8 @@ def test_paired_auroc_gain_of_one_model_over_another(tmp_path):
     """bench/paired_auroc.py: the AUROC difference of two models on the same test images, per
     image and per study, with a paired interval that contains it (exactly 0 against itself).
     Synthetic predictions of 120 two-view studies: the tiny runs' models are too weak to differ."""
-    from cxr_dist.evaluate import PREDICTION_COLUMNS, predictions_csv
-    from cxr_dist.metrics import compute_metrics
+    from cxr_dist.eval.evaluate import PREDICTION_COLUMNS, predictions_csv
+    from cxr_dist.eval.metrics import compute_metrics
 
     rng = np.random.default_rng(0)
     labels = np.repeat(rng.integers(0, 2, 120), 2)
@@ -240,7 +240,7 @@ def test_evaluate_a_kaggle_folder_on_the_fly(trained, tiny_data, tmp_path):
     index = json.loads((trained / "config.toml").parent.joinpath("evaluation.json").read_text())
     assert index  # the training run wrote its own evaluation
     # All labelled images of the folder (the tiny set drops its 'No Indexing' studies).
-    from cxr_dist.manifest import build_manifest
+    from cxr_dist.data.sources.iu import build_manifest
 
     df, _ = build_manifest(tiny_data, "drop")
     assert out["image_level"]["n"] == len(df)
@@ -254,7 +254,7 @@ def test_predict_prints_a_probability_per_image(trained, tiny_data):
     assert [r["image"] for r in rows] == [str(p) for p in images]
     assert all(0.0 <= r["prob_abnormal"] <= 1.0 and r["views"] == 1 for r in rows)
     # The run's threshold (picked on val, stored in the checkpoint) labels each image.
-    from cxr_dist.checkpoint import load_model_state
+    from cxr_dist.model.checkpoint import load_model_state
 
     threshold = load_model_state(trained, tag="best")[1]["threshold"]["value"]
     assert [r["label"] for r in rows] == ["abnormal" if r["prob_abnormal"] >= threshold else "normal" for r in rows]
@@ -265,10 +265,10 @@ def test_predict_split_decodes_on_the_device_like_the_workers(trained, tiny_shar
     same code path: evaluation gives the same probabilities as the workers' PIL decode."""
     import torch
 
-    from cxr_dist.checkpoint import load_model_state
+    from cxr_dist.model.checkpoint import load_model_state
     from cxr_dist.config import DataConfig, ModelConfig, from_dict, replace
-    from cxr_dist.evaluate import predict_split
-    from cxr_dist.model import build_model
+    from cxr_dist.eval.evaluate import predict_split
+    from cxr_dist.model.classifier import build_model
 
     state, meta = load_model_state(trained, tag="best")
     model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
@@ -312,7 +312,7 @@ def test_inference_device_is_the_gpu_when_there_is_one(monkeypatch):
     checked by the next test only where a GPU is present."""
     import torch
 
-    from cxr_dist.model import inference_device
+    from cxr_dist.model.classifier import inference_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert inference_device() == torch.device("cpu")
@@ -324,10 +324,10 @@ def test_inference_device_is_the_gpu_when_there_is_one(monkeypatch):
 def test_predict_split_on_the_gpu_matches_the_cpu(trained, tiny_shards):
     import torch
 
-    from cxr_dist.checkpoint import load_model_state
+    from cxr_dist.model.checkpoint import load_model_state
     from cxr_dist.config import DataConfig, ModelConfig, from_dict, replace
-    from cxr_dist.evaluate import predict_split
-    from cxr_dist.model import build_model
+    from cxr_dist.eval.evaluate import predict_split
+    from cxr_dist.model.classifier import build_model
 
     state, meta = load_model_state(trained, tag="best")
     model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))

@@ -3,7 +3,7 @@ a calibration temperature amended in) -> ONNX through the CLI -> onnxruntime on 
 `predict` reads them, against the same checkpoint in torch.
 
 The references are computed here from the checkpoint (checkpoint.load_model_state + build_model),
-not through cxr_dist.export, so a wrong fold of the temperature or a wrong input layout fails.
+not through cxr_dist.product.export, so a wrong fold of the temperature or a wrong input layout fails.
 Two exports dominate the time: the calibrated file through the dynamo exporter (the default,
 ~15-40 s here) and the uncalibrated one at opset 17, which goes through the TorchScript exporter
 (~5 s): one test file covers both exporters and both temperatures.
@@ -21,13 +21,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cxr_dist.checkpoint import amend_checkpoint, load_model_state, save_checkpoint
+from cxr_dist.model.checkpoint import amend_checkpoint, load_model_state, save_checkpoint
 from cxr_dist.cli import main as cli_main
 from cxr_dist.config import Config, DataConfig, ModelConfig, from_dict, replace, to_dict
-from cxr_dist.export import export_onnx, metadata, opset_of, check_parity
-from cxr_dist.model import build_model
-from cxr_dist.predict import load_image
-from cxr_dist.transforms import eval_transform
+from cxr_dist.product.export import export_onnx, metadata, opset_of, check_parity
+from cxr_dist.model.classifier import build_model
+from cxr_dist.product.predict import load_image
+from cxr_dist.data.transforms import eval_transform
 
 REAL_IMAGES = Path("/work/shared/data/iu_xray_small/images")
 T = 2.5  # far enough from 1 that an export ignoring it misses by ~0.05, 500x the tolerance

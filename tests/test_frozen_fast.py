@@ -7,12 +7,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from cxr_dist.cache import frozen_caches
+from cxr_dist.model.feature_cache import frozen_caches
 from cxr_dist.config import ConfigError, ModelConfig, load_config
-from cxr_dist.frozen_fast import attached, build_runner, calibration_batches, weights_hash
-from cxr_dist.index import load_index
-from cxr_dist.model import build_model
-from cxr_dist.stream import eval_loader
+from cxr_dist.model.frozen_runtime import attached, build_runner, calibration_batches, weights_hash
+from cxr_dist.data.index import load_index
+from cxr_dist.model.classifier import build_model
+from cxr_dist.data.stream import eval_loader
 from tests.conftest import TINY
 
 FP32 = ("channels_last", "onnxruntime", "openvino")

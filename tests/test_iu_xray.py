@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from cxr_dist.config import DataConfig
-from cxr_dist.shards import write_shards
+from cxr_dist.data.shards import write_shards
 
 
 def _shared_data() -> Path:

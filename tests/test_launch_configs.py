@@ -132,7 +132,7 @@ def test_slurm_launch_sets_the_cpu_flag_itself(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0",
                PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
-    res = subprocess.run([sys.executable, "-m", "cxr_dist.slurm_launch", "--accelerate-config",
+    res = subprocess.run([sys.executable, "-m", "cxr_dist.runs.slurm_launch", "--accelerate-config",
                           "launch/cpu_2proc.yaml", "--module", "probe_mod"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -169,7 +169,7 @@ def test_multinode_rendezvous_with_two_simulated_nodes(tmp_path):
                    SLURM_JOB_ID="555", SLURM_JOB_NUM_NODES="2", SLURM_NODEID=str(node),
                    SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1", SLURM_GPUS_PER_NODE="0")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cxr_dist.slurm_launch", "--accelerate-config", "launch/multinode.yaml",
+            [sys.executable, "-m", "cxr_dist.runs.slurm_launch", "--accelerate-config", "launch/multinode.yaml",
              "--procs-per-node", "1", "--main-port", str(port), "--module", "probe_mod"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=240) for p in procs]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cxr_dist.metrics import (
+from cxr_dist.eval.metrics import (
     _weighted_auroc,
     always_abnormal,
     auroc_interval,

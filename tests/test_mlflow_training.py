@@ -237,7 +237,7 @@ def test_params_are_the_flattened_config_and_the_environment(mlflow_server: str,
         # An ancestor of (or equal to) HEAD: other commits may land while the suite runs.
         res = subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=ROOT)
         assert res.returncode == 0, f"{sha} is not in this repository's history"
-        assert tags["mlflow.source.name"].endswith("cxr_dist/train.py")
+        assert tags["mlflow.source.name"].endswith("cxr_dist/train/loop.py")
 
 
 def test_artifacts_figures_and_evaluation(mlflow_server: str, full_run: dict) -> None:
@@ -268,7 +268,7 @@ def test_logged_model_is_a_servable_pyfunc_that_predicts_like_the_checkpoint(mlf
     import mlflow.pyfunc
     import pandas as pd
 
-    from cxr_dist.inference import load_product, read_film
+    from cxr_dist.product.inference import load_product, read_film
 
     run_id = full_run["runs"][0]["info"]["run_id"]
     model_uri = tags_of(get_run(mlflow_server, run_id))["model_uri.model"]

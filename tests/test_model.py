@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from cxr_dist.config import ModelConfig, PhaseConfig
-from cxr_dist.model import build_model, count_trainable, lite1_package_state_dict, param_groups
-from cxr_dist.train import phase_at
+from cxr_dist.model.classifier import build_model, count_trainable, lite1_package_state_dict, param_groups
+from cxr_dist.train.loop import phase_at
 
 
 @pytest.fixture(scope="module")

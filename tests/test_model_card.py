@@ -1,4 +1,4 @@
-"""RUN_DIR/MODEL_CARD.md (cxr_dist/model_card.py) from a real shard index (write_shards on generated
+"""RUN_DIR/MODEL_CARD.md (cxr_dist/product/model_card.py) from a real shard index (write_shards on generated
 IU-layout and folder-per-class sources) and a real evaluation (evaluate.report on generated
 predictions, the threshold picked on val as final.py picks it)."""
 from __future__ import annotations
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from cxr_dist.calibrate import apply_temperature, calibration_report, fit_temperature
+from cxr_dist.eval.calibrate import apply_temperature, calibration_report, fit_temperature
 from cxr_dist.config import Config, DataConfig, SourceConfig, TrainConfig, replace
-from cxr_dist.evaluate import report
+from cxr_dist.eval.evaluate import report
 from cxr_dist.fileio import json_bytes
-from cxr_dist.metrics import balanced_threshold
-from cxr_dist.model_card import NOT_FOR_CLINICAL_USE, limitations, model_card, write_model_card
-from cxr_dist.shards import write_shards
+from cxr_dist.eval.metrics import balanced_threshold
+from cxr_dist.product.model_card import NOT_FOR_CLINICAL_USE, limitations, model_card, write_model_card
+from cxr_dist.data.shards import write_shards
 from tests.datagen import KERMANY_REGEX, make_dataset, make_folder_dataset
 
 IU_LICENCE = "CC BY-NC-ND 4.0 (Open-i; non-commercial research use)"

@@ -26,17 +26,17 @@ import tomli_w
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cxr_dist.cache import CachedBatches, FeatureCache
+from cxr_dist.model.feature_cache import CachedBatches, FeatureCache
 from cxr_dist.config import ConfigError, DataConfig, SourceConfig, load_config
 from cxr_dist.errors import UserError
-from cxr_dist.index import class_counts, has_views, load_index, shard_list, source_view_counts
-from cxr_dist.manifest import build_manifest
-from cxr_dist.metrics import breakdown, compute_metrics, group_metrics
-from cxr_dist.mix import ANY_VIEW, SampleWeightedLoss, loss_weight_table
-from cxr_dist.shards import write_shards
-from cxr_dist.split import assign_splits
-from cxr_dist.stream import sample_source_view, train_loader
-from cxr_dist.train import check_metrics, improved, metric_mode, stop_early
+from cxr_dist.data.index import class_counts, has_views, load_index, shard_list, source_view_counts
+from cxr_dist.data.sources.iu import build_manifest
+from cxr_dist.eval.metrics import breakdown, compute_metrics, group_metrics
+from cxr_dist.data.mixing import ANY_VIEW, SampleWeightedLoss, loss_weight_table
+from cxr_dist.data.shards import write_shards
+from cxr_dist.data.split import assign_splits
+from cxr_dist.data.stream import sample_source_view, train_loader
+from cxr_dist.train.loop import check_metrics, improved, metric_mode, stop_early
 from tests.conftest import ROOT, VENV_BIN, accelerate_launch, run_cmd
 from tests.datagen import KERMANY_REGEX, make_dataset, make_folder_dataset
 
@@ -531,7 +531,7 @@ def test_check_metrics_refuses_before_any_work(tmp_path):
         check_metrics(_cfg(tmp_path, "--train.plateau_metric", "source/nope/auroc", "--train.plateau_mode", "max"),
                       both, "val")
     # train() checks first: nothing is read, built or written (the accelerator is never touched).
-    from cxr_dist.train import train
+    from cxr_dist.train.loop import train
 
     accelerator = SimpleNamespace(process_index=0, num_processes=1)
     with pytest.raises(ConfigError, match="both classes"):
@@ -601,8 +601,8 @@ def test_training_steps_weight_the_loss_by_source_and_view(multi):
     import contextlib
 
     from cxr_dist.config import ModelConfig
-    from cxr_dist.model import build_model
-    from cxr_dist.train import Progress, train_epoch
+    from cxr_dist.model.classifier import build_model
+    from cxr_dist.train.loop import Progress, train_epoch
 
     cfg_path, shards = multi
     cfg = load_config(cfg_path, ["--data.shards_dir", str(shards)])
@@ -646,7 +646,7 @@ GROUP_FIELDS = {"n", "auroc", "auroc_ci95", "mean_prob_normal", "mean_prob_abnor
 
 
 def test_one_process_run_reports_per_source_and_view(run1, multi, sources):
-    from cxr_dist.checkpoint import load_checkpoint
+    from cxr_dist.model.checkpoint import load_checkpoint
 
     _, shards = multi
     index = json.loads((shards / "index.json").read_text())

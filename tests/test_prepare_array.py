@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cxr_dist import prepare
+from cxr_dist.data import prepare
 from cxr_dist.config import ConfigError, DataConfig, SourceConfig
 from cxr_dist.errors import DataError
-from cxr_dist.shards import PARTS_DIR, merge_parts, part_path, write_part, write_shards
+from cxr_dist.data.shards import PARTS_DIR, merge_parts, part_path, write_part, write_shards
 from tests.conftest import VENV_BIN, _env
 from tests.datagen import KERMANY_REGEX, make_dataset, make_folder_dataset
 

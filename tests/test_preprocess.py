@@ -15,8 +15,8 @@ from torchvision.transforms import v2
 
 from cxr_dist.config import DataConfig
 from cxr_dist.errors import DataError
-from cxr_dist.preprocess import decode_film, encode_film, load_film
-from cxr_dist.transforms import PadToSquare, RandomBlur, RandomGamma, RandomNoise, eval_transform, train_transform
+from cxr_dist.data.preprocess import decode_film, encode_film, load_film
+from cxr_dist.data.transforms import PadToSquare, RandomBlur, RandomGamma, RandomNoise, eval_transform, train_transform
 
 
 def _shared_images() -> Path:
@@ -265,8 +265,8 @@ def test_missing_and_unreadable_files_raise_data_error(tmp_path):
 def test_predict_sees_what_evaluate_sees(tmp_path, intensity, input_size):
     """predict.load_image + eval_transform == the stream's decode + eval_transform of the file's
     shard sample (encode_film's bytes), for an 8-bit JPEG and a 16-bit PNG."""
-    from cxr_dist.predict import load_image
-    from cxr_dist.stream import _ShardStream
+    from cxr_dist.product.predict import load_image
+    from cxr_dist.data.stream import _ShardStream
 
     cfg = DataConfig(image_size=256, input_size=input_size, intensity=intensity, augment=False)
     stream = _ShardStream([], cfg, 0, 1, 0, False, 0, 0)

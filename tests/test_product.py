@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_dist.checkpoint import load_extra, load_model_state
-from cxr_dist.ood import OOD_KEYS, FeatureDensity, check_not_constant
+from cxr_dist.model.checkpoint import load_extra, load_model_state
+from cxr_dist.eval.ood import OOD_KEYS, FeatureDensity, check_not_constant
 from cxr_dist.errors import DataError
 from tests.conftest import ROOT, VENV_BIN, accelerate_launch, run_cmd
 from tests.mlflow_server import api, experiment_runs, free_port, mlflow_server  # noqa: F401 - fixture
@@ -131,7 +131,7 @@ def test_evaluation_predictions_and_mlflow_have_the_product_parts(product_run: d
 
 def test_the_model_is_registered_and_the_alias_follows_the_best_metric(product_run: dict) -> None:
     from cxr_dist.config import TrackingConfig
-    from cxr_dist.tracking import make_tracker
+    from cxr_dist.runs.tracking import make_tracker
 
     server, name = product_run["server"], product_run["registered"]
     alias = api(server, "registered-models/alias", name=name, alias="best")["model_version"]

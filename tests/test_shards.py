@@ -13,10 +13,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from cxr_dist import prepare
+from cxr_dist.data import prepare
 from cxr_dist.config import DataConfig
 from cxr_dist.errors import DataError
-from cxr_dist.shards import write_shards
+from cxr_dist.data.shards import write_shards
 from tests.datagen import BROKEN_CASES, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_prepare_main_with_overrides(tmp_path, broken, capsys):
 
 
 def test_python_m_prepare_error_is_clean(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cxr_dist.prepare", "--data", str(tmp_path / "missing"),
+    r = subprocess.run([sys.executable, "-m", "cxr_dist.data.prepare", "--data", str(tmp_path / "missing"),
                         "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2
     assert "raddar/chest-xrays-indiana-university" in r.stderr and "Traceback" not in r.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_dist.slurm_launch import (
+from cxr_dist.runs.slurm_launch import (
     LaunchError, build_launch_command, choose_accelerate_config, derive_port, expand_nodelist,
     gpus_on_node, launch_env, plan_node,
 )
@@ -138,7 +138,7 @@ def test_deepspeed_on_cpu_gets_the_cpu_accelerator():
 def test_dry_run_prints_the_command_for_this_node():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(node_env(1, SLURM_JOB_NODELIST="localhost,127.0.0.1"))
-    res = subprocess.run([sys.executable, "-m", "cxr_dist.slurm_launch", "--accelerate-config",
+    res = subprocess.run([sys.executable, "-m", "cxr_dist.runs.slurm_launch", "--accelerate-config",
                           "launch/multinode.yaml", "--dry-run", "--", "--config", "configs/tiny.toml"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -329,7 +329,7 @@ def test_preempting_one_kfold_task_requeues_only_that_task(kfold_shards, mlflow_
     (1 CPU each), against a real MLflow server: one campaign, one parent run, two nested runs."""
     from mlflow import MlflowClient
 
-    from cxr_dist.compare import fold_summary
+    from cxr_dist.runs.compare import fold_summary
     from tests.slurm_fixture import TERMINAL, job_records
 
     logs, experiment = tmp_path / "logs", "kfold-preempt"
@@ -414,7 +414,7 @@ def test_prepare_array_writes_the_single_process_bytes(cluster, tmp_path):
     import re
 
     from cxr_dist.config import DataConfig
-    from cxr_dist.shards import write_shards
+    from cxr_dist.data.shards import write_shards
     from tests.datagen import make_dataset
 
     data = make_dataset(tmp_path / "data", n_uids=30, size=48, broken=True)

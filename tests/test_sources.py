@@ -14,9 +14,9 @@ from PIL import Image
 
 from cxr_dist.config import DataConfig, SourceConfig
 from cxr_dist.errors import DataError
-from cxr_dist.manifest import build_manifest
-from cxr_dist.sources import ERROR_REASONS, ROW_COLUMNS, VIEWS, read_source, read_sources
-from cxr_dist.sources.common import label_from, labels_of, normalize_view, safe_key
+from cxr_dist.data.sources.iu import build_manifest
+from cxr_dist.data.sources import ERROR_REASONS, ROW_COLUMNS, VIEWS, read_source, read_sources
+from cxr_dist.data.sources.common import label_from, labels_of, normalize_view, safe_key
 from tests.datagen import expected_label, make_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from cxr_dist.config import DataConfig
-from cxr_dist.index import train_val_splits
-from cxr_dist.split import assign_splits, split_names
+from cxr_dist.data.index import train_val_splits
+from cxr_dist.data.split import assign_splits, split_names
 
 
 def _df(n_uids: int = 1000, seed: int = 0) -> pd.DataFrame:

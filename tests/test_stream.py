@@ -10,10 +10,10 @@ import torch
 
 from cxr_dist.config import DataConfig
 from cxr_dist.errors import DataError
-from cxr_dist.shards import write_shards
-from cxr_dist.index import class_counts, load_index
-from cxr_dist.stream import eval_loader, train_loader, views_loader
-from cxr_dist.transforms import eval_transform, seeded_transform, train_transform, view_seed
+from cxr_dist.data.shards import write_shards
+from cxr_dist.data.index import class_counts, load_index
+from cxr_dist.data.stream import eval_loader, train_loader, views_loader
+from cxr_dist.data.transforms import eval_transform, seeded_transform, train_transform, view_seed
 from tests.datagen import make_dataset
 
 

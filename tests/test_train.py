@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from cxr_dist.config import ModelConfig
-from cxr_dist.model import build_model
-from cxr_dist.train import seed_everything
+from cxr_dist.model.classifier import build_model
+from cxr_dist.train.loop import seed_everything
 from tests.conftest import ROOT, VENV_BIN, _env, accelerate_launch, tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 
 from cxr_dist import dist
 from cxr_dist.config import TrainConfig, load_config, replace
-from cxr_dist.evaluate import evaluate_split, predictions_csv
+from cxr_dist.eval.evaluate import evaluate_split, predictions_csv
 from tests.conftest import TINY
 
 

@@ -1,0 +1,11 @@
+"""Stage 3, eval: predictions -> numbers, on one process or many.
+
+    metrics    metrics from (key, prob, label), deduplicated; study pooling; intervals; breakdowns
+    calibrate  temperature scaling, ECE, Brier score
+    ood        is an input a chest film like the training ones (constant-image refusal, Mahalanobis score)
+    plots      the figures of a run
+    evaluate   distributed inference on a split and its reports; `cxr-dist evaluate`
+
+May import: the root modules, data/ and model/. A new metric: metrics.py (compute_metrics, and
+config.VAL_METRICS if it may select checkpoints).
+"""

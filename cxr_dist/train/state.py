@@ -1,0 +1,85 @@
+"""The state of a training run beyond the weights: progress, optimizer, scheduler, every rank's RNG.
+
+Saved with the weights in every checkpoint (`checkpoint.save_checkpoint`, pickle-free) and read
+back on resume, so that a resumed run continues exactly where the interrupted one stopped:
+
+- `Progress`: epochs completed, the step within the epoch (non-zero only for a checkpoint taken
+  mid-epoch at preemption), the best validation value so far, the history of per-epoch metrics;
+- the optimizer and ReduceLROnPlateau state of the phase the checkpoint was taken in;
+- per rank: its RNG state and, mid-epoch, its partial predictions of the epoch (so the resumed
+  epoch reports the same training metrics).
+
+DeepSpeed partitions the optimizer state across ranks: its checkpoints hold no optimizer state, and
+a DeepSpeed resume restores weights, schedule, progress and RNG but restarts Adam's moments.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..model import checkpoint as ckpt
+from .. import dist
+from ..config import Config, to_dict
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # >0 only in a checkpoint taken mid-epoch at preemption
+    best: float = -math.inf  # best value of train.best_metric on validation (non-finite: none yet)
+    history: list[dict] = field(default_factory=list)  # one row of metrics per completed epoch
+
+
+def load_latest(run_dir: str | Path, model) -> tuple[Progress, dict | None, Path | None]:
+    """Resume from RUN_DIR/checkpoints/latest when there is one: its weights into `model`; returns
+    (progress, saved train state for `restore`, the checkpoint's path). Nothing saved: a fresh start."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        return Progress(), None, None
+    model_state, saved, meta = ckpt.load_checkpoint(latest)
+    model.load_state_dict(model_state)
+    return Progress(**meta["progress"]), saved, latest
+
+
+def optimizer_epoch(progress: Progress) -> int:
+    """The 1-based epoch whose phase the saved optimizer belongs to: the running one when the
+    checkpoint was taken mid-epoch, else the last completed one (a checkpoint taken after a phase's
+    last epoch must not be loaded into the next phase's optimizer)."""
+    return progress.epoch + 1 if progress.step_in_epoch else max(progress.epoch, 1)
+
+
+def restore_state(saved: dict, optimizer, scheduler, rank: int) -> dict | None:
+    """Optimizer and scheduler state into this phase's objects; returns this rank's saved
+    {"rng", "partial"} (None if the checkpoint came from fewer ranks: a new world size)."""
+    if saved.get("optimizer") is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    ranks = saved.get("ranks", [])
+    return ranks[rank] if rank < len(ranks) else None
+
+
+def save_state(accelerator, run_dir: Path, model, optimizer, scheduler, progress: Progress, cfg: Config, tag: str,
+               best: bool = False, partial: dict | None = None) -> None:
+    """Checkpoint from the main process; every rank contributes its RNG state (collective).
+    `model` is the unwrapped model; `best` also makes the checkpoint `best`; `partial` is this
+    rank's predictions so far when saving mid-epoch."""
+    ranks = dist.gather_objects({"rng": ckpt.rng_state(), "partial": partial})
+    if accelerator.is_main_process:
+        # DeepSpeed partitions optimizer state across ranks; its resume restores weights, schedule
+        # and RNG but restarts Adam's moments (documented in docs/training.md).
+        opt_state = None if accelerator.state.deepspeed_plugin is not None else optimizer.state_dict()
+        model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "ranks": ranks}
+        meta = {"progress": progress.__dict__, "config": to_dict(cfg)}
+        ckpt.save_checkpoint(run_dir, tag, model_state, state, meta)
+        if best:  # hard links: checkpoints are never modified in place
+            ckpt.copy_as(run_dir, tag, "best")
+    dist.barrier()
+
+
+def restore_rng(resume: dict) -> None:
+    """This rank's RNG as it was at the preemption (before the first step of the resumed epoch)."""
+    ckpt.set_rng_state(resume["rng"])
