@@ -130,8 +130,10 @@ class Bench:
         self.epoch += 1
         self.sync()
         t0 = time.perf_counter()
-        train_epoch(self.cfg, self.accelerator, self.run_model, self.optimizer, self.loss_fn, loader, n, self.epoch,
-                    Progress(), SimpleNamespace(requested=lambda: False), None, inputs)
+        run = SimpleNamespace(cfg=self.cfg, accelerator=self.accelerator, wrapped=self.run_model, optimizer=self.optimizer,
+                              loss_fn=self.loss_fn, loader=loader, batches_per_epoch=n, progress=Progress(),
+                              inputs=inputs, reports=None, watch=SimpleNamespace(requested=lambda: False))
+        train_epoch(run, self.epoch)
         self.sync()
         return n * self.args.batch_size / (time.perf_counter() - t0)
 

@@ -5,6 +5,7 @@
     cxr-dist evaluate --checkpoint CKPT [CKPT...] (--data DIR | --shards OUT --split test) [--tta N]
     cxr-dist predict  --checkpoint CKPT IMAGE...
     cxr-dist export   --checkpoint CKPT --format onnx --out model.onnx
+    cxr-dist audit-text --shards OUT               (the label leak of each report field)
     cxr-dist compare  [--experiment NAME]
     cxr-dist folds    --experiment NAME             (mean and spread of k-fold runs)
     cxr-dist --version
@@ -22,9 +23,10 @@ from .errors import run_main
 COMMANDS = {
     "prepare": ("cxr_dist.data.prepare", "Kaggle-layout IU X-ray folder -> uid-level splits -> WebDataset shards"),
     "train": ("cxr_dist.train.loop", "train the two-phase classifier (wrap in `accelerate launch` for DDP)"),
-    "evaluate": ("cxr_dist.eval.evaluate", "metrics of a checkpoint on a split or a Kaggle-layout folder (JSON)"),
+    "evaluate": ("cxr_dist.product.evaluate_cli", "metrics of a checkpoint on a split or a Kaggle-layout folder (JSON)"),
     "predict": ("cxr_dist.product.predict", "probability of 'abnormal' for each image"),
     "export": ("cxr_dist.product.export", "a checkpoint -> ONNX (calibrated probabilities, dynamic batch)"),
+    "audit-text": ("cxr_dist.eval.text_audit", "how much of the label each text field gives away (TF-IDF probe)"),
     "compare": ("cxr_dist.runs.compare", "table of MLflow runs: differing params and best metrics"),
     "folds": ("cxr_dist.runs.compare", "summary (mean, spread) of the k-fold runs of an experiment"),
 }

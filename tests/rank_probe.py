@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from cxr_dist import dist
 from cxr_dist.config import load_config
 from cxr_dist.runs.tracking import make_tracker
+from cxr_dist.data.index import load_index
 from cxr_dist.train.loop import train
 
 
@@ -23,7 +24,7 @@ def main() -> int:
     cfg = load_config(args.config, overrides)
     accelerator = dist.make_accelerator(cfg.train, cfg.data)
     with make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir) as tracker:
-        finished, model = train(cfg, accelerator, tracker)
+        finished, model = train(cfg, accelerator, tracker, load_index(cfg.data.shards_dir))
         if not finished:
             tracker.finish("KILLED")
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}

@@ -602,7 +602,8 @@ def test_training_steps_weight_the_loss_by_source_and_view(multi):
 
     from cxr_dist.config import ModelConfig
     from cxr_dist.model.classifier import build_model
-    from cxr_dist.train.loop import Progress, train_epoch
+    from cxr_dist.train.loop import train_epoch
+    from cxr_dist.train.state import Progress
 
     cfg_path, shards = multi
     cfg = load_config(cfg_path, ["--data.shards_dir", str(shards)])
@@ -617,8 +618,10 @@ def test_training_steps_weight_the_loss_by_source_and_view(multi):
     accelerator = SimpleNamespace(device=torch.device("cpu"), process_index=0, is_main_process=False,
                                   sync_gradients=True, accumulate=lambda m: contextlib.nullcontext(),
                                   backward=lambda loss: loss.backward(), clip_grad_norm_=lambda *a: None)
-    metrics, partial = train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n, 1, Progress(),
-                                   SimpleNamespace(requested=lambda: False))
+    run = SimpleNamespace(cfg=cfg, accelerator=accelerator, wrapped=model, optimizer=optimizer, loss_fn=loss_fn,
+                          loader=loader, batches_per_epoch=n, progress=Progress(), inputs=None, reports=None,
+                          watch=SimpleNamespace(requested=lambda: False))
+    metrics, partial = train_epoch(run, 1)
     assert partial is None and len(loss_fn.calls) == n
     for sources_, views in loss_fn.calls:
         assert sources_ is not None and views is not None, "train_epoch calls the loss without sources/views"

@@ -39,7 +39,7 @@ from .index import INDEX_FORMAT, INDEX_VERSION
 from ..log import bars_enabled
 from .sources.iu import label_of
 from .preprocess import encode_film
-from .sources import ERROR_REASONS, read_sources
+from .sources import ERROR_REASONS, label_text_fields, read_sources
 from .split import split_by_source, split_names
 
 SHARD_RE = re.compile(r"^(?:train|val|test|external|fold\d+)-\d{5}\.tar$")
@@ -122,6 +122,7 @@ def _shard_sizes(n: int, per_shard: int) -> list[int]:
 
 
 # Sample JSON fields (those a row has): the common ones of every source, then the IU report's.
+TEXT_PREFIX = "text_"  # a reader's column text_X is the sample's text field X (json "text": {X: ...})
 META_FIELDS = ("source", "patient", "study", "view", "label", "findings", "report", "filename", "subset",
                "uid", "projection", "problems", "impression", "report_findings")
 
@@ -139,6 +140,10 @@ def _sample(row: dict, jpg: bytes, fold: int | None, prefixed: bool) -> dict:
     # Rows of several sources share one table: a column another source has is NaN here.
     meta = {k: row[k] for k in META_FIELDS if isinstance(row.get(k), str)}
     meta.update(label=int(row["label"]), uid=_uid(row, prefixed), split=row["split"], fold=fold)
+    # The source's text fields (IU: its report's sections), for image+text models.
+    text = {k[len(TEXT_PREFIX):]: row[k] for k in row if k.startswith(TEXT_PREFIX) and isinstance(row[k], str)}
+    if text:
+        meta["text"] = text
     return {
         "__key__": row["key"], "jpg": jpg, "cls": str(int(row["label"])).encode(),
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
@@ -257,6 +262,14 @@ def _write_output(data_cfg: DataConfig, out: Path, sources: list, df: pd.DataFra
     return index
 
 
+def text_fields_of(src, df: pd.DataFrame) -> dict:
+    """What the index records of a source's text: the fields its samples carry, and those its
+    label was derived from (an input that reads them reads the label: config.validate)."""
+    rows = df[df["source"] == src.name]
+    fields = sorted(c[len(TEXT_PREFIX):] for c in df.columns if c.startswith(TEXT_PREFIX) and rows[c].notna().any())
+    return {"text_fields": fields, "label_text_fields": [f for f in label_text_fields(src) if f in fields]}
+
+
 def _counts(part: pd.DataFrame) -> dict:
     n_abn = int(part["label"].sum())
     return {"total": len(part), "uids": int(part[["source", "study"]].drop_duplicates().shape[0]),
@@ -280,7 +293,7 @@ def _index(cfg: DataConfig, sources, df: pd.DataFrame, splits: dict, counts: dic
         "format": INDEX_FORMAT, "version": INDEX_VERSION,
         "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else "",
         "sources": [{"name": s.name, "format": s.format, "path": str(Path(s.path).resolve()), "role": s.role,
-                     "weight": s.weight} for s in sources],
+                     "weight": s.weight, **text_fields_of(s, df)} for s in sources],
         "seed": cfg.seed, "image_size": cfg.image_size, "val_frac": cfg.val_frac, "test_frac": cfg.test_frac,
         "k_folds": cfg.k_folds, "no_indexing": cfg.no_indexing, "samples_per_shard": cfg.samples_per_shard,
         "resize": cfg.resize, "intensity": cfg.intensity,

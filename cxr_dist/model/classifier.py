@@ -62,12 +62,28 @@ def frozen_part(backbone: nn.Module, x: torch.Tensor, depth: int) -> torch.Tenso
 
 
 class CXRClassifier(nn.Module):
+    """The classifier. `kind` says what its MLP head reads (model.kind): "image" (the backbone's
+    pooled feature: the baseline), "text" (a text embedding) or "image+text" (both, concatenated).
+
+    Text arrives as a dict (`text=` of forward): {"emb": B x D text embeddings (a frozen encoder's,
+    cached)} or {"input_ids", "attention_mask"} for `text_encoder` (a trainable one), and "has":
+    B bools, False for a sample without text. A sample without text, and in training a share
+    `modality_dropout` of the others, gets the learned `no_text` vector instead of its embedding,
+    so an image+text model still answers, and is scored, for films that come without text.
+    """
+
     def __init__(self, backbone: nn.Module, hidden: int, dropout: float, num_classes: int,
-                 freeze_bn_stats: bool = False) -> None:
+                 freeze_bn_stats: bool = False, kind: str = "image", text_dim: int = 0,
+                 modality_dropout: float = 0.0, text_encoder: nn.Module | None = None,
+                 supervision_dim: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.freeze_bn_stats = freeze_bn_stats
-        nf = backbone.num_features
+        self.kind = kind
+        self.uses_image, self.uses_text = kind in ("image", "image+text"), kind in ("text", "image+text")
+        if self.uses_text and text_dim < 1:
+            raise ConfigError(f"model.kind = {kind!r} needs a text encoder (its embedding size)")
+        nf = (backbone.num_features if self.uses_image else 0) + (text_dim if self.uses_text else 0)
         self.head = nn.Sequential(
             nn.Linear(nf, hidden),
             nn.BatchNorm1d(hidden),
@@ -75,14 +91,27 @@ class CXRClassifier(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
+        if self.uses_text:
+            # Pooled text embeddings and pooled CNN features live on different scales.
+            self.text_norm = nn.LayerNorm(text_dim)
+            self.no_text = nn.Parameter(torch.zeros(text_dim))
+        self.modality_dropout = modality_dropout
+        # A trainable text encoder (phases' unfreeze_text_layers > 0); None: embeddings come cached.
+        self.text_encoder = text_encoder
+        # Report supervision (train.report_supervision): the head's hidden layer projected onto the
+        # report's embedding; used by the training loss only, never at prediction.
+        self.report_proj = nn.Linear(hidden, supervision_dim) if supervision_dim else None
         cfg = backbone.pretrained_cfg
         # Non-persistent: the checkpoint holds weights only; mean/std come from the backbone's name.
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.depth = 0  # set_phase: how many of the backbone's last blocks train (0 = head only)
-        # frozen_fast.attached() puts a faster CPU engine here for the frozen part at one depth
+        # frozen_runtime.attached() puts a faster CPU engine here for the frozen part at one depth
         # (a plain attribute, not a submodule: never in state_dict or parameters).
         self.frozen_runner = None
+        # text_inputs.attach_text() puts the run's text table here: sample key -> text embedding or
+        # tokens (a plain attribute: logits_of looks a batch's keys up in it).
+        self.text_table = None
         self.set_phase(0)
 
     # ------------------------------------------------------------------ structure
@@ -97,9 +126,10 @@ class CXRClassifier(nn.Module):
             return []
         return self.blocks()[-depth:] + [self.backbone.conv_head, self.backbone.bn2]
 
-    def set_phase(self, depth: int) -> None:
+    def set_phase(self, depth: int, text_layers: int = 0) -> None:
         """Freeze everything but the head and the backbone's last `depth` blocks (a phase's
-        `unfreeze_blocks`); the forward passes split the network there from now on."""
+        `unfreeze_blocks`) and the text encoder's last `text_layers` layers (`unfreeze_text_layers`);
+        the forward passes split the network there from now on."""
         if depth:
             if not all(hasattr(self.backbone, a) for a in ("blocks", "conv_stem", "conv_head", "bn2")):
                 raise ConfigError(
@@ -108,10 +138,14 @@ class CXRClassifier(nn.Module):
                 )
             if depth > len(self.blocks()):
                 raise ConfigError(f"unfreeze_blocks={depth}, but the backbone has {len(self.blocks())} blocks")
-        self.depth = depth
+        if text_layers and self.text_encoder is None:
+            raise ConfigError(f"unfreeze_text_layers={text_layers} needs a model that reads text (model.kind)")
+        self.depth, self.text_layers = depth, text_layers
         self.backbone.requires_grad_(False)
         for m in self.tail_modules(depth):
             m.requires_grad_(True)
+        if self.text_encoder is not None:
+            self.text_encoder.set_trainable_layers(text_layers)
         self.head.requires_grad_(True)
         self.train(self.training)
 
@@ -128,7 +162,15 @@ class CXRClassifier(nn.Module):
                 for bn in m.modules():
                     if isinstance(bn, nn.modules.batchnorm._BatchNorm):
                         bn.eval()
+        if self.text_encoder is not None:  # frozen layers without dropout, the trainable ones as asked
+            self.text_encoder.eval()
+            for layer in self.text_layer_modules(getattr(self, "text_layers", 0)):
+                layer.train(mode)
         return self
+
+    def text_layer_modules(self, k: int) -> list[nn.Module]:
+        """The text encoder's last `k` layers (those a phase's unfreeze_text_layers trains)."""
+        return self.text_encoder.layers()[-k:] if k and self.text_encoder is not None else []
 
     # ------------------------------------------------------------------ forward
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,36 +202,79 @@ class CXRClassifier(nn.Module):
             h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
         return h
 
-    def trainable_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """The trainable part: unfrozen blocks (if any), pooling, MLP head -> logits."""
+    def pooled(self, h: torch.Tensor) -> torch.Tensor:
+        """The trainable part of the backbone: unfrozen blocks (if any) and pooling -> the image feature."""
         h = h.float() if h.dtype == torch.float16 else h  # caches are stored in fp16
         if self.depth:
             bb = self.backbone
             for block in self.blocks()[-self.depth :]:
                 h = block(h)
             h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
-        return self.head(h)
+        return h
 
-    def forward(self, x: torch.Tensor, cached: bool = False) -> torch.Tensor:
+    def text_embedding(self, text: dict, n: int) -> torch.Tensor:
+        """B x D: the normalised text embedding, `no_text` where a sample has none (or, in training,
+        was dropped: modality dropout)."""
+        if "emb" in text:
+            emb = text["emb"].float()
+        else:
+            emb = self.text_encoder(text["input_ids"], text["attention_mask"])
+        emb = self.text_norm(emb)
+        missing = ~text["has"].to(emb.device)
+        if self.training and self.modality_dropout > 0 and self.uses_image:
+            missing = missing | (torch.rand(n, device=emb.device) < self.modality_dropout)
+        return torch.where(missing[:, None], self.no_text.to(emb.dtype).expand_as(emb), emb)
+
+    def head_input(self, image_feature: torch.Tensor | None, text: dict | None, n: int) -> torch.Tensor:
+        """What the MLP head reads: the image feature, the text embedding, or both concatenated."""
+        parts = [image_feature] if self.uses_image else []
+        if self.uses_text:
+            if text is None:
+                raise ValueError(f"a model of kind {self.kind!r} needs text (text_inputs.attach_text)")
+            parts.append(self.text_embedding(text, n))
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def trainable_forward(self, h: torch.Tensor, text: dict | None = None,
+                          return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The trainable part: unfrozen blocks (if any), pooling, [text], MLP head -> logits
+        (and with `return_hidden` the head's hidden layer, projected by `report_proj` when the
+        model has one: what report supervision aligns with the report's embedding)."""
+        z = self.head_input(self.pooled(h) if self.uses_image else None, text, len(h))
+        if not return_hidden:
+            return self.head(z)  # whole: forward hooks on the head (evaluate's features) see its input
+        hidden = self.head[:3](z)
+        logits = self.head[3:](hidden)
+        return logits, (self.report_proj(hidden) if self.report_proj is not None else hidden)
+
+    def forward(self, x: torch.Tensor, cached: bool = False, text: dict | None = None,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images -> logits; with `cached=True`, x is already frozen_forward's output (the
         frozen-compute cache), and only the trainable part runs. One entry point, so DDP's
-        gradient hooks see both modes."""
-        return self.trainable_forward(x if cached else self.frozen_forward(x))
+        gradient hooks see both modes. `text`: see the class docstring (kinds text, image+text).
+        A text-only model never runs the backbone."""
+        h = x if (cached or not self.uses_image) else self.frozen_forward(x)
+        return self.trainable_forward(h, text, return_hidden)
 
 
-def logits_of(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+def logits_of(model: nn.Module, batch: dict, device: torch.device, return_hidden: bool = False):
     """A batch through the model: its images, or its cached frozen features (a batch of the
-    frozen-compute cache has `features` instead of `image`). `model` may be wrapped (DDP)."""
+    frozen-compute cache has `features` instead of `image`), and for text models the text of its
+    keys (the model's `text_table`). `model` may be wrapped (DDP)."""
+    raw = getattr(model, "module", model)
+    text = raw.text_table.lookup(batch["key"], device) if getattr(raw, "uses_text", False) else None
     if "features" in batch:
-        return model(batch["features"].to(device, non_blocking=True), cached=True)
-    return model(batch["image"].to(device, non_blocking=True))
+        return model(batch["features"].to(device, non_blocking=True), cached=True, text=text,
+                     return_hidden=return_hidden)
+    return model(batch["image"].to(device, non_blocking=True), text=text, return_hidden=return_hidden)
 
 
 # ---------------------------------------------------------------------- building
 
 
 def build_model(cfg: ModelConfig) -> CXRClassifier:
-    """The classifier with its backbone weights loaded as `cfg` says (see ModelConfig.weights)."""
+    """The classifier with its backbone weights loaded as `cfg` says (see ModelConfig.weights); for
+    kinds text and image+text with its `text_encoder` (model.text_encoder: its weights are part of
+    the checkpoint, so a trained product needs no download to read text)."""
     use_timm_download = cfg.pretrained and not cfg.weights
     try:
         backbone = timm.create_model(cfg.backbone, pretrained=use_timm_download, num_classes=0)
@@ -208,7 +293,18 @@ def build_model(cfg: ModelConfig) -> CXRClassifier:
         backbone.load_state_dict(lite1_package_state_dict(), strict=True)
     elif cfg.weights:
         backbone.load_state_dict(_read_state_dict(Path(cfg.weights)), strict=True)
-    return CXRClassifier(backbone, cfg.hidden, cfg.dropout, cfg.num_classes, cfg.freeze_bn_stats)
+    encoder = None
+    if cfg.kind != "image" or cfg.report_supervision > 0:
+        from .text_encoder import build_text_encoder  # transformers: only for models that read text
+
+        encoder = build_text_encoder(cfg.text_encoder, cfg.text_pooling, cfg.max_tokens)
+    uses_text = cfg.kind != "image"
+    # Report supervision with an image model: the encoder only embeds the reports for the loss
+    # (text_inputs.py); the model holds just the projection of its hidden layer.
+    return CXRClassifier(backbone, cfg.hidden, cfg.dropout, cfg.num_classes, cfg.freeze_bn_stats, kind=cfg.kind,
+                         text_dim=encoder.dim if uses_text else 0, modality_dropout=cfg.modality_dropout,
+                         text_encoder=encoder if uses_text else None,
+                         supervision_dim=encoder.dim if encoder is not None and cfg.report_supervision > 0 else 0)
 
 
 def weights_source(cfg: ModelConfig) -> str:
@@ -267,12 +363,20 @@ def lite1_package_state_dict() -> dict[str, torch.Tensor]:
 
 
 def param_groups(model: CXRClassifier, phase: PhaseConfig) -> list[dict]:
-    """Adam parameter groups for a phase: the head at `lr`, the backbone's last
-    `phase.unfreeze_blocks` blocks (model.tail_modules) at `backbone_lr`."""
-    groups = [{"name": "head", "params": list(model.head.parameters()), "lr": phase.lr}]
+    """Adam parameter groups for a phase: the head (and, for text models, the text norm, the
+    no-text vector and the report projection) at `lr`, the backbone's last `phase.unfreeze_blocks`
+    blocks (model.tail_modules) at `backbone_lr`, the text encoder's trainable parameters at `text_lr`."""
+    # The text norm, no-text vector and report projection train with the head, always.
+    rest = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "head.", "text_encoder."))]
+    groups = [{"name": "head", "params": list(model.head.parameters()) + rest, "lr": phase.lr}]
     tail = [p for m in model.tail_modules(phase.unfreeze_blocks) for p in m.parameters()]
     if tail:
         groups.append({"name": "backbone", "params": tail, "lr": phase.backbone_lr})
+    # set_phase(depth, phase.unfreeze_text_layers) has set which of the encoder's parameters train.
+    text = ([p for p in model.text_encoder.parameters() if p.requires_grad]
+            if phase.unfreeze_text_layers and model.text_encoder is not None else [])
+    if text:
+        groups.append({"name": "text", "params": text, "lr": phase.text_lr})
     return groups
 
 

@@ -214,7 +214,9 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: dict, train_splits: 
     model.set_phase(depth)
     cache_dir = Path(t.cache_dir or Path(t.run_dir) / "cache")
     # Everything the cached tensors depend on; the frozen part does not depend on the head.
-    inputs = {"data": to_dict(cfg.data), "checksum": index.get("checksum", ""), "seed": t.seed,
+    # (The text settings do not change image features: an image+text run shares the image-only cache.)
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("text_fields", "allow_label_leakage", "report_fields")}
+    inputs = {"data": data, "checksum": index.get("checksum", ""), "seed": t.seed,
               "backbone": [cfg.model.backbone, cfg.model.pretrained, cfg.model.weights],
               "depth": depth, "rank": rank, "world": world}
     if cfg.model.frozen_backend == "int8":  # other numerics: never mixed with an fp32 cache

@@ -16,7 +16,7 @@ writes into the run folder:
   the reliability diagram) and `cam/`: Grad-CAM overlays of the first `train.cam_images` test films;
 - `MODEL_CARD.md` (model_card.py);
 
-amends the best checkpoint with what the product needs (inference.py): the temperature, the
+amends the best checkpoint with what the product needs (product/readout.py): the temperature, the
 threshold, the OOD statistics; and logs all of it, the best_* metrics and the servable model
 (serve.py) to MLflow, registering it under `tracking.registered_model` (through the tracker:
 nothing on other ranks).
@@ -24,7 +24,9 @@ nothing on other ranks).
 The product's parts, in order: the temperature is fitted on val (calibrate.py); the threshold is
 picked on the calibrated val probabilities; the OOD density is fitted on the pooled features of up
 to OOD_FIT_IMAGES training images (a sample across sources: a full pass over the training split
-would cost as much as the frozen-compute cache) and its flag threshold set on val (ood.py).
+would cost as much as the frozen-compute cache) and its flag threshold set on val (ood.py). This
+module only fits them and saves them: they are applied to the predictions by product/readout.py's
+`Readout`, the code every product loaded from the checkpoint applies them with.
 """
 from __future__ import annotations
 
@@ -39,12 +41,13 @@ from .. import dist
 from ..model.feature_cache import FastFrozen
 from ..eval.calibrate import calibration_report, fit_temperature
 from ..config import Config, replace
-from ..eval.evaluate import evaluate_split, ood_summary, predictions_csv, product_outputs, report
+from ..eval.evaluate import evaluate_split, ood_summary, predictions_csv, report
 from ..fileio import write_bytes_atomic, write_json_atomic
 from ..data.index import train_val_splits
 from ..eval.metrics import balanced_threshold, metric_mode, scalar_metrics
 from ..model.classifier import CXRClassifier
 from ..eval.ood import FeatureDensity, flag_threshold
+from ..product.readout import Readout
 
 OOD_FIT_IMAGES = 1024  # training images whose features fit the OOD density (~1 min on a 2-core CPU)
 OOD_FIT_SPLIT = "ood_fit"  # the name of that sample in the index handed to the loader
@@ -92,11 +95,12 @@ def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: lis
         evaluation["calibration"] = product["calibration"]
         for name, p in preds.items():
             evaluation[name]["ood"] = ood_summary(p, product["ood"]["threshold"])
+        # Saved where readout.Readout.from_checkpoint reads them back (every product's loader).
         meta = {"calibration": product["calibration"], "ood": product["ood"]}
         if threshold is not None:
             meta["threshold"] = {"value": threshold, "picked_on": "val", "rule": "best balanced accuracy",
                                  "scale": "calibrated"}
-        ckpt.amend_checkpoint(best_dir, meta, extra=product["density"].tensors())
+        ckpt.amend_checkpoint(best_dir, meta, extra=product["readout"].density.tensors())
         write_json_atomic(run_dir / "evaluation.json", evaluation)
         # Per-image probabilities: for error analysis, and for ensembles of runs without their
         # checkpoints (bench/ensemble.py).
@@ -134,7 +138,8 @@ def ood_fit_index(index: dict, train_splits: list[str], limit: int = OOD_FIT_IMA
 
 def _product(cfg: Config, preds: dict[str, dict], fit_features) -> tuple[dict, dict[str, dict]]:
     """Temperature (fitted on val), OOD density (training features) and flag threshold (val);
-    returns them and the predictions as the product gives them (evaluate.product_outputs)."""
+    returns them (with their Readout) and the predictions as the product gives them: through
+    Readout.apply_split, the code every loaded product applies them with."""
     val = preds["val"]
     two_classes = len(np.unique(val["labels"])) == 2
     temperature = fit_temperature(val["probs"], val["labels"]) if cfg.train.calibrate and two_classes else 1.0
@@ -146,8 +151,9 @@ def _product(cfg: Config, preds: dict[str, dict], fit_features) -> tuple[dict, d
             calibration[name] = calibration_report(preds[name]["probs"], preds[name]["labels"], temperature)
     ood = {"threshold": ood_threshold, "quantile": cfg.train.ood_quantile, "fit_images": int(len(fit_features)),
            "score": "Mahalanobis distance of the pooled features (Ledoit-Wolf covariance)"}
-    out = {name: product_outputs(p, temperature, density, ood_threshold) for name, p in preds.items()}
-    return {"calibration": calibration, "ood": ood, "density": density, "temperature": temperature}, out
+    readout = Readout(temperature=temperature, density=density, ood_threshold=ood_threshold)
+    out = {name: readout.apply_split(p) for name, p in preds.items()}
+    return {"calibration": calibration, "ood": ood, "readout": readout, "temperature": temperature}, out
 
 
 def _evaluation(preds: dict[str, dict], threshold: float | None) -> dict:

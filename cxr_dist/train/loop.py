@@ -1,61 +1,46 @@
 """Two-phase training: `accelerate launch -m cxr_dist.train --config configs/X.toml [--train.seed 3 ...]`.
 
-The loop reads top to bottom: for each phase of the config, freeze/unfreeze, (re)build the
-optimizer and let Accelerate wrap the model; for each epoch, train a fixed number of batches,
-evaluate on the validation split, step ReduceLROnPlateau once on the reduced metric, checkpoint,
-log. Only the main process writes files, prints and logs; the others get a do-nothing tracker.
+The loop reads top to bottom: build the run (run.py: loss, batches, model, caches, resume); for
+each phase of the config, set its depth, (re)build the optimizer and let Accelerate wrap the model;
+for each epoch, train a fixed number of batches, evaluate on the validation split, step
+ReduceLROnPlateau once on the reduced metric, checkpoint, log. Only the main process writes files,
+prints and logs; the others get a do-nothing tracker.
 
-This module is the loop and nothing else: the train state that checkpoints save and resume
-restores is `train_state.py`, the frozen-compute cache `cache.py`, and the evaluation of the best
-checkpoint with the files a run leaves behind `final.py`.
+This module is the loop and nothing else: what a run holds is `run.py`, the train state that
+checkpoints save and resume restores `state.py`, and the evaluation of the best checkpoint with
+the files a run leaves behind `end_of_run.py`.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import random
 import signal
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .. import dist
-from ..model.feature_cache import CachedBatches, cached_eval_batches, frozen_caches
-from ..model.checkpoint import latest_checkpoint
-from ..config import Config, ConfigError, PhaseConfig, describe_fields, dump_toml, load_config, to_dict, train_sources
-from ..data.device_input import DeviceInput, decode_where
-from ..errors import run_main
+from ..config import Config, ConfigError, describe_fields, dump_toml, load_config, to_dict, train_sources
+from ..data.index import LEGACY_SOURCE, has_views, load_index, train_val_splits
+from ..data.text import check_text_fields
 from ..eval.evaluate import evaluate_split
-from .end_of_run import finish
-from ..data.index import LEGACY_SOURCE, class_counts, has_views, load_index, source_view_counts, train_val_splits
+from ..eval.metrics import compute_metrics, metric_mode, scalar_metrics, summary_line, view_name
+from ..fileio import write_bytes_atomic
 from ..log import bars_enabled
 from ..log import setup as setup_logging
-from ..eval.metrics import compute_metrics, metric_mode, scalar_metrics, summary_line, view_name
-from ..data.mixing import SampleWeightedLoss, loss_weight_table, source_weights
-from ..model.classifier import CXRClassifier, build_model, count_trainable, logits_of, param_groups, weights_source
-from ..data.stream import train_loader
+from ..model.checkpoint import latest_checkpoint
+from ..model.classifier import count_trainable, logits_of, weights_source
+from ..model.text_inputs import report_loss
 from ..runs.tracking import check_reachable, make_tracker, resolve_uri
-from .state import Progress, load_latest, optimizer_epoch, restore_rng, restore_state, save_state
+from .end_of_run import finish
+from .run import Run, phase_at, seed_everything
+from .state import restore_rng, save_state
 
-
-def phase_at(phases: tuple[PhaseConfig, ...], epoch: int) -> int:
-    """Index of the phase that 1-based `epoch` belongs to (phases run back to back)."""
-    end = 0
-    for i, phase in enumerate(phases):
-        end += phase.epochs
-        if epoch <= end:
-            return i
-    raise ValueError(f"epoch {epoch} is past the last phase ({end} epochs in all)")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+__all__ = ["main", "train", "train_epoch", "phase_at", "seed_everything", "improved", "stop_early",
+           "check_metrics", "metric_mode"]
 
 
 def improved(value: float, best: float, mode: str) -> bool:
@@ -107,138 +92,87 @@ def check_metrics(cfg: Config, index: dict, val_split: str) -> None:
                               f"{kind} (sources: {', '.join(in_val)}; views: {', '.join(sorted(views)) or 'not recorded'})")
 
 
-def train(cfg: Config, accelerator, tracker, index: dict | None = None) -> tuple[bool, CXRClassifier]:
+def train(cfg: Config, accelerator, tracker, index: dict) -> tuple[bool, "torch.nn.Module"]:
     """Run (or resume) the whole schedule. Returns (finished, model); not finished = preempted.
-    `index`: the shard index (`main` has read it already; read here only for callers without one),
-    passed on to everything that reads the shards."""
-    t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
-    run_dir = Path(t.run_dir)
-    index = index or load_index(cfg.data.shards_dir)
-    train_splits, val_split = train_val_splits(cfg.data)
-    check_metrics(cfg, index, val_split)
-    counts = class_counts(index, train_splits)
-    # Class weights within each source (and view x label cells with data.balance_views).
-    if cfg.data.balance_views and not has_views(index):
-        raise ConfigError("data.balance_views needs shards that record views: prepare them again")
-    table = loss_weight_table(source_view_counts(index, train_splits), cfg.data.balance_views)
-    loss_fn = SampleWeightedLoss(table if t.class_weighted_loss else None).to(accelerator.device)
-    weights = source_weights(cfg.data)
-    # data.decode_on: decode and augment in the workers (PIL) or on the training device (the GPU's
-    # input pipeline, device_input.py); the frozen-compute cache has its own loader.
-    on_device = decode_where(cfg.data, accelerator.device) == "device" and not t.cache_views
-    loader, batches_per_epoch = train_loader(cfg.data, train_splits, rank, world, t.seed, index, weights,
-                                             on_device=on_device)
-    inputs = DeviceInput(cfg.data, accelerator.device, t.seed, rank) if on_device else None
-    accelerator.print(f"training images decoded and augmented on {accelerator.device if on_device else 'the workers'}")
-
-    seed_everything(t.seed)
-    raw = build_model(cfg.model)
-    train_cache = val_cache = None
-    if t.cache_views:
-        train_cache, val_cache = frozen_caches(cfg, raw, index, train_splits, val_split, accelerator)
-    progress, saved, latest = load_latest(run_dir, raw) if t.resume else (Progress(), None, None)
-    if latest is not None:
-        accelerator.print(f"resuming from {latest} after epoch {progress.epoch} (step {progress.step_in_epoch})")
-    watch = dist.PreemptionWatch(run_dir)
-    if accelerator.is_main_process:
-        watch.clear()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(dump_toml(cfg))
+    `index`: the shard index, read once by `main` and passed on to everything that reads the shards."""
+    t = cfg.train
+    check_metrics(cfg, index, train_val_splits(cfg.data)[1])
+    run = Run.build(cfg, accelerator, tracker, index)
+    if run.is_main:
+        run.watch.clear()
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(run.run_dir / "config.toml", dump_toml(cfg).encode())
     dist.barrier()
     tracker.log_params({
-        **to_dict(cfg), "world_size": world, "mixed_precision": accelerator.mixed_precision,
+        **to_dict(cfg), "world_size": run.world, "mixed_precision": accelerator.mixed_precision,
         "weights_source": weights_source(cfg.model), "data_checksum": index.get("checksum", ""),
-        "train_counts": list(counts), "batches_per_epoch": batches_per_epoch,
+        "train_counts": list(run.train_counts()), "batches_per_epoch": run.batches_per_epoch,
         "deepspeed": accelerator.state.deepspeed_plugin is not None,
     })
-    tracker.log_artifact(run_dir / "config.toml")
+    tracker.log_artifact(run.run_dir / "config.toml")
 
-    total = t.total_epochs
-    mode = metric_mode(t.best_metric, t.best_mode)
-    first_epoch = 1
+    progress, mode, first_epoch = run.progress, metric_mode(t.best_metric, t.best_mode), 1
     for p_idx, phase in enumerate(t.phases):
         last_epoch = first_epoch + phase.epochs - 1
         if progress.epoch >= last_epoch:
             first_epoch = last_epoch + 1
             continue
-        # Re-wrap at every phase boundary: DDP and DeepSpeed only synchronise parameters that
-        # required grad when they were built (trap in docs/architecture.md).
-        accelerator.free_memory()
-        raw.set_phase(phase.unfreeze_blocks)
-        val_batches = None
-        if train_cache is not None:  # carry the cache to this phase's split point
-            loader = CachedBatches(train_cache.at_depth(raw, phase.unfreeze_blocks), cfg.data.batch_size,
-                                   batches_per_epoch, t.seed, rank, weights)
-            phase_val = val_cache.at_depth(raw, phase.unfreeze_blocks)
-            val_batches = lambda: cached_eval_batches(phase_val)  # noqa: E731
-        optimizer = torch.optim.Adam(param_groups(raw, phase), weight_decay=t.weight_decay)
-        model, optimizer = accelerator.prepare(raw, optimizer)
-        # Not prepared: Accelerate would step it once per process (patience runs out N times faster).
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=t.plateau_mode, factor=t.plateau_factor, patience=t.plateau_patience)
-        resume = None
-        # The saved optimizer belongs to the phase of the epoch the checkpoint was taken in.
-        if saved is not None and phase_at(t.phases, optimizer_epoch(progress)) == p_idx:
-            resume = restore_state(saved, optimizer, scheduler, rank)
-        saved = None
+        resume = run.start_phase(p_idx)
         accelerator.print(f"phase {p_idx + 1}/{len(t.phases)} '{phase.name}': epochs {first_epoch}-{last_epoch}, "
-                          f"{count_trainable(raw):,} trainable parameters")
+                          f"{count_trainable(run.model):,} trainable parameters")
         for epoch in range(max(first_epoch, progress.epoch + 1), last_epoch + 1):
             if stop_early(progress.history, first_epoch, t.best_metric, mode, t.early_stop_patience):
                 accelerator.print(f"phase {p_idx + 1} '{phase.name}' stops early after epoch {epoch - 1}: "
                                   f"val/{t.best_metric} has not improved for {t.early_stop_patience} epochs")
                 break
             t0 = time.time()
-            train_m, partial = train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader,
-                                           batches_per_epoch, epoch, progress, watch, resume, inputs)
+            train_m, partial = train_epoch(run, epoch, resume)
             resume = None
             if partial is not None:  # preempted at an agreed step
-                save_state(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest",
-                           partial=partial)
-                if accelerator.is_main_process:
-                    watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
+                save_state(run, tag="latest", partial=partial)
+                if run.is_main:
+                    run.watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
                 accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
-                return False, raw
-            val_m = evaluate_split(accelerator.unwrap_model(model), cfg.data, val_split, accelerator, loss_fn,
-                                   batches=val_batches() if val_batches else None, index=index)
-            scheduler.step(val_m[t.plateau_metric])  # same reduced value on every rank
+                return False, run.model
+            val_m = evaluate_split(run.model, cfg.data, run.val_split, accelerator, run.loss_fn,
+                                   batches=run.val_batches() if run.val_batches else None, index=index)
+            run.scheduler.step(val_m[t.plateau_metric])  # same reduced value on every rank
             row = {"epoch": epoch, "phase": p_idx + 1, "epoch_time_s": time.time() - t0,
-                   "images_per_s": batches_per_epoch * cfg.data.batch_size * world / (time.time() - t0),
+                   "images_per_s": run.batches_per_epoch * cfg.data.batch_size * run.world / (time.time() - t0),
                    **scalar_metrics(train_m, "train/"), **scalar_metrics(val_m, "val/"),
-                   **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}
+                   **{f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups}}
             progress.epoch, progress.step_in_epoch = epoch, 0
             progress.history.append(row)
             is_best = improved(val_m[t.best_metric], progress.best, mode)
             if is_best:
                 progress.best = val_m[t.best_metric]
-            save_state(accelerator, run_dir, raw, optimizer, scheduler, progress, cfg, tag="latest", best=is_best)
+            save_state(run, tag="latest", best=is_best)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            accelerator.print(summary_line(epoch, phase.name, train_m, val_m, total))
+            accelerator.print(summary_line(epoch, phase.name, train_m, val_m, t.total_epochs))
         first_epoch = last_epoch + 1
-    finish(cfg, accelerator, raw, tracker, progress.history, progress.epoch, val_split, index)
-    return True, raw
+    finish(cfg, accelerator, run.model, tracker, progress.history, progress.epoch, run.val_split, index)
+    return True, run.model
 
 
-def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, epoch, progress, watch,
-                resume=None, inputs=None):
-    """One epoch of `n_batches` steps (the same on every rank).
+def train_epoch(run: Run, epoch: int, resume: dict | None = None) -> tuple[dict | None, dict | None]:
+    """One epoch of `run.batches_per_epoch` steps (the same on every rank).
 
     Returns (metrics, None), or (None, partial) when preempted: this rank's predictions so far,
     saved so that the resumed epoch reports the same metrics. Resuming mid-epoch,
     `progress.step_in_epoch` batches are skipped (the stream is a function of the epoch, so they
     are the ones already trained on) and `resume` (this rank's RNG state and partial
-    predictions at the preemption) is restored before the first new step. `inputs`: a
-    `device_input.DeviceInput` for loaders that yield JPEG bytes (data.decode_on = device): it
-    decodes and augments a batch or two ahead, seeded by (epoch, step), so skipped batches need
-    no decoding.
+    predictions at the preemption) is restored before the first new step. With `run.inputs`
+    (data.decode_on = device) batches of JPEG bytes are decoded and augmented a batch or two
+    ahead on the device, seeded by (epoch, step), so skipped batches need no decoding.
     """
-    t = cfg.train
+    t, accelerator, model, progress = run.cfg.train, run.accelerator, run.wrapped, run.progress
+    n_batches, supervise = run.batches_per_epoch, run.cfg.model.report_supervision
     model.train()
     # Epoch-seeded RNG for dropout; the stream seeds its shuffling and augmentation from
     # (seed, epoch, rank, worker) itself. So a resumed run replays an epoch exactly.
     seed_everything(t.seed * 1000 + epoch * 10 + accelerator.process_index)
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
+    if hasattr(run.loader, "set_epoch"):
+        run.loader.set_epoch(epoch)
     skip, progress.step_in_epoch = progress.step_in_epoch, 0
     probs, labels, loss_sum = [], [], 0.0
     if resume and resume.get("partial"):
@@ -246,7 +180,7 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
         loss_sum = resume["partial"]["loss_sum"]
     bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not bars_enabled(accelerator.is_main_process),
                leave=False, dynamic_ncols=True, file=sys.stderr)
-    batches = inputs.batches(loader, epoch, n_batches, skip) if inputs is not None else loader
+    batches = run.inputs.batches(run.loader, epoch, n_batches, skip) if run.inputs is not None else run.loader
     for step, batch in enumerate(batches):
         if step >= n_batches:
             break
@@ -255,18 +189,23 @@ def train_epoch(cfg, accelerator, model, optimizer, loss_fn, loader, n_batches, 
             continue
         if step == skip and resume is not None:
             restore_rng(resume)
-        if watch.requested():
+        if run.watch.requested():
             progress.step_in_epoch = step
             return None, {"probs": _cat(probs), "labels": _cat(labels), "loss_sum": loss_sum}
         y = batch["label"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
-            logits = logits_of(model, batch, accelerator.device)
-            loss = loss_fn(logits.float(), y, batch["source"], batch["view"])  # per-source (and view) weights
+            if supervise:  # the report shapes the hidden layer; prediction never reads it
+                logits, projected = logits_of(model, batch, accelerator.device, return_hidden=True)
+            else:
+                logits = logits_of(model, batch, accelerator.device)
+            loss = run.loss_fn(logits.float(), y, batch["source"], batch["view"])  # per-source (and view) weights
+            if supervise:
+                loss = loss + supervise * report_loss(projected, run.reports, batch["key"])
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.clip_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.item() * len(y)
         probs.append(torch.softmax(logits.detach().float(), 1)[:, 1].cpu())
         labels.append(y.cpu())
@@ -286,6 +225,16 @@ def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(xs) if xs else torch.zeros(0)
 
 
+def run_tags(cfg: Config, leaks: list[str]) -> dict[str, str]:
+    """MLflow tags that say what a run's model reads, so that runs compare like with like
+    (`cxr-dist compare`): its kind, its text inputs, report supervision and the leak."""
+    reads_text = cfg.model.kind != "image"
+    return {"model.kind": cfg.model.kind,
+            "text_fields": ",".join(cfg.data.text_fields) if reads_text else "",
+            "report_supervision": ",".join(cfg.data.report_fields) if cfg.model.report_supervision > 0 else "",
+            "label_leakage": "true" if leaks else "false"}
+
+
 def _exit_on_signal(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -298,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     index = load_index(cfg.data.shards_dir)  # missing shards: say so before any MLflow run is opened
+    # Text fields missing from the shards, or reading the label: refused before any work.
+    leaks = check_text_fields(cfg.data, cfg.model.kind != "image", cfg.model.report_supervision > 0, index)
     if cfg.tracking.enabled:
         # On every rank, before the process group exists: all ranks stop with this message
         # instead of rank 0 returning while the others die at its first barrier.
@@ -311,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     # the run KILLED. (SLURM's early warning is SIGUSR1/PREEMPT, handled by dist.PreemptionWatch.)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     with tracker:
+        tracker.set_tags(run_tags(cfg, leaks))
         finished, _ = train(cfg, accelerator, tracker, index)
         if not finished:  # the requeued job reopens this MLflow run
             tracker.finish("KILLED")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..model import checkpoint as ckpt
 from .. import dist
-from ..config import Config, to_dict
+from ..config import to_dict
 
 
 @dataclass
@@ -51,32 +51,31 @@ def optimizer_epoch(progress: Progress) -> int:
     return progress.epoch + 1 if progress.step_in_epoch else max(progress.epoch, 1)
 
 
-def restore_state(saved: dict, optimizer, scheduler, rank: int) -> dict | None:
-    """Optimizer and scheduler state into this phase's objects; returns this rank's saved
-    {"rng", "partial"} (None if the checkpoint came from fewer ranks: a new world size)."""
+def restore_state(saved: dict, run) -> dict | None:
+    """Optimizer and scheduler state into the run's current phase (train/run.py); returns this
+    rank's saved {"rng", "partial"} (None if the checkpoint came from fewer ranks: a new world size)."""
     if saved.get("optimizer") is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
     ranks = saved.get("ranks", [])
-    return ranks[rank] if rank < len(ranks) else None
+    return ranks[run.rank] if run.rank < len(ranks) else None
 
 
-def save_state(accelerator, run_dir: Path, model, optimizer, scheduler, progress: Progress, cfg: Config, tag: str,
-               best: bool = False, partial: dict | None = None) -> None:
-    """Checkpoint from the main process; every rank contributes its RNG state (collective).
-    `model` is the unwrapped model; `best` also makes the checkpoint `best`; `partial` is this
-    rank's predictions so far when saving mid-epoch."""
+def save_state(run, tag: str, best: bool = False, partial: dict | None = None) -> None:
+    """Checkpoint the run (train/run.py) from the main process; every rank contributes its RNG
+    state (collective). `best` also makes the checkpoint `best`; `partial` is this rank's
+    predictions so far when saving mid-epoch."""
     ranks = dist.gather_objects({"rng": ckpt.rng_state(), "partial": partial})
-    if accelerator.is_main_process:
+    if run.is_main:
         # DeepSpeed partitions optimizer state across ranks; its resume restores weights, schedule
         # and RNG but restarts Adam's moments (documented in docs/training.md).
-        opt_state = None if accelerator.state.deepspeed_plugin is not None else optimizer.state_dict()
-        model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        state = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "ranks": ranks}
-        meta = {"progress": progress.__dict__, "config": to_dict(cfg)}
-        ckpt.save_checkpoint(run_dir, tag, model_state, state, meta)
+        opt_state = None if run.accelerator.state.deepspeed_plugin is not None else run.optimizer.state_dict()
+        model_state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
+        state = {"optimizer": opt_state, "scheduler": run.scheduler.state_dict(), "ranks": ranks}
+        meta = {"progress": run.progress.__dict__, "config": to_dict(run.cfg)}
+        ckpt.save_checkpoint(run.run_dir, tag, model_state, state, meta)
         if best:  # hard links: checkpoints are never modified in place
-            ckpt.copy_as(run_dir, tag, "best")
+            ckpt.copy_as(run.run_dir, tag, "best")
     dist.barrier()
 
 

@@ -21,10 +21,18 @@ from . import folder, iu, nih, table
 from .common import DECISION_REASONS, ERROR_REASONS, IMAGE_EXTENSIONS, ROW_COLUMNS, VIEWS, finish, first_few
 
 __all__ = ["ROW_COLUMNS", "VIEWS", "ERROR_REASONS", "DECISION_REASONS", "IMAGE_EXTENSIONS", "KEY_SEPARATOR",
-           "READERS", "read_source", "read_sources"]
+           "READERS", "label_text_fields", "read_source", "read_sources"]
 
 READERS: dict[str, ModuleType] = {"iu": iu, "nih": nih, "folder": folder, "csv": table}
 KEY_SEPARATOR = "__"  # global key = f"{source}{KEY_SEPARATOR}{local key}" with [[data.sources]]
+
+
+def label_text_fields(src: SourceConfig) -> tuple[str, ...]:
+    """The text fields `src`'s label was derived from: the source's `label_text_fields` when set,
+    else its format's (iu: findings and impression; the other formats carry no text)."""
+    if src.label_text_fields:
+        return tuple(src.label_text_fields)
+    return tuple(getattr(READERS.get(src.format), "LABEL_TEXT_FIELDS", ()))
 
 
 def read_source(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:

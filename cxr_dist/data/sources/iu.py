@@ -33,14 +33,22 @@ import pandas as pd
 
 from ...config import SourceConfig
 from ...errors import DataError
-from .common import RASTER_EXTENSIONS, sample_key, skip
+from .common import RASTER_EXTENSIONS, read_table, sample_key, skip
 
 REPORTS_CSV = "indiana_reports.csv"
 PROJECTIONS_CSV = "indiana_projections.csv"
 REPORT_COLUMNS = ("uid", "Problems", "findings", "impression")
+# The report's sections, kept as text fields of every sample (`text_<field>` columns, the shards'
+# json "text"). indication and comparison are known before the film is read: legitimate inputs.
+# The label (Problems) was coded from findings and impression: a model that reads them at prediction
+# time reads its label (LABEL_TEXT_FIELDS; config.validate refuses them as inputs unless
+# data.allow_label_leakage). Copies without indication/comparison columns give empty texts.
+TEXT_FIELDS = ("indication", "comparison", "findings", "impression")
+LABEL_TEXT_FIELDS = ("findings", "impression")
 PROJECTION_COLUMNS = ("uid", "filename", "projection")
 
-MANIFEST_COLUMNS = ["key", "path", "filename", "uid", "projection", "label", "problems", "findings", "impression"]
+MANIFEST_COLUMNS = ["key", "path", "filename", "uid", "projection", "label", "problems", "findings", "impression",
+                    "indication", "comparison"]
 
 KAGGLE_HINT = (
     "expected the Kaggle layout of the dataset raddar/chest-xrays-indiana-university "
@@ -58,23 +66,6 @@ def label_of(problems: str) -> int | None:
     if text == "no indexing":
         return None
     return 1
-
-
-def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataError(f"missing {path.name} in {path.parent}; {KAGGLE_HINT}")
-    try:
-        # Everything as text: uids stay "1" (not 1.0), empty cells stay "" (not NaN).
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:  # pandas raises several types for malformed files
-        raise DataError(f"cannot read {path}: {e}") from e
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(df.columns)}); {KAGGLE_HINT}"
-        )
-    return df
 
 
 def index_images(images_dir: Path) -> dict[str, Path]:
@@ -109,8 +100,8 @@ def build_manifest(data_dir: str | Path, no_indexing: str = "drop") -> tuple[pd.
     root = Path(data_dir) if str(data_dir) else None
     if root is None or not root.is_dir():
         raise DataError(f"dataset folder {str(data_dir)!r} does not exist; {KAGGLE_HINT}")
-    reports = _read_csv(root / REPORTS_CSV, REPORT_COLUMNS)
-    projections = _read_csv(root / PROJECTIONS_CSV, PROJECTION_COLUMNS)
+    reports = read_table(root / REPORTS_CSV, REPORT_COLUMNS, hint=KAGGLE_HINT)
+    projections = read_table(root / PROJECTIONS_CSV, PROJECTION_COLUMNS, hint=KAGGLE_HINT)
     images_dir = root / "images"
     if not images_dir.is_dir():
         raise DataError(f"no images/ folder in {root}; {KAGGLE_HINT}")
@@ -151,6 +142,7 @@ def build_manifest(data_dir: str | Path, no_indexing: str = "drop") -> tuple[pd.
             "key": key, "path": str(path), "filename": filename, "uid": uid,
             "projection": rec["projection"].strip(), "label": label,
             "problems": report["Problems"], "findings": report["findings"], "impression": report["impression"],
+            "indication": report.get("indication", ""), "comparison": report.get("comparison", ""),
         })
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     if df.empty:
@@ -182,6 +174,9 @@ def read(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:
     df["view"] = df["projection"].map(lambda p: _VIEWS.get(str(p).strip().lower(), ""))
     df["findings"] = df["problems"]
     df["report"] = (df["report_findings"].str.strip() + " " + df["impression"].str.strip()).str.strip()
+    for field in TEXT_FIELDS:  # the report's sections as text fields (the module docstring)
+        df[f"text_{field}"] = df["report_findings" if field == "findings" else field].fillna("").str.strip()
+    df = df.drop(columns=["indication", "comparison"])
     # The common fields first, then build_manifest's own (uid stays for split/shards).
     out = [{**skip(src, s["filename"], s["uid"], s["reason"], s["detail"]), **s} for s in skipped]
     return df, out

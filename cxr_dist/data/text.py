@@ -1,0 +1,106 @@
+"""The text of each sample, for image+text models, and the guard against reading the label.
+
+Every shard sample's json carries its source's text fields under "text" (IU: indication,
+comparison, findings, impression; shards.py), and index.json says per source which fields it has
+(`text_fields`) and from which its label was derived (`label_text_fields`, IU: findings and
+impression). A model reads the fields of `data.text_fields`, joined into one string
+("indication: ... comparison: ..."); a sample whose source has none of them has empty text.
+
+The guard (`check_text_fields`): a field the label was derived from is refused as an input unless
+`data.allow_label_leakage` (a model reading IU's findings reads its own label: a TF-IDF model on
+them alone scores 0.99; `cxr-dist audit-text` measures each field). The report's fields may still
+shape training through report supervision (`model.report_supervision`), which prediction never reads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from collections.abc import Iterable, Iterator
+
+from ..config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+
+def clean(value: object) -> str:
+    """Any cell -> text: None, NaN and non-strings -> "" (numbers are not text here), bytes decoded
+    as UTF-8 with replacement characters, whitespace collapsed."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        return ""
+    return " ".join(value.split())
+
+
+def joined_text(fields_text: dict, fields: Iterable[str]) -> str:
+    """The input text of one sample: its non-empty `fields`, in order, as "field: text" lines
+    joined by a space ("indication: Positive TB test. comparison: None.")."""
+    parts = [(f, clean(fields_text.get(f))) for f in fields]
+    return " ".join(f"{f}: {t}" for f, t in parts if t)
+
+
+def sample_metas(index: dict, splits: Iterable[str]) -> Iterator[tuple[str, dict]]:
+    """(key, json) of every sample of `splits`, reading only the json members of the shards (no
+    image is decoded: a few seconds for IU)."""
+    from .index import shard_list
+
+    for shard in shard_list(index, list(splits)):
+        with tarfile.open(shard.path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    yield member.name.split("/")[-1].split(".", 1)[0], json.loads(tar.extractfile(member).read())
+
+
+def read_texts(index: dict, splits: Iterable[str], fields: Iterable[str]) -> dict[str, str]:
+    """Sample key -> joined text of `fields`, for every sample of `splits`."""
+    fields = tuple(fields)
+    return {key: joined_text(meta.get("text") or {}, fields) for key, meta in sample_metas(index, splits)}
+
+
+def source_text_fields(index: dict) -> dict[str, dict[str, list[str]]]:
+    """{source: {"text_fields": [...], "label_text_fields": [...]}} from the index; sources of an
+    index written before text fields existed have none."""
+    return {s["name"]: {"text_fields": list(s.get("text_fields", [])),
+                        "label_text_fields": list(s.get("label_text_fields", []))}
+            for s in index.get("sources") or [{"name": "iu"}]}
+
+
+def leaky_fields(index: dict, fields: Iterable[str]) -> list[str]:
+    """The fields of `fields` that some source's label was derived from."""
+    label = {f for info in source_text_fields(index).values() for f in info["label_text_fields"]}
+    return [f for f in fields if f in label]
+
+
+def check_text_fields(data: DataConfig, reads_text: bool, report_supervision: bool, index: dict) -> list[str]:
+    """Fail before any work when a text model's inputs are not in the shards or read the label.
+
+    `reads_text`: the model reads data.text_fields at prediction time (model.kind text or
+    image+text); `report_supervision`: training reads data.report_fields. Returns the input fields
+    that leak the label (non-empty only with data.allow_label_leakage, after a warning)."""
+    if not (reads_text or report_supervision):
+        return []
+    per_source = source_text_fields(index)
+    have = sorted({f for info in per_source.values() for f in info["text_fields"]})
+    wanted = (list(data.text_fields) if reads_text else []) + (list(data.report_fields) if report_supervision else [])
+    if reads_text and not data.text_fields:
+        raise ConfigError("model.kind reads text but data.text_fields is empty: name the fields to read "
+                          "(e.g. --data.text_fields '[\"indication\"]')")
+    missing = [f for f in wanted if f not in have]
+    if missing:
+        where = ", ".join(f"{s}: {', '.join(i['text_fields']) or 'none'}" for s, i in per_source.items())
+        raise ConfigError(f"text field(s) {', '.join(missing)} are not in the shards {index.get('root', '')} "
+                          f"(text fields per source: {where}); shards prepared before text fields existed need "
+                          "`cxr-dist prepare` again")
+    leaks = leaky_fields(index, data.text_fields) if reads_text else []
+    if leaks and not data.allow_label_leakage:
+        raise ConfigError(
+            f"data.text_fields reads {', '.join(leaks)}, from which the label was derived: the model would read its "
+            "own label at prediction time (a TF-IDF model on IU's findings alone scores 0.99; `cxr-dist audit-text` "
+            "measures it). Use fields known before the film is read (indication, comparison), let the report shape "
+            "training only (--model.report_supervision 0.1), or, to measure the leak on purpose, "
+            "--data.allow_label_leakage true (the run is tagged label_leakage=true)")
+    if leaks:
+        log.warning("LABEL LEAKAGE: the model reads %s, from which the label was derived; its scores measure the "
+                    "leak, not the image (data.allow_label_leakage = true)", ", ".join(leaks))
+    return leaks
