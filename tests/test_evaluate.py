@@ -200,7 +200,7 @@ def test_paired_auroc_gain_of_one_model_over_another(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     header, _, versus_worse, versus_itself = res.stdout.splitlines()
     diff = compute_metrics(worse["probs"], labels)["auroc"] - compute_metrics(good, labels)["auroc"]
-    point, interval = [c.strip() for c in versus_worse.split("|")[1:-1]][3].split(" (")
+    point, interval = [c.strip() for c in versus_worse.split("|")[1:-1]][4].split(" (")
     low, high = (float(x) for x in interval.rstrip(")").split(" to "))
     assert float(point) == pytest.approx(diff, abs=1e-4) and low <= float(point) <= high < 0
     assert versus_itself.count("+0.0000 (+0.0000 to +0.0000)") == 2  # image and study

@@ -9,6 +9,7 @@ shards with index.json -> batches for one rank.
     transforms, device_input   augmentation and resizing (workers or the training device)
     stream        shards -> batches for one rank (train: fixed length; eval: every sample once)
     mixing        several sources in one run: sampling weights, per-source loss weights
+    text          each sample's text fields (reports), and the guard against inputs that read the label
 
 May import: the root modules (config, errors, log, fileio). Nothing from model/, eval/,
 product/, runs/ or train/ (tests/test_architecture.py).

@@ -5,6 +5,7 @@
     ood        is an input a chest film like the training ones (constant-image refusal, Mahalanobis score)
     plots      the figures of a run
     evaluate   distributed inference on a split and its reports; `cxr-dist evaluate`
+    text_audit `cxr-dist audit-text`: how much of the label each text field gives away (TF-IDF probe)
 
 May import: the root modules, data/ and model/. A new metric: metrics.py (compute_metrics, and
 config.VAL_METRICS if it may select checkpoints).

@@ -148,7 +148,22 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated; default: {','.join(DEFAULT_VAL_METRICS)} (best over epochs), "
                          "test/* and best_test/{auroc,f1,accuracy,balanced_accuracy} (final values)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--paired", nargs="+", metavar="RUN",
+                    help="BASELINE OTHER...: the paired AUROC gain of each OTHER run over BASELINE on the same test "
+                         "images, image and study level, 95%% interval (run dirs or predictions CSVs; runs/paired.py)")
+    ap.add_argument("--split", default="test", help="with --paired: the baseline's split (default test)")
+    ap.add_argument("--other-split", help="with --paired: the others' split (default: --split)")
+    ap.add_argument("--source", help="with --paired: score only this source's images")
+    ap.add_argument("--common", action="store_true", help="with --paired: score the images both runs have")
     args = ap.parse_args(argv)
+    if args.paired:
+        from .paired import paired, table
+
+        if len(args.paired) < 2:
+            raise UserError("--paired needs a baseline run and at least one run to compare with it")
+        rows = paired(args.paired[0], args.paired[1:], args.split, args.other_split, args.source, args.common)
+        print(json.dumps(rows, indent=2) if args.json else table(args.paired[0], rows))
+        return 0
     result = compare_runs(_client(args.tracking_uri), args.experiment, args.metrics)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -1,0 +1,240 @@
+"""Image + text: text in the shards, the leakage guard, the audit, the fused model, and real
+training runs (1 and 2 processes) of an image+text model with a tiny BERT (random weights, saved
+as a user's folder: no download).
+
+The generated IU folder (tests/textgen.py) has IU's report sections: an indication that carries
+some of the label (legitimate), and findings/impression that state it (the leak, as IU's do).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr_dist.config import ConfigError, ModelConfig, load_config
+from cxr_dist.data.index import load_index
+from cxr_dist.data.text import check_text_fields, joined_text, leaky_fields, read_texts
+from cxr_dist.eval.text_audit import audit
+from cxr_dist.model.classifier import build_model
+from tests.conftest import TINY, VENV_BIN, accelerate_launch, run_cmd, tiny_overrides
+from tests.textgen import indication_of, make_text_dataset, make_tiny_bert
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(shards, tiny BERT folder, work folder)."""
+    tmp = tmp_path_factory.mktemp("text")
+    data = make_text_dataset(tmp / "ds")
+    shards = tmp / "shards"
+    res = run_cmd([str(VENV_BIN / "cxr-dist"), "prepare", "--config", str(TINY), "--data", str(data),
+                   "--out", str(shards)], cwd=tmp)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return shards, make_tiny_bert(tmp / "bert"), tmp
+
+
+def _cfg(shards: Path, *extra: str):
+    return load_config(TINY, ["--data.shards_dir", str(shards), *extra])
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_the_shards_carry_each_sources_text_fields_and_which_made_the_label(text_data):
+    shards, _, _ = text_data
+    index = load_index(shards)
+    (src,) = index["sources"]
+    assert src["text_fields"] == ["comparison", "findings", "impression", "indication"]
+    assert src["label_text_fields"] == ["findings", "impression"]
+    texts = read_texts(index, ["train", "val", "test"], ("indication", "comparison"))
+    key = next(k for k in texts if k.startswith("1_"))
+    assert texts[key] == f"indication: {indication_of(1)} comparison: None."
+    empty = [k for k in texts if k.startswith("7_") or k.startswith("14_")]
+    assert empty and all(texts[k] == "comparison: None." for k in empty)  # no indication: only the comparison
+
+
+def test_joined_text_handles_missing_empty_and_broken_values():
+    assert joined_text({"indication": "  Chest\n pain. ", "comparison": None}, ("indication", "comparison")) == \
+        "indication: Chest pain."
+    assert joined_text({"indication": float("nan")}, ("indication",)) == ""
+    assert joined_text({}, ("indication",)) == ""
+    assert "\ufffd" in joined_text({"indication": b"caf\xe9"}, ("indication",))
+
+
+def test_the_guard_refuses_a_field_the_label_was_derived_from(text_data):
+    shards, _, _ = text_data
+    index = load_index(shards)
+    assert leaky_fields(index, ("indication", "findings", "impression")) == ["findings", "impression"]
+    ok = _cfg(shards, "--model.kind", "image+text")
+    assert check_text_fields(ok.data, True, False, index) == []
+    leak = _cfg(shards, "--model.kind", "image+text", "--data.text_fields", '["indication", "findings"]')
+    with pytest.raises(ConfigError, match=r"reads findings, from which the label was derived.*allow_label_leakage"):
+        check_text_fields(leak.data, True, False, index)
+    allowed = _cfg(shards, "--data.text_fields", '["findings"]', "--data.allow_label_leakage", "true")
+    assert check_text_fields(allowed.data, True, False, index) == ["findings"]
+    # Report supervision reads findings and impression, at training time only: allowed.
+    assert check_text_fields(_cfg(shards).data, False, True, index) == []
+    with pytest.raises(ConfigError, match=r"text field\(s\) history are not in the shards"):
+        check_text_fields(_cfg(shards, "--data.text_fields", '["history"]').data, True, False, index)
+    # An image model reads no text: nothing to check.
+    assert check_text_fields(leak.data, False, False, index) == []
+
+
+def test_an_index_without_text_fields_says_prepare_again(text_data, tmp_path):
+    shards, _, _ = text_data
+    index = load_index(shards)
+    old = {**index, "sources": [{k: v for k, v in s.items() if "text" not in k} for s in index["sources"]]}
+    with pytest.raises(ConfigError, match="prepare` again"):
+        check_text_fields(_cfg(shards).data, True, False, old)
+
+
+def test_audit_marks_the_label_fields_and_scores_the_indication(text_data):
+    shards, _, _ = text_data
+    rows = {tuple(r["fields"]): r for r in audit(load_index(shards), [("indication",), ("impression",), ("findings",)])}
+    assert rows[("impression",)]["label_field"] and rows[("impression",)]["leak"]
+    assert rows[("findings",)]["label_field"]
+    ind = rows[("indication",)]
+    assert not ind["label_field"] and ind["train_with_text"] > 10
+    # The impression states the label: the text alone reads it.
+    assert rows[("impression",)]["auroc"] is not None and rows[("impression",)]["auroc"] > 0.9
+
+
+def test_audit_text_command(text_data):
+    shards, _, tmp = text_data
+    res = run_cmd([sys.executable, "-m", "cxr_dist.eval.text_audit", "--shards", str(shards), "--fields", "indication",
+                   "comparison", "--json"], cwd=tmp)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["fields"] for r in rows][-1] == ["indication", "comparison"]
+    bad = run_cmd([sys.executable, "-m", "cxr_dist.eval.text_audit", "--shards", str(shards), "--fields", "history"],
+                  cwd=tmp)
+    assert bad.returncode == 2 and "history" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------- the fused model
+
+
+def _model(bert: Path, kind: str = "image+text", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(backbone="efficientnet_b1", pretrained=False, kind=kind, text_encoder=str(bert), **kw))
+
+
+def test_fused_model_reads_both_and_uses_no_text_where_a_sample_has_none(text_data):
+    _, bert, _ = text_data
+    model = _model(bert, modality_dropout=0.0).eval()
+    assert model.head[0].in_features == 1280 + model.text_encoder.dim
+    x = torch.randint(0, 255, (3, 1, 32, 32), dtype=torch.uint8)
+    tokens, _ = model.text_encoder.tokenize(["indication: chest pain.", "indication: routine exam.", ""])
+    with torch.no_grad():
+        model.no_text.fill_(3.0)
+        text = {**tokens, "has": torch.tensor([True, True, False])}
+        out = model(x, text=text)
+        # Sample 2 has no text: its head input is no_text, whatever its tokens say.
+        other, _ = model.text_encoder.tokenize(["indication: chest pain.", "indication: routine exam.", "fever"])
+        assert torch.allclose(out, model(x, text={**other, "has": text["has"]}))
+        assert not torch.allclose(out[:2], model(x, text={**tokens, "has": torch.tensor([False, False, False])})[:2])
+
+
+def test_modality_dropout_drops_text_in_training_only(text_data):
+    _, bert, _ = text_data
+    model = _model(bert, modality_dropout=0.999)
+    emb = torch.randn(64, model.text_encoder.dim)
+    text = {"emb": emb, "has": torch.ones(64, dtype=torch.bool)}
+    model.train()
+    dropped = model.text_embedding(text, 64)
+    assert torch.allclose(dropped, model.no_text.expand_as(dropped))
+    model.eval()
+    assert not torch.allclose(model.text_embedding(text, 64), model.no_text.expand(64, -1))
+
+
+def test_a_text_model_never_runs_the_backbone(text_data):
+    _, bert, _ = text_data
+    model = _model(bert, kind="text").eval()
+    assert model.head[0].in_features == model.text_encoder.dim
+    emb = {"emb": torch.randn(2, model.text_encoder.dim), "has": torch.ones(2, dtype=torch.bool)}
+    with torch.no_grad():
+        out = model(torch.zeros(2, 7), text=emb)  # not an image at all: the backbone is not called
+    assert out.shape == (2, 2)
+
+
+def test_phases_unfreeze_text_layers_into_their_own_param_group(text_data):
+    from cxr_dist.config import PhaseConfig
+    from cxr_dist.model.classifier import param_groups
+
+    _, bert, _ = text_data
+    model = _model(bert)
+    model.set_phase(0, 0)
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    assert [g["name"] for g in param_groups(model, PhaseConfig(unfreeze_blocks=0))] == ["head"]
+    model.set_phase(1, 1)
+    groups = {g["name"]: g for g in param_groups(model, PhaseConfig(unfreeze_blocks=1, unfreeze_text_layers=1,
+                                                                    text_lr=1e-5))}
+    assert set(groups) == {"head", "backbone", "text"} and groups["text"]["lr"] == 1e-5
+    last = set(model.text_encoder.layers()[-1].parameters())
+    assert last <= set(groups["text"]["params"])
+    assert not set(model.text_encoder.layers()[0].parameters()) & set(groups["text"]["params"])
+    model.train()
+    assert model.text_encoder.layers()[-1].training and not model.text_encoder.layers()[0].training
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+def test_training_refuses_the_leak_before_any_work(text_data):
+    shards, bert, tmp = text_data
+    run_dir = tmp / "leak"
+    res = run_cmd([sys.executable, "-m", "cxr_dist.train", *tiny_overrides(shards, run_dir),
+                   "--model.kind", "image+text", "--model.text_encoder", str(bert),
+                   "--data.text_fields", '["impression"]'], cwd=tmp)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "impression, from which the label was derived" in res.stderr and "Traceback" not in res.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_an_image_text_model_in_step(text_data):
+    """2 processes (DDP, gloo), phase 2 unfreezing a text layer and a CNN block: the ranks end
+    with identical parameters (text encoder included), and the run is tagged and evaluated."""
+    import mlflow
+    from safetensors.torch import load_file
+
+    shards, bert, tmp = text_data
+    res = accelerate_launch(["-m", "tests.rank_probe", str(tmp / "params"),
+                             *tiny_overrides(shards, tmp / "fused", "--model.kind", "image+text",
+                                             "--model.text_encoder", str(bert), "--train.phases.1.unfreeze_text_layers",
+                                             "1", "--model.report_supervision", "0.5")], cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    a, b = (load_file(str(tmp / "params" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    for k in a:
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(a[k], b[k]), k
+    evaluation = json.loads((tmp / "fused" / "evaluation.json").read_text())
+    assert evaluation["test"]["image_level"]["n"] > 0
+    client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cxr-dist-tiny").experiment_id])
+    # rank_probe does not tag (loop.main does); the tags are checked on the one-process run below.
+    assert run.data.params["model.kind"] == "image+text"
+
+
+@pytest.mark.slow
+def test_one_process_run_is_tagged_and_reads_cached_text(text_data):
+    import mlflow
+
+    shards, bert, tmp = text_data
+    run_dir = tmp / "tagged"
+    res = run_cmd([sys.executable, "-m", "cxr_dist.train", *tiny_overrides(shards, run_dir), "--model.kind", "image+text",
+                   "--model.text_encoder", str(bert), "--tracking.experiment", "text-tags",
+                   "--train.cache_views", "1"], cwd=tmp, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "text embeddings (input)" in res.stderr + res.stdout
+    assert list((run_dir / "cache").glob("text-input-*.safetensors"))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("text-tags").experiment_id])
+    assert run.data.tags["model.kind"] == "image+text"
+    assert run.data.tags["text_fields"] == "indication,comparison"
+    assert run.data.tags["label_leakage"] == "false"
