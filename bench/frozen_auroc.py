@@ -1,16 +1,16 @@
 """Does a frozen backend change the metrics? A trained model's test AUROC through eager and each
-backend, and the paired bootstrap difference (bench/paired_auroc.py's logic).
+backend, and the paired bootstrap difference (runs/paired.py, as `cxr-dist compare --paired`).
 
     .venv/bin/python bench/frozen_auroc.py out/sources/runs/iu_only \\
         --shards out/sources/shards/iu_kermany_ext --split test --backends int8,openvino
 
 The run's best checkpoint (weights and head as trained) predicts `--split` once in plain eager
 fp32 PyTorch on the CPU and once per backend, with the frozen part (depth 0: the whole backbone)
-run by that backend (frozen_fast.attached, as evaluation would); int8 is calibrated on the
+run by that backend (frozen_runtime.attached, as evaluation would); int8 is calibrated on the
 first 128 images of the shards' train split. For each: AUROC, max |prob difference|, and the
 AUROC difference from eager with its paired 95% interval over 2,000 draws of whole studies, per
-image and per study. An interval that contains 0 and is narrow says the backend does not move
-the metric beyond the luck of which studies are in the test split.
+image and per study. An interval that contains 0 and is narrow says the backend does not move the
+metric beyond the luck of which studies are in the test split.
 """
 from __future__ import annotations
 
@@ -24,16 +24,18 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from paired_auroc import gain, levels  # noqa: E402
-
-from cxr_dist.model.checkpoint import load_model_state  # noqa: E402
-from cxr_dist.config import DataConfig, ModelConfig, from_dict, replace  # noqa: E402
+from cxr_dist.config import replace  # noqa: E402
 from cxr_dist.eval.evaluate import predict_split  # noqa: E402
-from cxr_dist.model.frozen_runtime import attached, build_runner, calibration_batches  # noqa: E402
 from cxr_dist.eval.metrics import compute_metrics  # noqa: E402
-from cxr_dist.model.classifier import build_model  # noqa: E402
+from cxr_dist.model.frozen_runtime import attached, build_runner, calibration_batches  # noqa: E402
+from cxr_dist.product.inference import Product  # noqa: E402
+from cxr_dist.runs.paired import gain, levels  # noqa: E402
+
+
+def shown(g: dict) -> str:
+    """runs.paired.gain's result as "+0.0012 (-0.0031 to +0.0050)"."""
+    return f"{g['gain']:+.4f} ({g['ci95'][0]:+.4f} to {g['ci95'][1]:+.4f})"
 
 
 def main() -> None:
@@ -46,12 +48,11 @@ def main() -> None:
     ap.add_argument("--work-dir", default="", help="where exports are kept (default: a temporary folder)")
     args = ap.parse_args()
 
-    state, meta = load_model_state(args.run, tag="best")
-    model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
-    model.load_state_dict(state)
-    model.eval()
-    data = replace(from_dict(DataConfig, meta["config"]["data"]), shards_dir=args.shards, num_workers=1)
     cpu = torch.device("cpu")
+    # The network's own probabilities (uncalibrated: a temperature would not move an AUROC).
+    product = Product.load(args.run, calibrated=False, views=1, device=cpu)
+    model = product.model
+    data = replace(product.data, shards_dir=args.shards, num_workers=1)
     print(f"{args.run}: {args.split} split of {args.shards}, {torch.get_num_threads()} threads")
 
     t0 = time.time()
@@ -71,8 +72,8 @@ def main() -> None:
         auroc = compute_metrics(preds["probs"], preds["labels"])["auroc"]
         print(f"{backend:10s} AUROC {auroc:.4f} ({time.time() - t0:.0f} s, build {runner.build_s:.0f} s); "
               f"max |prob diff| {np.abs(preds['probs'] - base['probs']).max():.4f}; "
-              f"difference vs eager, image level {gain(base_levels['image'], other['image'])}, "
-              f"study level {gain(base_levels['study'], other['study'])}")
+              f"difference vs eager, image level {shown(gain(base_levels['image'], other['image']))}, "
+              f"study level {shown(gain(base_levels['study'], other['study']))}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
         --shards out/sources/shards/iu_kermany_ext --external-limit 1024 --out out/product_report.json
 
 Does, on the run's best checkpoint and without changing it, what the end of a training run does
-(final.py): predictions with pooled features on val, test and the external split; the temperature
-fitted on val; the OOD density fitted on the same sample of training images (final.ood_fit_index)
+(train/end_of_run.py): predictions with pooled features on val, test and the external split; the temperature
+fitted on val; the OOD density fitted on the same sample of training images (end_of_run.ood_fit_index)
 and its flag threshold on val. Then scores what a deployed model meets: the test films (same
 hospital), the external films (another population; `--external-limit` first images, in shard
 order), scikit-learn's two sample photographs (not chest films) and a blank image (refused).
@@ -27,13 +27,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_dist.eval.calibrate import apply_temperature, calibration_report, fit_temperature  # noqa: E402
+from cxr_dist.eval.calibrate import calibration_report, fit_temperature  # noqa: E402
 from cxr_dist.config import replace  # noqa: E402
 from cxr_dist.errors import DataError  # noqa: E402
 from cxr_dist.eval.evaluate import predict_split  # noqa: E402
 from cxr_dist.train.end_of_run import OOD_FIT_SPLIT, ood_fit_index  # noqa: E402
 from cxr_dist.data.index import load_index, train_val_splits  # noqa: E402
-from cxr_dist.product.inference import load_product, read_film  # noqa: E402
+from cxr_dist.product.inference import Product, read_film  # noqa: E402
+from cxr_dist.product.readout import Readout  # noqa: E402
 from cxr_dist.eval.ood import FeatureDensity, features_and_logits, flag_threshold  # noqa: E402
 from cxr_dist.data.transforms import eval_transform  # noqa: E402
 
@@ -54,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.monotonic()
-    product = load_product(args.run, calibrated=False, device=torch.device("cpu"))
+    product = Product.load(args.run, calibrated=False, device=torch.device("cpu"))
     data = replace(product.data, shards_dir=args.shards, num_workers=1)
     index = load_index(args.shards)
     train_splits, val_split = train_val_splits(data)
@@ -63,7 +64,7 @@ def main() -> None:
     preds = {name: predict_split(product.model, data, split, index=index, with_features=True)
              for name, split in (("val", val_split), ("test", "test"))}
     if args.external_limit and index["splits"].get("external", {}).get("total", 0):
-        # Whole shards of the external split, in order, up to the limit (as final.py samples training films).
+        # Whole shards of the external split, in order, up to the limit (as end_of_run.py samples training films).
         ext = ood_fit_index(index, ["external"], args.external_limit)
         preds["external"] = predict_split(product.model, data, OOD_FIT_SPLIT, index=ext, with_features=True)
     val = preds["val"]
@@ -90,10 +91,12 @@ def main() -> None:
         Image.fromarray(arr).save(buf, format="JPEG")
         photos.append(plain(read_film(buf.getvalue(), f"photo{i}.jpg", data)))
     h, logits = features_and_logits(product.model, torch.stack(photos))
-    out["ood"]["photographs"] = {**summary(density.score(h.numpy()), threshold),
-                                 "scores": [round(float(v), 1) for v in density.score(h.numpy())],
-                                 "prob_abnormal": [round(float(v), 3) for v in apply_temperature(
-                                     torch.softmax(logits, 1)[:, 1].numpy(), temperature)]}
+    # This report's own parts (fitted above, as the end of training fits them), applied as a product applies them.
+    got = Readout(temperature=temperature, density=density, ood_threshold=threshold).apply(
+        torch.softmax(logits, 1)[:, 1].numpy(), h.numpy())
+    out["ood"]["photographs"] = {**summary(got["ood_score"], threshold),
+                                 "scores": [round(float(v), 1) for v in got["ood_score"]],
+                                 "prob_abnormal": [round(float(v), 3) for v in got["prob_abnormal"]]}
     blank = io.BytesIO()
     Image.new("L", (512, 512), 255).save(blank, format="PNG")
     try:

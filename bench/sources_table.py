@@ -15,9 +15,8 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from paired_auroc import gain, levels, select  # noqa: E402  (bench/ is on sys.path: this script's folder)
+from cxr_dist.runs.paired import gain, levels, select  # noqa: E402
 
 from cxr_dist.eval.evaluate import read_predictions, report  # noqa: E402
 
@@ -51,6 +50,10 @@ def scored(run_dir: Path) -> dict[str, tuple[str, dict]]:
     return out
 
 
+def _fmt(g: dict) -> str:
+    return f"{g['gain']:+.4f} ({g['ci95'][0]:+.4f} to {g['ci95'][1]:+.4f})"
+
+
 def main(out_dir: str) -> int:
     root = Path(out_dir)
     runs = sorted(p.parent.name for p in root.glob("runs/*/predictions.csv"))
@@ -82,7 +85,7 @@ def main(out_dir: str) -> int:
         other = select(read_predictions(root / "runs" / other_run)[other_split], source)
         shared = set(base["keys"]) & set(other["keys"])
         base, other = select(base, keys=shared), select(other, keys=shared)
-        gains = [gain(b, o) for b, o in zip(levels(base).values(), levels(other).values())]
+        gains = [_fmt(gain(b, o)) for b, o in zip(levels(base).values(), levels(other).values())]
         print(f"| {base_run} -> {other_run} | {source} ({base_split} / {other_split}) | {len(shared)} "
               f"| {gains[0]} | {gains[1]} |")
     times = root / "times.tsv"

@@ -4,8 +4,11 @@ Precedence: command-line overrides > TOML file > the defaults below. Defaults re
 original experiment (EfficientNet-B1, frozen; head for 15 epochs, then the last block for 25).
 
 Overrides are dotted paths: ``--train.seed 3``, ``--data.batch_size=16``, and list items by
-index: ``--train.phases.1.epochs 5``. Values are parsed as TOML scalars (``1e-3``, ``true``,
-``"text"``); anything that does not parse as TOML is taken as a plain string.
+index: ``--train.phases.1.epochs 5``, ``--train.phases.0.lr 3e-4`` (a learning rate belongs to a
+phase: there is no ``--train.lr``), ``--data.sources.0.path DIR``. An override changes an entry
+that exists (in the file, or the two default phases); a new phase or source goes in the TOML file,
+as a ``[[train.phases]]`` or ``[[data.sources]]`` table. Values are parsed as TOML scalars
+(``1e-3``, ``true``, ``"text"``); anything that does not parse as TOML is taken as a plain string.
 
 Each component receives only its own section (``cfg.data``, ``cfg.model`` ...), never the tree.
 """
@@ -47,6 +50,9 @@ class SourceConfig:
     view: str = ""  # view of every image when the source does not record it ("PA", "AP", "LATERAL"; "" unknown)
     no_indexing: str = "drop"  # iu: 'No Indexing' reports -> "drop" or "abnormal"
     licence: str = ""  # the collection's licence, for the model card (e.g. "CC BY 4.0"); "" not stated
+    # Text fields this source's label was derived from (a model that reads them at prediction time
+    # reads its label); () = the format's own: iu -> findings, impression; the others carry no text.
+    label_text_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,16 @@ class DataConfig:
     # "device" (batched torchvision.io decode and tensor augmentation on the training device, the
     # GPU when there is one; the same code runs on the CPU), "auto" (device with a GPU, else workers).
     decode_on: str = "auto"
+    # Text fields an image+text model reads as input (model.kind "text" or "image+text"), joined in
+    # this order; a sample whose source has none of them gets empty text. IU has indication,
+    # comparison, findings, impression; findings and impression are what its label was coded from,
+    # refused here unless allow_label_leakage (docs/text.md).
+    text_fields: tuple[str, ...] = ("indication", "comparison")
+    # true: accept a field the label was derived from as an input. The run is tagged
+    # label_leakage=true, warns, and its model card names the leak first. For measuring the leak only.
+    allow_label_leakage: bool = False
+    # The report sections that model.report_supervision aligns the image model with (training only).
+    report_fields: tuple[str, ...] = ("findings", "impression")
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,24 @@ class ModelConfig:
     # calibrated on training images). On a GPU the model always runs in PyTorch. Default: the
     # fastest that leaves the features unchanged (docs/performance.md, "The frozen forward on the CPU").
     frozen_backend: str = "openvino"
+    # What the head reads: "image" (the CNN's pooled feature; the baseline), "text" (the text
+    # encoder's pooled data.text_fields only), "image+text" (both, concatenated: the fused model).
+    kind: str = "image"
+    # The text encoder of kind text / image+text: a Hugging Face transformers model by hub id or local
+    # folder, encoder (BERT family) or decoder (GPT-2, Llama, Qwen); "" = the offline default (docs/text.md).
+    text_encoder: str = ""
+    text_pooling: str = "mean"  # one vector per text: "mean" (over tokens), "cls" (first token) or "last" (last token)
+    max_tokens: int = 128  # longer texts are truncated (and counted in the run's log)
+    # image+text: during training the text of a sample is replaced by "no text" with this
+    # probability, so the model still works (and is scored) on films without text (NIH, Kermany).
+    modality_dropout: float = 0.2
+    # A film given without text to an image+text model: "dropout" predicts from the image and the
+    # learned no-text embedding (as trained with modality_dropout), "refuse" fails (exit 2 / HTTP 400).
+    text_missing: str = "dropout"
+    # Report supervision, training only: > 0 adds this weight times an auxiliary loss that aligns the
+    # head's hidden layer (projected) with the embedding of the report (data.report_fields: IU's
+    # findings and impression). Prediction reads only the image (and the text inputs of kind).
+    report_supervision: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +152,8 @@ class PhaseConfig:
     unfreeze_blocks: int = 0  # trainable backbone blocks counted from the end (0 = head only)
     lr: float = 1e-3  # learning rate of the head
     backbone_lr: float = 1e-4  # learning rate of unfrozen backbone parameters
+    unfreeze_text_layers: int = 0  # trainable layers of the text encoder counted from the end (0 = frozen)
+    text_lr: float = 2e-5  # learning rate of unfrozen text encoder layers
 
 
 def _default_phases() -> tuple[PhaseConfig, ...]:
@@ -254,26 +290,51 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _set_dotted(tree: dict, path: str, value: Any, defaults: dict) -> None:
-    """Set tree[a][b][c] = value for path "a.b.c"; list items by index, filled from defaults."""
+    """Set tree[a][b][c] = value for path "a.b.c"; list items by index, filled from defaults.
+
+    An override changes an entry that exists (in the file, or the default phases); it cannot add
+    one: an index past the end is a ConfigError that says how many there are and where new ones go.
+    """
     keys = path.split(".")
     node, dnode = tree, defaults
+
+    def index(lst: list, i: int) -> int:
+        where = ".".join(keys[:i])
+        if not keys[i].isdigit():
+            raise ConfigError(f"override --{path}: {where} is a list; {keys[i]!r} is not an entry number "
+                              f"(0 for the first, e.g. --{where}.0...)")
+        n = int(keys[i])
+        if n >= len(lst):
+            have = (f"it has {len(lst)} entr{'y' if len(lst) == 1 else 'ies'} (0..{len(lst) - 1})" if lst
+                    else "it has none")
+            if i < len(keys) - 1:  # a list of tables: phases, sources
+                add = f"new entries go in the TOML file, as [[{where}]] tables (--config FILE)"
+            else:  # a list of values: give it whole
+                add = f"give the whole list instead, e.g. --{where} '[\"a\", \"b\"]'"
+            raise ConfigError(f"override --{path}: there is no {where} entry {n}: {have}. An override changes an "
+                              f"entry that exists; {add}")
+        return n
+
     for i, key in enumerate(keys[:-1]):
-        nxt_default = dnode[int(key)] if isinstance(dnode, list) else dnode.get(key)
         if isinstance(node, list):
-            node = node[int(key)]
+            n = index(node, i)
+            node = node[n]
+            nxt_default = dnode[n] if isinstance(dnode, list) and n < len(dnode) else {}
         else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{path}: {'.'.join(keys[:i])} is a single value, it has no field {key!r}")
+            nxt_default = dnode.get(key) if isinstance(dnode, dict) else None
             if key not in node:
                 node[key] = json.loads(json.dumps(nxt_default)) if nxt_default is not None else {}
             node = node[key]
         dnode = nxt_default if nxt_default is not None else {}
     last = keys[-1]
     if isinstance(node, list):
-        try:
-            node[int(last)] = value
-        except (ValueError, IndexError) as e:
-            raise ConfigError(f"override {path}: bad list index {last!r}") from e
-    else:
+        node[index(node, len(keys) - 1)] = value
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise ConfigError(f"override --{path}: {'.'.join(keys[:-1])} is a single value, it has no field {last!r}")
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
@@ -283,7 +344,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"expected an override like --train.lr 3e-4, got {arg!r}")
+            raise ConfigError(f"expected an override like --train.seed 3 or --train.phases.0.lr 3e-4, got {arg!r}")
         key = arg[2:]
         if "=" in key:
             key, text = key.split("=", 1)
@@ -334,39 +395,96 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def validate(cfg: Config) -> None:
-    d, t = cfg.data, cfg.train
+    """Refuse a config that cannot run, before any work: every problem at once, each naming its field.
+
+    Every number is checked: a float must be finite (TOML and the command line accept nan and inf,
+    which no field means; also a float field added later), and every numeric field has its range
+    (the table below: a new numeric field needs a line there); word-valued fields their vocabularies.
+    """
+    import math
+
+    def floats(node: Any, prefix: str):  # (name as in the file, value) of every float field
+        for f in dataclasses.fields(node):
+            value, name = getattr(node, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                yield from floats(value, name + ".")
+            elif isinstance(value, tuple):
+                for i, item in enumerate(value):
+                    if dataclasses.is_dataclass(item):
+                        yield from floats(item, f"{name}[{i}].")
+            elif isinstance(value, float):
+                yield name, value
+
+    def at_least(low: float):
+        return lambda v: v >= low, f">= {low}"
+
+    def unit(lo_open: bool = False, hi_open: bool = True, low: float = 0.0):
+        ok = lambda v: (v > low if lo_open else v >= low) and (v < 1 if hi_open else v <= 1)  # noqa: E731
+        return ok, f"in {'(' if lo_open else '['}{low:g}, 1{')' if hi_open else ']'}"
+
+    d, t, m = cfg.data, cfg.train, cfg.model
+    positive = (lambda v: v > 0, "> 0")
+    # The range of every numeric field (a float is also checked to be finite, above all).
+    ranges: list[tuple[str, Any, tuple]] = [
+        # 32: the backbones downsample by 32; a smaller film holds nothing to classify
+        ("data.image_size", d.image_size, at_least(32)), ("data.input_size", d.input_size, at_least(32)),
+        ("data.val_frac", d.val_frac, unit()), ("data.test_frac", d.test_frac, unit()),
+        ("data.k_folds", d.k_folds, at_least(0)), ("data.fold", d.fold, at_least(0)),
+        ("data.seed", d.seed, at_least(0)),  # numpy's generators refuse negative seeds
+        ("data.samples_per_shard", d.samples_per_shard, at_least(1)),
+        ("data.max_skip_frac", d.max_skip_frac, unit(hi_open=False)),
+        ("data.prepare_workers", d.prepare_workers, at_least(1)), ("data.batch_size", d.batch_size, at_least(1)),
+        ("data.num_workers", d.num_workers, at_least(0)), ("data.shuffle_buffer", d.shuffle_buffer, at_least(0)),
+        ("model.hidden", m.hidden, at_least(1)), ("model.dropout", m.dropout, unit()),
+        ("model.num_classes", m.num_classes, (lambda v: v == 2, "2 (normal, abnormal)")),
+        ("train.weight_decay", t.weight_decay, at_least(0)),
+        ("train.plateau_factor", t.plateau_factor, unit(lo_open=True)),  # the LR is multiplied by it
+        ("train.plateau_patience", t.plateau_patience, at_least(0)),
+        ("train.early_stop_patience", t.early_stop_patience, at_least(0)),
+        ("train.grad_accum_steps", t.grad_accum_steps, at_least(1)),
+        ("train.clip_grad_norm", t.clip_grad_norm, at_least(0)), ("train.seed", t.seed, at_least(0)),
+        ("train.cache_views", t.cache_views, at_least(0)), ("train.log_every", t.log_every, at_least(1)),
+        ("train.tta_views", t.tta_views, at_least(1)),
+        ("train.ood_quantile", t.ood_quantile, unit(low=0.5)), ("train.cam_images", t.cam_images, at_least(0)),
+    ]
+    # Fields of the text model (getattr: a model section without them has nothing to check).
+    for name, rule in (("max_tokens", at_least(1)), ("modality_dropout", unit()), ("report_supervision", at_least(0))):
+        if hasattr(m, name):
+            ranges.append((f"model.{name}", getattr(m, name), rule))
+    for i, p in enumerate(t.phases):
+        for name, rule in (("epochs", at_least(1)), ("unfreeze_blocks", at_least(0)), ("lr", positive),
+                           ("backbone_lr", at_least(0)), ("unfreeze_text_layers", at_least(0)),
+                           ("text_lr", at_least(0))):
+            if hasattr(p, name):
+                ranges.append((f"train.phases[{i}].{name}", getattr(p, name), rule))
+
     problems = []
-    if not 0 <= d.val_frac < 1 or not 0 <= d.test_frac < 1 or d.val_frac + d.test_frac >= 1:
+    nonfinite = [(name, value) for name, value in floats(cfg, "") if not math.isfinite(value)]
+    problems += [f"{name} must be a finite number, not {value}" for name, value in nonfinite]
+    skip = {name for name, _ in nonfinite}
+    for name, value, (ok, rule) in ranges:
+        if name not in skip and not ok(value):
+            problems.append(f"{name} must be {rule}, not {value!r}")
+    if d.val_frac + d.test_frac >= 1:
         problems.append("data.val_frac and data.test_frac must be in [0, 1) and sum to less than 1")
-    if d.k_folds == 1 or d.k_folds < 0:
+    if d.k_folds == 1:
         problems.append("data.k_folds must be 0 (no folds) or at least 2")
-    if d.k_folds and not 0 <= d.fold < d.k_folds:
+    if d.k_folds > 1 and not 0 <= d.fold < d.k_folds:
         problems.append(f"data.fold must be in [0, {d.k_folds})")
     if d.no_indexing not in ("drop", "abnormal"):
         problems.append('data.no_indexing must be "drop" or "abnormal"')
     if d.input_size > d.image_size:
         problems.append("data.input_size cannot exceed data.image_size (stored images would be upscaled)")
-    if d.batch_size < 1 or d.num_workers < 0 or d.samples_per_shard < 1:
-        problems.append("data.batch_size and data.samples_per_shard must be >= 1, data.num_workers >= 0")
-    if not 0 <= d.max_skip_frac <= 1:
-        problems.append("data.max_skip_frac must be in [0, 1]")
     if not t.phases:
         problems.append("train.phases must list at least one phase")
-    for i, p in enumerate(t.phases):
-        if p.epochs < 1 or p.unfreeze_blocks < 0 or p.lr <= 0 or p.backbone_lr < 0:
-            problems.append(f"train.phases[{i}] ({p.name}): epochs >= 1, unfreeze_blocks >= 0, lr > 0")
     if t.mixed_precision not in ("", "no", "bf16", "fp16"):
         problems.append('train.mixed_precision must be "", "no", "bf16" or "fp16"')
     if t.plateau_mode not in ("min", "max"):
         problems.append('train.plateau_mode must be "min" or "max"')
-    if t.grad_accum_steps < 1 or t.cache_views < 0 or t.tta_views < 1:
-        problems.append("train.grad_accum_steps and train.tta_views must be >= 1, train.cache_views >= 0")
     for tag in cfg.tracking.tags:
         if "=" not in tag:
             problems.append(f'tracking.tags entries look like "key=value", got {tag!r}')
     problems += _source_problems(d)
-    if t.log_every < 1:
-        problems.append("train.log_every must be >= 1 (steps between progress updates)")
     for name in ("best_metric", "plateau_metric"):
         metric = getattr(t, name)
         if not _is_val_metric(metric, [s.name for s in sources_of(d)]):
@@ -376,12 +494,12 @@ def validate(cfg: Config) -> None:
         problems.append('train.best_mode must be "", "min" or "max"')
     if d.decode_on not in ("auto", "workers", "device"):
         problems.append('data.decode_on must be "auto", "workers" or "device"')
-    if cfg.model.frozen_backend not in FROZEN_BACKENDS:
-        problems.append(f"model.frozen_backend must be one of {', '.join(FROZEN_BACKENDS)}, not {cfg.model.frozen_backend!r}")
-    if not 0.5 <= t.ood_quantile < 1 or t.cam_images < 0:
-        problems.append("train.ood_quantile must be in [0.5, 1), train.cam_images >= 0")
-    if t.early_stop_patience < 0:
-        problems.append("train.early_stop_patience must be >= 0 (0 = off)")
+    if m.frozen_backend not in FROZEN_BACKENDS:
+        problems.append(f"model.frozen_backend must be one of {', '.join(FROZEN_BACKENDS)}, not {m.frozen_backend!r}")
+    for name, allowed in (("kind", ("image", "text", "image+text")), ("text_pooling", ("mean", "cls", "last")),
+                          ("text_missing", ("dropout", "refuse"))):
+        if hasattr(m, name) and getattr(m, name) not in allowed:
+            problems.append(f"model.{name} must be one of {', '.join(repr(a) for a in allowed)}, not {getattr(m, name)!r}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -402,6 +520,7 @@ def _is_val_metric(name: str, sources: list[str]) -> bool:
 
 
 def _source_problems(d: DataConfig) -> list[str]:
+    import math
     import re
 
     problems = []
@@ -424,7 +543,7 @@ def _source_problems(d: DataConfig) -> list[str]:
             problems.append(f"{where}: role must be \"train\" or \"external\", not {s.role!r}")
         if not s.path:
             problems.append(f"{where}: path is empty")
-        if not s.weight > 0:
+        if math.isfinite(s.weight) and not s.weight > 0:  # (nan, inf: validate names them)
             problems.append(f"{where}: weight must be > 0")
         if s.no_indexing not in ("drop", "abnormal"):
             problems.append(f'{where}: no_indexing must be "drop" or "abnormal"')

@@ -57,3 +57,41 @@ def bars_enabled(is_main: bool = True) -> bool:
         return bool(is_main) and sys.stderr is not None and sys.stderr.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+class _Lines:
+    """A progress bar's stand-in where bars are off (a log file): one INFO line every `every_s`
+    seconds ("cache views 1/3: 120/170 batches (71%), 95 s"), so a long step is never silent."""
+
+    def __init__(self, total: int | None, desc: str, is_main: bool, every_s: float) -> None:
+        import time
+
+        self.total, self.desc, self.every_s, self.n = total, desc, every_s, 0
+        self.log = logging.getLogger(PACKAGE) if is_main else None
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        import time
+
+        self.n += n
+        now = time.monotonic()
+        if self.log is not None and now - self.last >= self.every_s:
+            self.last = now
+            share = f"/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            self.log.info("%s: %d%s, %.0f s", self.desc, self.n, share, now - self.t0)
+
+    def set_postfix(self, **_kw) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int | None, desc: str, is_main: bool = True, every_s: float = 30.0):
+    """A tqdm bar on an interactive main process; elsewhere a line in the log every `every_s`
+    seconds on the main process (nothing on the others). Both have update(n), set_postfix, close."""
+    if bars_enabled(is_main):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return _Lines(total, desc, is_main, every_s)

@@ -3,7 +3,7 @@
 # Edit here: partition, account, time, nodes, GPUs and CPUs per node (the #SBATCH lines; ##SBATCH
 # lines are switched off). Any of them can also be given to sbatch, which wins over this file.
 #
-#   sbatch slurm/train.sh --config configs/x.toml [--data.shards_dir S --train.lr ...]
+#   sbatch slurm/train.sh --config configs/x.toml [--data.shards_dir S --train.phases.0.lr 3e-4 ...]
 #   sbatch --nodes=2 slurm/train.sh --config configs/x.toml          # multi-node: nothing else
 #   CXR_RUN_DIR=runs/mine sbatch slurm/train.sh --config ...          # choose the run folder
 #

@@ -33,6 +33,9 @@ USER_ERRORS = [
     ("cxr_dist.data.prepare", ["--config", "{tmp}/none.toml", "--data", "{tmp}", "--out", "{tmp}/out"],
      "cxr-dist prepare", "does not exist"),
     ("cxr_dist.train", ["--config", "{tmp}/none.toml"], "cxr_dist.train", "does not exist"),
+    ("cxr_dist.product.evaluate_cli", ["--checkpoint", "{tmp}/none", "--shards", "{tmp}", "--threshold", "2"],
+     "cxr-dist evaluate", "--threshold"),
+    # the command's former module, still called by bench/gpu_experiments.sh: it forwards
     ("cxr_dist.eval.evaluate", ["--checkpoint", "{tmp}/none", "--shards", "{tmp}", "--threshold", "2"],
      "cxr-dist evaluate", "--threshold"),
     ("cxr_dist.product.predict", ["--checkpoint", "{tmp}/none", "{tmp}/x.png"], "cxr-dist predict", "does not exist"),

@@ -107,3 +107,129 @@ def test_best_metric_mode_follows_the_metric():
     assert not improved(float("nan"), float("-inf"), "max")
     cfg = load_config(TINY, ["--train.best_metric", "view/LATERAL/auroc"])
     assert cfg.train.best_metric == "view/LATERAL/auroc"
+
+
+# ----------------------------------------------------------------------------- every number checked
+
+
+def _numeric_fields():
+    """(override path, name in messages, type) of every int/float field, list items included."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from cxr_dist.config import PhaseConfig
+
+    for section in dataclasses.fields(Config):
+        cls = get_type_hints(Config)[section.name]
+        for name, tp in get_type_hints(cls).items():
+            if tp in (int, float):
+                yield f"{section.name}.{name}", f"{section.name}.{name}", tp
+    for name, tp in get_type_hints(PhaseConfig).items():
+        if tp in (int, float):
+            yield f"train.phases.0.{name}", f"train.phases[0].{name}", tp
+
+
+@pytest.mark.parametrize("path, name, tp", list(_numeric_fields()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_number_is_range_checked(path, name, tp):
+    """nan/inf passed validation (--train.phases.0.lr nan trained on NaN); so did a negative weight
+    decay, plateau_factor 5, dropout 2.0, input_size 0, model.hidden 0. Every numeric field has a
+    range: an absurd value is refused naming the field (a new numeric field needs its range line)."""
+    absurd = ["-1000000000"] + (["nan", "inf", "-inf"] if tp is float else [])
+    for text in absurd:
+        with pytest.raises(ConfigError, match=re.escape(name)) as e:
+            load_config(None, [f"--{path}", text])
+        if text in ("nan", "inf"):
+            assert f"{name} must be a finite number, not {text}" in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--train.phases.0.lr", "nan"], "train.phases[0].lr must be a finite number, not nan"),
+    (["--train.phases.1.backbone_lr", "inf"], "train.phases[1].backbone_lr must be a finite number, not inf"),
+    (["--train.weight_decay", "-0.01"], "train.weight_decay must be >= 0"),
+    (["--train.plateau_factor", "5"], "train.plateau_factor must be in (0, 1)"),
+    (["--train.plateau_factor", "0"], "train.plateau_factor must be in (0, 1)"),
+    (["--model.dropout", "2.0"], "model.dropout must be in [0, 1)"),
+    (["--data.input_size", "0"], "data.input_size must be >= 32"),
+    (["--model.hidden", "0"], "model.hidden must be >= 1"),
+    (["--model.modality_dropout", "1.0"], "model.modality_dropout must be in [0, 1)"),
+    (["--model.max_tokens", "0"], "model.max_tokens must be >= 1"),
+    (["--model.kind", "video"], "model.kind must be one of 'image', 'text', 'image+text'"),
+    (["--model.text_pooling", "max"], "model.text_pooling must be one of 'mean', 'cls', 'last'"),
+    (["--model.text_missing", "ignore"], "model.text_missing must be one of 'dropout', 'refuse'"),
+    (["--train.phases.0.unfreeze_text_layers", "-1"], "train.phases[0].unfreeze_text_layers must be >= 0"),
+    (["--train.phases.1.text_lr", "-1e-5"], "train.phases[1].text_lr must be >= 0"),
+    (["--data.seed", "-1"], "data.seed must be >= 0"),
+    (["--model.num_classes", "3"], "model.num_classes must be 2"),
+])
+def test_bad_numbers_and_words_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, override)
+    assert message in str(e.value)
+
+
+def test_nan_in_a_file_and_in_a_source_weight(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nweight_decay = nan\n[[data.sources]]\nname = "a"\npath = "x"\nweight = inf\n'
+                 '[[train.phases]]\nlr = -inf\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    text = str(e.value)
+    for name in ("train.weight_decay", "data.sources[0].weight", "train.phases[0].lr"):
+        assert f"{name} must be a finite number" in text, text
+    assert "weight must be > 0" not in text  # one message per problem
+
+
+def test_every_problem_is_refused_before_any_work(tmp_path):
+    """cxr-dist prepare (like train) loads the config first: nothing is read or written."""
+    from cxr_dist.data import prepare
+
+    with pytest.raises(ConfigError, match=re.escape("train.phases[0].lr must be a finite number")):
+        prepare.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"),
+                      "--train.phases.0.lr", "nan"])
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- list overrides
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--train.phases.5.lr", "0.1"], "override --train.phases.5.lr: there is no train.phases entry 5: it has 2 "
+                                     "entries (0..1)"),
+    (["--data.sources.0.path", "x"], "override --data.sources.0.path: there is no data.sources entry 0: it has none"),
+    (["--train.phases.x.lr", "0.1"], "'x' is not an entry number"),
+    (["--train.phases.-1.lr", "0.1"], "is not an entry number"),
+    (["--tracking.tags.0", "a=b"], "give the whole list instead"),
+    (["--train.seed.x", "1"], "train.seed is a single value"),
+])
+def test_an_override_of_a_missing_list_entry_is_a_clear_error(override, message):
+    """These crashed with IndexError (a traceback) before."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert message in str(e.value)
+    if "no train.phases entry" in message or "no data.sources entry" in message:
+        assert "TOML file" in str(e.value) and "[[" in str(e.value)
+
+
+def test_an_override_reaches_an_entry_of_the_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[[data.sources]]\nname = "a"\npath = "x"\n[[data.sources]]\nname = "b"\npath = "y"\n'
+                 '[[train.phases]]\nname = "only"\nepochs = 2\n')
+    cfg = load_config(f, ["--data.sources.1.path", "z", "--train.phases.0.lr", "0.01"])
+    assert [s.path for s in cfg.data.sources] == ["x", "z"] and cfg.train.phases[0].lr == 0.01
+    with pytest.raises(ConfigError, match=r"no train.phases entry 1: it has 1 entry \(0..0\)"):
+        load_config(f, ["--train.phases.1.lr", "0.01"])
+
+
+def test_help_and_examples_show_overrides_that_exist():
+    """--train.lr does not exist (a learning rate belongs to a phase); the docstring (--help) says
+    how list entries are overridden and where new ones go."""
+    import cxr_dist.config as config
+
+    assert "--train.lr" in config.__doc__ and "no ``--train.lr``" in config.__doc__
+    assert "[[train.phases]]" in config.__doc__ and "TOML file" in config.__doc__
+    for line in (ROOT / "slurm" / "train.sh").read_text().splitlines():
+        assert not re.search(r"--train\.lr\b", line), line
+    with pytest.raises(ConfigError) as e:
+        parse_overrides(["train.seed"])
+    assert "--train.lr " not in str(e.value)
+    load_config(None, ["--train.phases.0.lr", "3e-4", "--data.shards_dir", "S"])  # the example loads

@@ -552,4 +552,4 @@ def test_predict_reads_a_dicom_as_its_png(tmp_path, capsys):
     assert rows[0]["prob_abnormal"] == rows[1]["prob_abnormal"]
     bad = write_dicom(tmp_path / "frames.dcm", np.stack([to12(film)] * 2), bits=12)
     assert cli.main(["predict", "--checkpoint", str(run), str(bad)]) == 2
-    assert f"cxr-dist predict: cannot read DICOM {bad}: 2 frames" in capsys.readouterr().err
+    assert f"cxr-dist predict: {bad}: cannot read DICOM: 2 frames" in capsys.readouterr().err

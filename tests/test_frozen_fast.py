@@ -120,3 +120,57 @@ def test_cache_through_a_backend_equals_the_eager_cache(setup, tmp_path):
     it = caches["int8"][0]
     cos = torch.nn.functional.cosine_similarity(it.feats[0].float().flatten(1), et.feats[0].float().flatten(1))
     assert cos.min() > 0.9, cos
+
+
+def test_int8_saturation_detection():
+    from cxr_dist.model.frozen_runtime import int8_saturates
+
+    avx2 = "fpu sse4_2 avx avx2 fma bmi2 sha_ni"  # this CI machine: AMD EPYC, AVX2, no VNNI
+    assert int8_saturates(avx2, "x86_64")
+    assert int8_saturates(avx2 + " avx512f avx512bw", "x86_64")  # AVX-512 without VNNI saturates too
+    assert not int8_saturates(avx2 + " avx512f avx512_vnni", "x86_64")
+    assert not int8_saturates(avx2 + " avx_vnni", "x86_64")
+    assert not int8_saturates(avx2 + " avx_vnni_int8 amx_int8", "x86_64")
+    assert int8_saturates("", "x86_64")  # unknown: accuracy first
+    assert not int8_saturates("", "aarch64")
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_int8_recipe_cannot_saturate_without_vnni(setup, saturates):
+    """Without VNNI (saturates) every int8 weight is within [-64, 63], so two uint8 x int8 products
+    fit VPMADDUBSW's int16, and the depthwise convolutions and the stem stay fp32; with VNNI the
+    weights use all 8 bits and every convolution is quantized."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from cxr_dist.model.frozen_runtime import _exported, _FrozenPart, _quantized
+
+    cfg, model, images, work = setup
+    fp32 = _exported(_FrozenPart(model, 0), 0, SIZE, work, lambda s: None)
+    norm = build_runner(model, "channels_last", 0, SIZE, work).normalize
+    path = _quantized(fp32, [norm(b).numpy() for b in calibration_batches(cfg.data, "train")], lambda s: None,
+                      saturates=saturates)
+    assert ("int8w7" in path.name) == saturates
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    produced = {o: n for n in graph.node for o in n.output}
+    quantized, fp32_convs, peak = 0, 0, 0
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        src = produced.get(node.input[1])
+        if src is not None and src.op_type == "DequantizeLinear":
+            w = inits[src.input[0]]
+            assert w.dtype == np.int8
+            peak = max(peak, int(np.abs(w.astype(np.int32)).max()))
+            quantized += 1
+        else:
+            fp32_convs += 1
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            assert saturates and (group > 1 or fp32_convs == 1 and quantized == 0), node.name  # depthwise, stem
+    assert quantized > 30
+    if saturates:
+        assert peak <= 64 and fp32_convs > 20  # the stem and the depthwise convolutions
+    else:
+        assert peak == 127 and fp32_convs == 0

@@ -152,6 +152,33 @@ def test_12_bit_film_in_a_16_bit_png_is_not_black(tmp_path):
     assert abs(out14.mean() - out.mean()) < 1
 
 
+@pytest.mark.parametrize("resize", ["letterbox", "squash"])
+@pytest.mark.parametrize("intensity", ["none", "percentile", "equalize"])
+def test_8_bit_film_in_a_16_bit_png_gives_the_8_bit_pixels(tmp_path, resize, intensity):
+    """The same film saved as an 8-bit PNG and as a 16-bit PNG (widened by 257 as most tools do, stored
+    as is, or scaled into 12 bits as a PACS import does): the same load_film output, resized or not."""
+    film = _chest()
+    dark = (film // 5).astype(np.uint8)  # a dark film (max ~50): its x257 copy must not be brightened
+    for arr in (film, dark):
+        ref = _save(tmp_path, "eight.png", Image.fromarray(arr))
+        wide = arr.astype(np.uint16)
+        copies = [("x257.png", wide * 257), ("as_is.png", wide)]
+        if arr.max() > 4095 // 2 // 16:  # a 12-bit film using less than half its range is brightened as
+            copies.append(("12bit.png", np.round(arr * 4095.0 / 255).astype(np.uint16)))  # 10-bit (by design)
+        for name, sixteen in copies:
+            path = _png16(tmp_path, sixteen, name)
+            for size in (256, 300, 97):  # shrunk, the film's own size, upscaled
+                want = np.asarray(load_film(ref, size, resize, intensity))
+                got = np.asarray(load_film(path, size, resize, intensity))
+                assert np.array_equal(got, want), (name, size, int(arr.max()))
+            assert encode_film(path, 97, resize, intensity) == encode_film(ref, 97, resize, intensity)
+    # Real 12-bit data is still read in float (not taken for 8 bits): one level off the 8-bit grid.
+    twelve = np.round(film.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    twelve[::7, ::5] += 1
+    assert not np.array_equal(np.asarray(load_film(_png16(tmp_path, twelve, "real12.png"), 97)),
+                              np.asarray(load_film(_save(tmp_path, "e.png", Image.fromarray(film)), 97)))
+
+
 def test_16_bit_big_endian_int32_and_float_modes(tmp_path):
     ramp = np.tile(np.linspace(0, 65535, 128), (16, 1))
     big = Image.fromarray(ramp.astype(">u2"))

@@ -9,8 +9,10 @@ One real training (module fixture `product_run`): the demo's Kermany films shipp
 - the servable model is registered, and a real `mlflow models serve --env-manager local` on
   127.0.0.1 answers a REST request like `cxr-dist predict` on the same files, within 1e-4, and
   answers bad payloads with HTTP 400;
-- `cxr-dist predict` refuses constant images (exit 2) and flags real non-chest photographs
-  (scikit-learn's two sample images) as out of distribution.
+- `cxr-dist predict` refuses constant images (reported, exit 2, the other films still predicted)
+  and flags real non-chest photographs (scikit-learn's two sample images) as out of distribution;
+- `cxr-dist evaluate` (Product.load, the readout) gives the probabilities of the run's own final
+  evaluation (train/end_of_run.py, the same Readout).
 """
 from __future__ import annotations
 
@@ -223,8 +225,10 @@ def test_predict_flags_photographs_refuses_blank_images_and_draws_cams(product_r
     assert [r["prob_abnormal"] for r in raw] == [r["prob_uncalibrated"] for r in rows[2:4]]
     blank = tmp_path / "blank.png"
     Image.new("L", (300, 300), 255).save(blank)
+    # A bad file is reported with its path and the good one is still predicted (exit 2: one failed).
     res = predict_json(run_dir, [films[0], blank])
-    assert res.returncode == 2 and "blank.png" in res.stderr and "constant" in res.stderr and not res.stdout
+    assert res.returncode == 2 and f"cxr-dist predict: {blank}: the image is (nearly) constant" in res.stderr
+    assert [json.loads(line)["image"] for line in res.stdout.splitlines()] == [str(films[0])]
 
 
 def test_evaluate_reports_calibrated_probabilities_and_ood(product_run: dict, tmp_path: Path) -> None:

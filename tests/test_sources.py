@@ -139,6 +139,26 @@ def test_folder_flat_without_regex_and_duplicate_keys(tmp_path):
     assert [(s["reason"], s["filename"]) for s in skipped] == [("duplicate_key", "Normal/x_1.png")]
 
 
+def test_folder_follows_linked_class_folders_and_refuses_loops(tmp_path):
+    elsewhere = tmp_path / "collection" / "pneumonia_films"
+    _png(elsewhere / "p3_a.png")
+    _png(elsewhere / "p4_a.png")
+    root = tmp_path / "kids"
+    _png(root / "train" / "NORMAL" / "p1_a.png")
+    (root / "train" / "PNEUMONIA").symlink_to(elsewhere, target_is_directory=True)  # a linked class folder
+    (root / "test").symlink_to(tmp_path / "other_test", target_is_directory=True)  # a linked subset folder
+    _png(tmp_path / "other_test" / "NORMAL" / "p5_a.png")
+    df, skipped = read_source(_folder_source(root))
+    assert skipped == []
+    assert df["filename"].tolist() == ["test/NORMAL/p5_a.png", "train/NORMAL/p1_a.png", "train/PNEUMONIA/p3_a.png",
+                                       "train/PNEUMONIA/p4_a.png"]
+    assert df["label"].tolist() == [0, 0, 1, 1]
+    assert df["path"].iloc[2] == str(root / "train" / "PNEUMONIA" / "p3_a.png")
+    (elsewhere / "again").symlink_to(root / "train", target_is_directory=True)  # train/PNEUMONIA/again -> train
+    with pytest.raises(DataError, match=r"link train/PNEUMONIA/again points to .*train.*loop"):
+        read_source(_folder_source(root))
+
+
 @pytest.mark.parametrize("files,pattern", [
     (["NORMAL/p1_a.png", "COVID/p2_a.png", "Maybe/p3_a.png"], r"unknown label value\(s\) 'COVID', 'Maybe'"),
     (["NORMAL/p1_a.png", "p2_a.png"], r"image\(s\) outside a class folder: p2_a.png"),

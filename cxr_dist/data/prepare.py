@@ -22,7 +22,8 @@ USAGE = """usage: cxr-dist prepare (--data DIR | --config FILE) --out OUT [--dat
   --data DIR     Kaggle-layout folder: indiana_reports.csv, indiana_projections.csv, images/
                  (dataset raddar/chest-xrays-indiana-university); or, instead,
   --config FILE  a config with [[data.sources]] (iu, nih, folder, csv; e.g. configs/iu_kermany.toml)
-  --out OUT      folder for the shards (created; must be empty or hold only earlier shards)
+  --out OUT      folder for the shards: new, empty, or made by an earlier prepare (its .cxr-dist-shards
+                 marker); prepare never overwrites or deletes files in a folder it did not make
                  (a config given with --data uses its [data] settings for the one IU folder)
   --data.seed 3, --data.image_size 384, --data.k_folds 5, --data.no_indexing abnormal, ...
 

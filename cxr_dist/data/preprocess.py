@@ -3,6 +3,8 @@
     load_film(src, image_size, resize, intensity)    any PNG/JPEG/WebP/DICOM -> 8-bit grayscale PIL image
     encode_film(...)                                  the same as JPEG q95 bytes: what a shard stores
     decode_film(jpg, input_size)                      those bytes -> PIL image, as the stream decodes them
+    shard_film(...)                                   prepare's: encode_film's bytes, refusing a constant
+                                                      film, and a digest of the decoded pixels (duplicates)
 
 A model only sees what this module gives it, so a film read by `predict` must go through exactly the
 steps its shard sample went through (read, resize, intensity, JPEG q95, decode): otherwise one
@@ -15,7 +17,10 @@ Steps, in this order:
 1. read: 8-bit L/RGB/RGBA/P/LA/1 -> "L" (RGB: ITU-R 601 luma, PIL's convert("L")); JPEGs decoded by
    libjpeg at 1/2, 1/4 or 1/8 scale when that is still >= image_size (draft). High bit depth
    (16-bit PNG "I;16"/"I;16B", 32-bit "I", float "F") -> float 0..255, scaled, never clipped
-   (see `_scale_high_depth`), and kept in float through steps 2 and 3. DICOM (by content: "DICM" at
+   (see `_scale_high_depth`), and kept in float through steps 2 and 3; except 8-bit data in a deeper
+   container (`_eight_bit`: every value a multiple of 257, or within half a stored level of a whole
+   grey level, as dicom.read_dicom detects it), which takes the 8-bit path: a 16-bit PNG of an 8-bit
+   film gives the 8-bit PNG's bytes. DICOM (by content: "DICM" at
    byte 128; or a .dcm name): dicom.read_dicom decodes it, applies the Modality LUT and the VOI LUT or
    window, maps that window to 0..255 and inverts MONOCHROME1, giving "L" or "F" like the other formats.
 2. resize: longest side image_size, aspect kept ("letterbox": the transforms pad it to a square),
@@ -36,6 +41,7 @@ levels stretched (posterised) from an early 8-bit copy. And it runs before the p
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -52,6 +58,10 @@ INTENSITY_MODES = ("none", "percentile", "equalize")
 PERCENTILES = (0.5, 99.5)
 # Bins for equalising a float (high-bit-depth) image: 12 bits, finer than the 8-bit output.
 FLOAT_LEVELS = 4096
+# A film whose grey levels span less than this between its 1st and 99th percentile (8-bit, before
+# any intensity mapping) is no film: blank or nearly so. The rule of eval.ood.check_not_constant
+# (predict and serve refuse such a film; prepare skips it), which must keep the same value (tested).
+MIN_SPREAD = 8.0
 
 
 _BYTES = (bytes, bytearray, memoryview)
@@ -75,13 +85,50 @@ def _scale_high_depth(arr: np.ndarray, is_float: bool) -> np.ndarray:
     where /65535 would leave it nearly black. Float images in 0..1 are taken as 0..1; values above
     65535 (32-bit "I") as 0..max. Negative values and NaN become 0.
     """
+    return _scaled_and_full(arr, is_float)[0]
+
+
+def _scaled_and_full(arr: np.ndarray, is_float: bool) -> tuple[np.ndarray, float]:
+    """(`_scale_high_depth(arr)`, the value it maps to 255)."""
     arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     top = float(arr.max()) if arr.size else 0.0
     if is_float and top <= 1.0:
         full = 1.0
     else:
         full = next((2.0**b - 1 for b in BIT_DEPTHS if top <= 2**b - 1), top)
-    return np.clip(arr, 0.0, full) * np.float32(255.0 / full)
+    return np.clip(arr, 0.0, full) * np.float32(255.0 / full), full
+
+
+def _high_depth(arr: np.ndarray, is_float: bool) -> Image.Image:
+    """A high-bit-depth film -> "L" when it holds 8-bit data (`_eight_bit`), else "F" (float 0..255)."""
+    eight = _eight_bit(arr, is_float)
+    return Image.fromarray(eight if eight is not None else _scale_high_depth(arr, is_float))
+
+
+def _eight_bit(arr: np.ndarray, is_float: bool) -> np.ndarray | None:
+    """The uint8 grey levels of 8-bit data stored in a deeper container, else None.
+
+    A 16-bit PNG of an 8-bit film must give the 8-bit film's pixels: PIL resizes "L" in integers
+    and "F" in float, so the float path would leave it up to a grey level apart (more after the
+    JPEG step). Recognised, as dicom.read_dicom recognises an 8-bit DICOM: values that are all
+    multiples of 257 (p * 65535 / 255, what most tools write when they widen 8 bits to 16), or,
+    once scaled like any high-depth film (`_scale_high_depth`), all within half a stored level of
+    a whole grey level: 8-bit values stored as they are (all < 256), or scaled into 10-14 bits
+    (round(p * (2^b - 1) / 255)). A real 10-16-bit film never is.
+    """
+    if not arr.size:
+        return None
+    if not is_float and arr.min() >= 0 and arr.max() <= 65535:
+        levels = arr.astype(np.int64)
+        if not np.any(levels % 257):
+            return (levels // 257).astype(np.uint8)
+    scaled, full = _scaled_and_full(arr, is_float)
+    whole = np.rint(scaled)
+    step = 255.0 / full  # one stored level, in grey levels (the same tolerance as dicom.read_dicom)
+    tol = (0.5 * step if step < 0.5 else 0.0) + 1e-3  # + float32 slack
+    if float(np.max(np.abs(scaled - whole), initial=0.0)) <= tol:
+        return whole.astype(np.uint8)
+    return None
 
 
 def _read(src: str | Path | bytes, image_size: int) -> Image.Image:
@@ -102,7 +149,7 @@ def _read(src: str | Path | bytes, image_size: int) -> Image.Image:
     if im.mode == "L":
         return im
     if im.mode.startswith("I") or im.mode == "F":
-        return Image.fromarray(_scale_high_depth(np.asarray(im), im.mode == "F"))
+        return _high_depth(np.asarray(im), im.mode == "F")
     return im.convert("L")  # RGB/RGBA/P/LA/1/CMYK: ITU-R 601 luma; the Kaggle PNGs have R = G = B
 
 
@@ -157,18 +204,62 @@ def load_film(src: str | Path | bytes, image_size: int, resize: str = "letterbox
     Raises DataError naming the file and the reason when it is missing or cannot be decoded;
     ValueError for an unknown `resize`/`intensity` (the config refuses those before they get here).
     """
-    # Checked before reading, so that a bad mode is never reported as a bad file.
+    _check_modes(resize, intensity)  # before reading, so that a bad mode is never reported as a bad file
+    return _intensity(_resize(_read(src, image_size), image_size, resize), intensity)
+
+
+def _check_modes(resize: str, intensity: str) -> None:
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
     if intensity not in INTENSITY_MODES:
         raise ValueError(f"intensity must be one of {INTENSITY_MODES}, not {intensity!r}")
-    return _intensity(_resize(_read(src, image_size), image_size, resize), intensity)
 
 
 def encode_film(src: str | Path | bytes, image_size: int, resize: str = "letterbox",
                 intensity: str = "none") -> bytes:
     """load_film(...) as JPEG bytes, quality JPEG_QUALITY: the `jpg` field of a shard sample."""
     return film_jpeg(load_film(src, image_size, resize, intensity))
+
+
+class ConstantImageError(DataError):
+    """A film that is blank or nearly so (`check_not_constant`): a `constant_image` skip in prepare."""
+
+
+def grey_spread(film: Image.Image) -> float:
+    """Grey levels between the 1st and 99th percentile of an 8-bit film."""
+    low, high = np.percentile(np.asarray(film.convert("L"), dtype=np.float32), [1, 99])
+    return float(high - low)
+
+
+def check_not_constant(film: Image.Image, name: str) -> None:
+    """Raise ConstantImageError (a DataError) when the 8-bit film (as load_film reads it with
+    intensity "none": an intensity mapping would stretch sensor noise to the full range) spans
+    less than MIN_SPREAD grey levels: the rule predict and serve apply (eval.ood.check_not_constant)."""
+    spread = grey_spread(film)
+    if spread < MIN_SPREAD:
+        raise ConstantImageError(f"{name}: the image is (nearly) constant: its grey levels span {spread:.1f} of 255 "
+                                 f"between the 1st and 99th percentile (a film spans > {MIN_SPREAD:.0f}); not a chest film")
+
+
+def pixels_digest(im: Image.Image) -> str:
+    """sha256 of a decoded image's mode, size and pixels: equal for the same film under two names, or
+    re-encoded losslessly (another PNG compression, other metadata, a DICOM with another header)."""
+    h = hashlib.sha256(f"{im.mode} {im.size[0]}x{im.size[1]}\n".encode())
+    h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def shard_film(src: str | Path | bytes, image_size: int, resize: str = "letterbox",
+               intensity: str = "none") -> tuple[bytes, str]:
+    """What prepare stores for a film: (encode_film's bytes, `pixels_digest` of the film as decoded,
+    before the resize). Decoded once. Raises DataError as load_film does, and ConstantImageError for a
+    film that predict would refuse (`check_not_constant` on the same image predict checks)."""
+    _check_modes(resize, intensity)
+    full = _read(src, image_size)
+    digest = pixels_digest(full)
+    small = _resize(full, image_size, resize)
+    check_not_constant(_intensity(small, "none"), _name(src))
+    return film_jpeg(_intensity(small, intensity)), digest
 
 
 def film_jpeg(film: Image.Image) -> bytes:

@@ -8,6 +8,12 @@ small JPEGs. Output, all in OUT:
     index.json            per split: shards [{file, count, sha256, source}], total, labels, and per
                           source its counts by view x label; skipped; checksum (index.py)
     skipped.jsonl         one line per input row that is not in any shard, with its reason
+    .cxr-dist-shards      the marker that says prepare made this folder (`_check_out_dir`)
+
+Every film is decoded once (preprocess.shard_film): its JPEG, a digest of its decoded pixels and the
+constant-image check of predict. A blank film is skipped (`constant_image`); films with the same
+pixels under several names keep one copy (`_duplicates`: `duplicate_image` skips), and copies with
+different labels stop prepare.
 
 Every file is written to a temporary name in OUT and renamed (os.replace), so a reader never
 sees half a file. Tars have fixed mtime/owner in their headers: the same inputs and seed give
@@ -25,8 +31,9 @@ import shutil
 import sys
 import tarfile
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -38,67 +45,113 @@ from ..fileio import write_bytes_atomic as atomic_write
 from .index import INDEX_FORMAT, INDEX_VERSION
 from ..log import bars_enabled
 from .sources.iu import label_of
-from .preprocess import encode_film
+from .preprocess import ConstantImageError, shard_film
 from .sources import ERROR_REASONS, label_text_fields, read_sources
 from .split import split_by_source, split_names
 
 SHARD_RE = re.compile(r"^(?:train|val|test|external|fold\d+)-\d{5}\.tar$")
 PARTS_DIR = ".prepare-parts"  # OUT/.prepare-parts/part-TTTT-of-NNNN.tar: an array prepare's tasks
+MARKER = ".cxr-dist-shards"  # written into every folder prepare makes: only such a folder is ours
+MARKER_TEXT = (b"cxr-dist prepare made this folder: it writes, replaces and deletes its shards, index.json and\n"
+               b"skipped.jsonl here. Do not keep other files in it.\n")
 OUR_FILE_RE = re.compile(r"^(?:(?:train|val|test|external|fold\d+)-\d{5}\.tar|index\.json|skipped\.jsonl"
-                         r"|\.prepare-parts|\.[^/]+\.tmp(?:-[0-9a-f]+)?)$")
+                         r"|\.prepare-parts|\.cxr-dist-shards|\.[^/]+\.tmp(?:-[0-9a-f]+)?)$")
+PART_FORMAT = 2  # 2: parts carry each film's pixel digest and skip reason
 
 
 # ----------------------------------------------------------------------------- images
 
 
-def _encode_job(job: tuple[int, str, int, str, str]) -> tuple[int, bytes | None, str]:
+class Encoded(NamedTuple):
+    """One film through preprocess.shard_film: its JPEG bytes and pixel digest, or why not (a skip
+    reason, "corrupt_image" or "constant_image", and the message)."""
+    jpg: bytes | None
+    digest: str | None
+    reason: str | None
+    error: str
+
+
+def _encode_job(job: tuple[int, str, int, str, str]) -> tuple[int, Encoded]:
     i, path, image_size, resize, intensity = job
     try:
-        return i, encode_film(path, image_size, resize, intensity), ""
+        jpg, digest = shard_film(path, image_size, resize, intensity)
+        return i, Encoded(jpg, digest, None, "")
+    except ConstantImageError as e:  # a blank film: what predict refuses
+        return i, Encoded(None, None, "constant_image", str(e))
     except DataError as e:  # says what and why already
-        return i, None, str(e)
+        return i, Encoded(None, None, "corrupt_image", str(e))
     except Exception as e:  # any decoder failure means the file is unusable: skip it, say why
-        return i, None, f"{type(e).__name__}: {e}"
+        return i, Encoded(None, None, "corrupt_image", f"{type(e).__name__}: {e}")
 
 
-def encode_all(paths: list[str], data: DataConfig) -> list[tuple[bytes | None, str]]:
-    """(jpeg bytes or None, error text) for each path, in order, through preprocess.encode_film
-    (the one function prepare, evaluate --data and predict use); data.prepare_workers processes."""
+def encode_films(paths: list[str], data: DataConfig) -> list[Encoded]:
+    """Each path through preprocess.shard_film (encode_film's JPEG, the function prepare, evaluate
+    --data and predict share; the pixel digest; the constant-image check), in order;
+    data.prepare_workers processes."""
     workers = data.prepare_workers
     jobs = [(i, p, data.image_size, data.resize, data.intensity) for i, p in enumerate(paths)]
-    out: list[tuple[bytes | None, str]] = [(None, "")] * len(jobs)
+    out: list[Encoded] = [Encoded(None, None, "corrupt_image", "")] * len(jobs)
     bar = tqdm(total=len(jobs), desc="decode+resize", unit="img", file=sys.stderr, disable=not bars_enabled())
     if workers <= 1:
-        results = map(_encode_job, jobs)
-        for i, data, err in results:
-            out[i] = (data, err)
+        for i, enc in map(_encode_job, jobs):
+            out[i] = enc
             bar.update()
     else:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for i, data, err in pool.imap_unordered(_encode_job, jobs, chunksize=8):
-                out[i] = (data, err)
+            for i, enc in pool.imap_unordered(_encode_job, jobs, chunksize=8):
+                out[i] = enc
                 bar.update()
     bar.close()
     return out
+
+
+def encode_all(paths: list[str], data: DataConfig) -> list[tuple[bytes | None, str]]:
+    """(jpeg bytes or None, error text) for each path, in order (`encode_films`, fewer fields)."""
+    return [(e.jpg, e.error) for e in encode_films(paths, data)]
 
 
 # ----------------------------------------------------------------------------- output folder
 
 
 def _check_out_dir(out: Path, data_paths: list[str]) -> None:
-    """Refuse an OUT that holds anything prepare did not write: it never deletes user data."""
+    """Refuse an OUT that prepare did not make, or that holds anything prepare did not write: it
+    never overwrites or deletes user data. Ours: empty or absent (prepare makes it and puts its
+    MARKER in), marked, or made by a version before the marker (an index.json of ours: adopted)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"shards folder {out} exists and is not a folder")
     if any(p and out.resolve() == Path(p).resolve() for p in data_paths):
         raise DataError(f"shards folder {out} is a dataset folder; choose another --out")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if not OUR_FILE_RE.match(p.name))
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and MARKER not in entries and not _made_by_old_prepare(out):
+            shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+            raise DataError(
+                f"shards folder {out} is not empty and cxr-dist prepare did not make it (no {MARKER} file; it "
+                f"holds {shown}); prepare never overwrites or deletes files it did not write: choose an empty "
+                "or new folder"
+            )
+        foreign = [name for name in entries if not OUR_FILE_RE.match(name)]
         if foreign:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             raise DataError(
                 f"shards folder {out} holds files that cxr-dist prepare did not write ({shown}); "
                 "choose an empty or new folder"
             )
+
+
+def _made_by_old_prepare(out: Path) -> bool:
+    """A folder of a prepare from before the marker: its index.json says format "cxr-dist-shards"."""
+    try:
+        return json.loads((out / "index.json").read_text()).get("format") == INDEX_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _claim(out: Path) -> None:
+    """Create OUT if needed and mark it as prepare's (before prepare writes anything else into it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        atomic_write(out / MARKER, MARKER_TEXT)
 
 
 def _tar_bytes(samples: list[dict]) -> bytes:
@@ -175,9 +228,10 @@ def write_shards(data_cfg: DataConfig, out_dir: str | Path, single_split: str | 
     """
     out = Path(out_dir)
     sources, df, skipped = _read_table(data_cfg, out)
-    encoded = encode_all(df["path"].tolist(), data_cfg)
-    index = _write_output(data_cfg, out, sources, df, skipped, [err if data is None else None for data, err in encoded],
-                          lambda i: encoded[i][0], single_split)
+    encoded = encode_films(df["path"].tolist(), data_cfg)
+    index = _write_output(data_cfg, out, sources, df, skipped,
+                          [None if e.jpg is not None else (e.reason, e.error) for e in encoded],
+                          [e.digest for e in encoded], lambda i: encoded[i].jpg, single_split)
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)  # parts of an earlier, unfinished array prepare
     return index
 
@@ -191,25 +245,32 @@ def _read_table(data_cfg: DataConfig, out: Path) -> tuple[list, pd.DataFrame, li
 
 
 def _write_output(data_cfg: DataConfig, out: Path, sources: list, df: pd.DataFrame, skipped: list[dict],
-                  errors: list[str | None], jpg_of, single_split: str | None) -> dict:
-    """Everything after decoding: error skips, the split (which depends on which images decoded),
-    the shard tars, skipped.jsonl and index.json. `errors[i]` is None when row i of df encoded,
-    else why not; `jpg_of(i)` returns row i's JPEG bytes. One code path for the single-process
-    prepare and the merge of an array prepare, so that both write the same bytes."""
+                  errors: list[tuple[str, str] | None], digests: list[str | None], jpg_of,
+                  single_split: str | None) -> dict:
+    """Everything after decoding: error skips, duplicates, the split (which depends on which images
+    decoded), the shard tars, skipped.jsonl and index.json. `errors[i]` is None when row i of df
+    encoded, else (skip reason, message); `digests[i]` its pixel digest; `jpg_of(i)` returns row i's
+    JPEG bytes. One code path for the single-process prepare and the merge of an array prepare, so
+    that both write the same bytes."""
     n_rows = len(df) + len(skipped)
     skipped = list(skipped)
     ok = np.array([err is None for err in errors], dtype=bool)
-    for err, rec in zip(errors, df.to_dict("records")):
+    prefixed = bool(data_cfg.sources)
+    records = df.to_dict("records")
+    for err, rec in zip(errors, records):
         if err is not None:
-            skipped.append({"source": rec["source"], "patient": rec["patient"], "uid": _uid(rec, bool(data_cfg.sources)),
-                            "filename": rec["filename"], "reason": "corrupt_image", "detail": f"{rec['path']}: {err}"})
+            skipped.append({"source": rec["source"], "patient": rec["patient"], "uid": _uid(rec, prefixed),
+                            "filename": rec["filename"], "reason": err[0], "detail": f"{rec['path']}: {err[1]}"})
+    dropped, dup_skips = _duplicates(records, digests, ok, [s.name for s in sources], prefixed)
+    ok[dropped] = False
+    skipped += dup_skips
     n_err = sum(1 for s in skipped if s["reason"] in ERROR_REASONS)
     counts = dict(sorted(Counter(s["reason"] for s in skipped).items()))
     if n_rows and n_err / n_rows > data_cfg.max_skip_frac:
         examples = "; ".join(f"{s['filename']}: {s['reason']}" for s in skipped if s["reason"] in ERROR_REASONS)
         raise DataError(
-            f"{n_err} of {n_rows} images ({n_err / n_rows:.1%}) are missing, unreadable, have no report or "
-            f"conflicting labels, more than data.max_skip_frac = {data_cfg.max_skip_frac:.1%} (skipped by reason: "
+            f"{n_err} of {n_rows} images ({n_err / n_rows:.1%}) are missing, unreadable, blank, duplicates, have no "
+            f"report or conflicting labels, more than data.max_skip_frac = {data_cfg.max_skip_frac:.1%} (skipped by reason: "
             f"{counts}). First ones: {examples[:600]}. If that is expected, raise it: --data.max_skip_frac 0.2"
         )
     df = df.assign(jpg_index=np.arange(len(df)))[ok].reset_index(drop=True)
@@ -222,7 +283,7 @@ def _write_output(data_cfg: DataConfig, out: Path, sources: list, df: pd.DataFra
         df["split"] = split_by_source(df, data_cfg)
         names = split_names(data_cfg.k_folds) + (["external"] if (df["role"] == "external").any() else [])
 
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     (out / "index.json").unlink(missing_ok=True)  # a half-updated folder must not look complete
     source_names = [s.name for s in sources]
     splits: dict[str, dict] = {}
@@ -260,6 +321,49 @@ def _write_output(data_cfg: DataConfig, out: Path, sources: list, df: pd.DataFra
         if SHARD_RE.match(p.name) and p.name not in written:
             p.unlink()
     return index
+
+
+def _duplicates(records: list[dict], digests: list[str | None], ok: np.ndarray, source_order: list[str],
+                prefixed: bool) -> tuple[list[int], list[dict]]:
+    """Rows whose decoded pixels equal another row's (`digests`; only rows with `ok`), within a
+    source or across sources: (the rows to drop, their `duplicate_image` skips naming the copy kept).
+
+    The copy kept is the first by (source in config order, patient, key): every duplicate between
+    two patients is kept on the same patient's side, so a patient's films stay together, and a
+    film both in a training source and in an external one stays in the training source (the
+    external evaluation must not hold training films). Copies with different labels: DataError.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, digest in enumerate(digests):
+        if ok[i] and digest is not None:
+            groups[digest].append(i)
+    order = {name: k for k, name in enumerate(source_order)}
+    dropped, skips, conflicts = [], [], []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda i: (order.get(records[i]["source"], len(order)), str(records[i]["patient"]),
+                                    records[i]["key"]))
+        if len({int(records[i]["label"]) for i in members}) > 1:
+            conflicts.append(members)
+            continue
+        kept = records[members[0]]
+        for i in members[1:]:
+            rec = records[i]
+            dropped.append(i)
+            skips.append({"source": rec["source"], "patient": rec["patient"], "uid": _uid(rec, prefixed),
+                          "filename": rec["filename"], "reason": "duplicate_image", "kept": kept["filename"],
+                          "detail": f"{rec['path']}: the same pixels as {kept['filename']} (source {kept['source']}, "
+                                    f"patient {kept['patient']}), which is kept"})
+    if conflicts:
+        conflicts.sort(key=lambda m: records[m[0]]["key"])
+        shown = "; ".join(" = ".join(f"{records[i]['source']}:{records[i]['filename']} (label {int(records[i]['label'])})"
+                                     for i in m) for m in conflicts[:5])
+        raise DataError(
+            f"{len(conflicts)} film(s) occur under several names with different labels (the same decoded pixels): "
+            f"{shown}{' ...' if len(conflicts) > 5 else ''}. One film has one label: correct the labels, or "
+            "remove the wrong copies, then prepare again")
+    return dropped, skips
 
 
 def text_fields_of(src, df: pd.DataFrame) -> dict:
@@ -339,7 +443,8 @@ def _fingerprint(data_cfg: DataConfig, df: pd.DataFrame, tasks: int) -> str:
     """What a part depends on: the output-relevant config (seed included: a task of another seed
     belongs to another prepare), the task count and the table (keys and paths, in order)."""
     fields = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _NOT_OUTPUT}
-    h = hashlib.sha256(json.dumps({"config": fields, "tasks": tasks}, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps({"config": fields, "tasks": tasks, "part_format": PART_FORMAT},
+                                  sort_keys=True, default=str).encode())
     for key, path in zip(df["key"], df["path"]):
         h.update(f"{key}\t{path}\n".encode())
     return h.hexdigest()
@@ -358,18 +463,19 @@ def write_part(data_cfg: DataConfig, out_dir: str | Path, task: int, tasks: int)
     _check_task(task, tasks)
     out = Path(out_dir)
     _, df, _ = _read_table(data_cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     (out / "index.json").unlink(missing_ok=True)  # the folder is being rebuilt: not complete
     rows = list(range(task, len(df), tasks))
-    encoded = encode_all([df["path"].iat[r] for r in rows], data_cfg)
+    encoded = encode_films([df["path"].iat[r] for r in rows], data_cfg)
     meta = {"fingerprint": _fingerprint(data_cfg, df, tasks), "task": task, "tasks": tasks, "rows": rows,
-            "errors": {str(r): err for r, (data, err) in zip(rows, encoded) if data is None}}
+            "errors": {str(r): [e.reason, e.error] for r, e in zip(rows, encoded) if e.jpg is None},
+            "digests": {str(r): e.digest for r, e in zip(rows, encoded) if e.jpg is not None}}
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         _tar_add(tar, "meta.json", json.dumps(meta, sort_keys=True).encode())
-        for r, (data, _) in zip(rows, encoded):
-            if data is not None:
-                _tar_add(tar, f"{r:08d}.jpg", data)
+        for r, e in zip(rows, encoded):
+            if e.jpg is not None:
+                _tar_add(tar, f"{r:08d}.jpg", e.jpg)
     atomic_write(part_path(out, task, tasks), buf.getvalue())
     return {"task": task, "tasks": tasks, "rows": len(rows), "encoded": len(rows) - len(meta["errors"]),
             "failed": len(meta["errors"])}
@@ -392,7 +498,8 @@ def merge_parts(data_cfg: DataConfig, out_dir: str | Path, tasks: int) -> dict:
             f"{len(missing)} of {tasks} tasks have no part in {out / PARTS_DIR} (task(s) "
             f"{', '.join(map(str, missing[:10]))}): they failed or have not run. Run them "
             f"(`cxr-dist prepare ... --task T --tasks {tasks}`, the same command line) and merge again")
-    errors: list[str | None] = [None] * len(df)
+    errors: list[tuple[str, str] | None] = [None] * len(df)
+    digests: list[str | None] = [None] * len(df)
     where: dict[int, tuple[int, int, int]] = {}  # row -> (task, offset, size) of its JPEG
     for t in range(tasks):
         path = part_path(out, t, tasks)
@@ -410,8 +517,10 @@ def merge_parts(data_cfg: DataConfig, out_dir: str | Path, tasks: int) -> dict:
         # tarfile lists a file cut short without complaint: its last member would read short.
         if members[-1].offset_data + members[-1].size > path.stat().st_size:
             raise DataError(f"part {path} is cut short (a task killed while writing, a full disk?); run task {t} again")
-        for r, err in meta["errors"].items():
-            errors[int(r)] = err
+        for r, (reason, err) in meta["errors"].items():
+            errors[int(r)] = (reason, err)
+        for r, digest in meta["digests"].items():
+            digests[int(r)] = digest
         for m in members[1:]:
             where[int(m.name.split(".")[0])] = (t, m.offset_data, m.size)
     lost = [r for r in range(len(df)) if errors[r] is None and r not in where]
@@ -425,7 +534,7 @@ def merge_parts(data_cfg: DataConfig, out_dir: str | Path, tasks: int) -> dict:
             files[t].seek(offset)
             return files[t].read(size)
 
-        index = _write_output(data_cfg, out, sources, df, skipped, errors, jpg_of, None)
+        index = _write_output(data_cfg, out, sources, df, skipped, errors, digests, jpg_of, None)
     finally:
         for f in files:
             f.close()

@@ -1,30 +1,25 @@
-"""Evaluation: distributed inference on a split, and `cxr-dist evaluate` for a checkpoint.
+"""Evaluation as a library: distributed inference on a split and the reports of its predictions.
 
-    cxr-dist evaluate --checkpoint runs/x/checkpoints/best --shards shards --split test
-    cxr-dist evaluate --checkpoint runs/x/checkpoints/best --data /path/to/kaggle-layout-folder
-    cxr-dist evaluate --checkpoint runs/x --data /path/to/nih --format nih     # any supported layout
+    evaluate_split(model, cfg.data, split, accelerator, ...)   all ranks, gathered: training's val and end of run
+    predict_split(model, cfg.data, split, views, index, ...)    one process (GPU when present): `cxr-dist evaluate`
+    report(preds, threshold)                                    image + study level, by view and source, baseline
 
-prints one JSON object: image-level metrics, study-level metrics (one prediction per uid, the
-mean over its views), `by_view` and `by_source` breakdowns (AUROC, 95% interval, n, and the mean
-probability of normal and abnormal images: the shortcut check) and the always-abnormal baseline, at a decision threshold of
-0.5 or `--threshold T`; `--threshold val` picks the one with the best balanced accuracy on the
-validation split of the same shards (never on the split being evaluated).
+A split's predictions are a dict: `keys`, `uids`, `sources`, `views`, `labels`, `probs` (the
+network's P(abnormal), averaged over test-time views), and `features` when asked (the pooled
+features of the plain view, for the OOD score). The product's readout (product/readout.py:
+temperature, OOD score) is applied on top of them by its callers; `cxr-dist evaluate` (the command,
+which loads checkpoints as products) lives in product/evaluate_cli.py.
 
-Two ways to average probabilities, both off by default:
-- several checkpoints (`--checkpoint A B C`): an ensemble, e.g. runs that differ only in seed;
-- `--tta N`: each image seen N times, the plain view plus N-1 views with the training
-  augmentation (seeded per view and image: reproducible, the same on any number of processes).
-`--predictions F` writes the per-image probabilities as CSV, the format training writes to
-`RUN_DIR/predictions.csv`; `bench/ensemble.py` averages such files without the checkpoints.
+Averaging probabilities (`average`): over test-time views (`views` > 1: the plain view plus views - 1
+with the training augmentation, seeded per view and image: reproducible, the same on any number of
+processes), and over an ensemble of checkpoints. `predictions_csv` / `read_predictions` write and read
+the per-image CSV that training writes to `RUN_DIR/predictions.csv`; `bench/ensemble.py` averages
+such files without the checkpoints.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +27,13 @@ import torch
 from torch import nn
 
 from .. import dist
-from .calibrate import apply_temperature
-from ..config import DataConfig, ModelConfig, from_dict, replace
-from ..errors import UserError, run_main
-from ..config import SOURCE_FORMATS, SourceConfig, train_sources
-from ..data.index import LEGACY_SOURCE, load_index, train_val_splits
-from .metrics import (always_abnormal, auroc_interval, balanced_threshold, breakdown, compute_metrics, dedupe,
-                      group_metrics, study_level, view_name)
-from ..model.classifier import inference_device, logits_of
+from ..config import DataConfig, SourceConfig, replace, train_sources
+from ..data.index import LEGACY_SOURCE
 from ..data.stream import eval_loader, views_loader
+from ..errors import UserError
+from ..model.classifier import inference_device, logits_of
+from .metrics import (always_abnormal, auroc_interval, breakdown, compute_metrics, dedupe, group_metrics,
+                      study_level, view_name)
 
 
 @torch.no_grad()
@@ -238,21 +231,6 @@ def report(preds: dict, threshold: float = 0.5) -> dict:
     return out
 
 
-def _threshold_arg(text: str, shards: str | None) -> float | None:
-    """--threshold as a number in [0, 1], or None for 'val' (picked later on the val split)."""
-    if text == "val":
-        if not shards:
-            raise UserError("--threshold val needs --shards (a prepared folder with a validation split)")
-        return None
-    try:
-        threshold = float(text)
-    except ValueError:
-        raise UserError(f"--threshold must be a number in [0, 1] or 'val', not {text!r}") from None
-    if not 0.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold must be in [0, 1], not {threshold}")
-    return threshold
-
-
 def external_source(data: DataConfig, path: str, fmt: str, patient_regex: str | None = None,
                     view: str | None = None) -> DataConfig:
     """The run's data settings (image size, preprocessing) with `path` as the one source to score.
@@ -272,20 +250,6 @@ def external_source(data: DataConfig, path: str, fmt: str, patient_regex: str | 
     return replace(data, data_dir="", sources=(src,))
 
 
-def product_outputs(preds: dict, temperature: float, density=None, ood_threshold: float | None = None) -> dict:
-    """Predictions as the product gives them: `probs` calibrated with `temperature` (the network's
-    own in `prob_uncalibrated`) and, given a density (ood.FeatureDensity), the `ood_score` of each
-    image from its `features` (which are dropped: they are large and said once by the score)."""
-    out = {k: v for k, v in preds.items() if k != "features"}
-    out["prob_uncalibrated"] = preds["probs"]
-    out["probs"] = apply_temperature(preds["probs"], temperature)
-    if density is not None and "features" in preds:
-        out["ood_score"] = density.score(preds["features"])
-        if ood_threshold is not None:
-            out["ood_flag"] = out["ood_score"] > ood_threshold
-    return out
-
-
 def ood_summary(preds: dict, threshold: float | None) -> dict | None:
     """How a split's images score out of distribution: mean and quartiles, and the share flagged."""
     if "ood_score" not in preds or not len(preds["ood_score"]):
@@ -298,107 +262,11 @@ def ood_summary(preds: dict, threshold: float | None) -> dict | None:
     return out
 
 
-def _fast_runner(model: nn.Module, backend: str, input_size: int, work_dir: Path):
-    """The run's fast CPU runtime for the frozen part (frozen_fast.py), exported from the loaded
-    weights into `work_dir`; None on a GPU, for "eager", and for "int8" (its calibration needs the
-    training shards, which evaluate may not have: it runs the fp32 eager path instead)."""
-    from ..model.frozen_runtime import build_runner
-
-    if inference_device().type != "cpu" or backend in ("eager", "int8"):
-        return None
-    return build_runner(model, backend, model.depth, input_size, work_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .calibrate import temperature_of
-    from ..model.frozen_runtime import attached
-    from ..model.checkpoint import load_extra, load_model_state
-    from ..model.classifier import build_model
-    from .ood import FeatureDensity
-
-    ap = argparse.ArgumentParser(prog="cxr-dist evaluate", description="Metrics of a checkpoint, as JSON.")
-    ap.add_argument("--checkpoint", required=True, nargs="+",
-                    help="checkpoint dir (e.g. runs/x/checkpoints/best) or a run dir (its best checkpoint); "
-                         "several: an ensemble, the mean of their probabilities")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="a folder written by `cxr-dist prepare`")
-    src.add_argument("--data", help="a collection in a supported layout (--format): all its images are evaluated "
-                                    "(prepared on the fly with the run's preprocessing)")
-    ap.add_argument("--format", default="iu", choices=SOURCE_FORMATS,
-                    help="layout of --data: iu (Kaggle IU X-ray, default), nih (ChestX-ray14), folder (a folder "
-                         "per class), csv (a table: path,label,patient[,view,findings,study,report])")
-    ap.add_argument("--patient-regex", help="with --format folder: regex whose group 'patient' (or first group) "
-                                            "pulls the patient id out of a file name")
-    ap.add_argument("--view", help="view of every image of --data when its layout does not record it (PA, AP, LATERAL)")
-    ap.add_argument("--split", default="test", help="with --shards: which split (default test)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threshold", default="0.5",
-                    help="probability from which an image is called abnormal (default 0.5), or 'val': the one "
-                         "that maximises balanced accuracy on the validation split of --shards")
-    ap.add_argument("--tta", type=int, default=1, metavar="N",
-                    help="test-time augmentation: mean over N views per image, the plain one and N-1 with the "
-                         "training augmentation (default 1: the plain view only)")
-    ap.add_argument("--uncalibrated", action="store_true",
-                    help="the network's own probabilities (default: calibrated with the run's temperature)")
-    ap.add_argument("--out", help="also write the JSON here")
-    ap.add_argument("--predictions", help="also write the per-image probabilities here (CSV)")
-    args = ap.parse_args(argv)
-    threshold = _threshold_arg(args.threshold, args.shards)
-    if args.tta < 1:
-        raise UserError(f"--tta must be at least 1 (views per image), not {args.tta}")
-
-    models, product, backends = [], [], []
-    for path in args.checkpoint:
-        state, meta = load_model_state(path, tag="best")
-        model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
-        model.load_state_dict(state)  # the weights come from the checkpoint
-        models.append((model, replace(from_dict(DataConfig, meta["config"]["data"]), batch_size=args.batch_size)))
-        backends.append(from_dict(ModelConfig, meta["config"]["model"]).frozen_backend)
-        # Calibration per checkpoint (an ensemble averages calibrated probabilities); the OOD score
-        # only for one checkpoint (each run has its own feature space).
-        ood = meta.get("ood") if len(args.checkpoint) == 1 else None
-        product.append((1.0 if args.uncalibrated else temperature_of(meta),
-                        FeatureDensity.from_tensors(load_extra(path)) if ood else None, (ood or {}).get("threshold")))
-    with tempfile.TemporaryDirectory(prefix="cxr-eval-") as tmp:
-        shards = args.shards
-        if args.data:
-            from ..data.shards import write_shards
-
-            data = external_source(models[0][1], args.data, args.format, args.patient_regex, args.view)
-            write_shards(data, Path(tmp), single_split=args.split)
-            shards = tmp
-        models = [(m, replace(d, shards_dir=shards)) for m, d in models]
-        index = load_index(shards)
-        splits = list(dict.fromkeys([args.split] + (["val"] if threshold is None else [])))
-        runners = [_fast_runner(m, b, d.input_size, Path(tmp) / f"frozen-{i}")
-                   for i, ((m, d), b) in enumerate(zip(models, backends))]
-        preds = {}
-        for name in splits:
-            split = train_val_splits(models[0][1])[1] if name == "val" else name
-            sets = []
-            for (m, d), (t, dens, ot), runner in zip(models, product, runners):
-                with attached(m, runner):
-                    sets.append(product_outputs(predict_split(m, d, split, args.tta, index, with_features=dens is not None),
-                                                t, dens, ot))
-            preds[name] = average(sets)
-            if len(sets) > 1:  # an ensemble: these columns belong to one model each
-                preds[name] = {k: v for k, v in preds[name].items() if k not in ("prob_uncalibrated", "ood_score", "ood_flag")}
-    if threshold is None:
-        threshold = balanced_threshold(preds["val"]["probs"], preds["val"]["labels"])
-    out = {"checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
-           "split": args.split, "tta": args.tta, "calibrated": not args.uncalibrated,
-           **report(preds[args.split], threshold)}
-    ood = ood_summary(preds[args.split], product[0][2])
-    if ood is not None:
-        out["ood"] = ood
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    if args.predictions:
-        Path(args.predictions).write_text(predictions_csv(preds))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(run_main("cxr-dist evaluate", main))
+    # `python -m cxr_dist.eval.evaluate`: the command's former home, still called by
+    # bench/gpu_experiments.sh. The command is product/evaluate_cli.py (`cxr-dist evaluate`); this
+    # forwards to it by name only, so eval/ keeps importing nothing above itself. Remove once no
+    # script calls the old name.
+    import runpy
+
+    runpy.run_module("cxr_dist.product.evaluate_cli", run_name="__main__", alter_sys=True)

@@ -239,7 +239,7 @@ class CXRClassifier(nn.Module):
         """The trainable part: unfrozen blocks (if any), pooling, [text], MLP head -> logits
         (and with `return_hidden` the head's hidden layer, projected by `report_proj` when the
         model has one: what report supervision aligns with the report's embedding)."""
-        z = self.head_input(self.pooled(h) if self.uses_image else None, text, len(h))
+        z = self.head_input(self.pooled(h) if self.uses_image else None, text, h.shape[0])
         if not return_hidden:
             return self.head(z)  # whole: forward hooks on the head (evaluate's features) see its input
         hidden = self.head[:3](z)

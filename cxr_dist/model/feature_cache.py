@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from ..fileio import write_bytes_atomic
-from ..log import bars_enabled
+from ..log import progress
 from ..config import Config, DataConfig, to_dict
 from .frozen_runtime import attached, build_runner, calibration_batches
 from .classifier import CXRClassifier
@@ -82,14 +80,16 @@ def build_cache(model: CXRClassifier, data: DataConfig, splits: list[str], rank:
                   else eval_loader(data, splits[0], rank, world, index=index))
         loader.set_epoch(v)
         feats, lab, ks, us, srcs, vws = [], [], [], [], [], []
-        desc = f"caching {'+'.join(splits)} view {v + 1}/{views}"
-        for batch in tqdm(loader, desc=desc, disable=not bars_enabled(show), leave=False, file=sys.stderr, dynamic_ncols=True):
+        bar = progress(len(loader), f"caching {'+'.join(splits)} view {v + 1}/{views} (batches)", show)
+        for batch in loader:
+            bar.update(1)
             feats.append(model.frozen_forward(batch["image"].to(device)).half().cpu())
             lab.append(batch["label"])
             ks += batch["key"]
             us += batch["uid"]
             srcs += batch["source"]
             vws += batch["view"]
+        bar.close()
         if keys is not None and ks != keys:  # the views loader reads in a fixed order
             raise RuntimeError("cache views are not aligned: the stream order changed between views")
         per_view.append(torch.cat(feats))
@@ -209,7 +209,7 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: dict, train_splits: 
     `at_depth`); leaves `model` at that depth. No collectives: each rank builds or loads its own share.
     """
     t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
-    t0, show = time.time(), bars_enabled(accelerator.is_main_process)
+    t0, show = time.time(), accelerator.is_main_process  # progress: a bar or log lines, on the main process
     depth = max(p.unfreeze_blocks for p in t.phases)
     model.set_phase(depth)
     cache_dir = Path(t.cache_dir or Path(t.run_dir) / "cache")

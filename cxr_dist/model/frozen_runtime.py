@@ -12,6 +12,12 @@ of evaluation): plain PyTorch eager reaches ~10% of the CPU's fp32 peak on Effic
 - "int8":          that ONNX file statically quantized by onnxruntime.quantization (QDQ, int8
                    per-channel weights, uint8 activations) with ranges calibrated on training
                    images, compiled by OpenVINO (its int8 kernels use VNNI where the CPU has it).
+                   On an x86 CPU without VNNI the int8 kernels multiply uint8 by int8 with
+                   VPMADDUBSW, whose int16 sum of two products saturates (255 x 127 x 2 > 32767):
+                   there the weights are quantized to 7 bits (ONNX Runtime's `reduce_range`, the
+                   workaround ONNX Runtime and OpenVINO document), which cannot saturate, and the
+                   convolutions with few products per output (depthwise and the stem: 9-27,
+                   where 7-bit rounding does not average out) stay fp32 (`int8_recipe`).
 
 A runner is a snapshot of the weights it was built from: `attached(model, runner)` hooks it into
 `model.frozen_forward` only while the frozen weights cannot change (building a cache, evaluating
@@ -201,17 +207,66 @@ def _exported(part: _FrozenPart, depth: int, input_size: int, work_dir: Path, lo
     return path
 
 
-def _quantized(fp32_path: Path, calibration: list[np.ndarray], log: Callable[[str], None]) -> Path:
-    """The int8 (QDQ) version of `fp32_path`, calibrated on `calibration` (normalised batches)."""
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo: u8 x s8 -> s32 without int16
+
+
+def int8_saturates(cpu_flags: str | None = None, machine: str | None = None) -> bool:
+    """True on an x86 CPU whose int8 dot product goes through VPMADDUBSW (no VNNI/AMX): the int16
+    sum of two uint8 x int8 products saturates with 8-bit weights (OpenVINO's "saturation issue";
+    ONNX Runtime's quantization docs: use `reduce_range` there). `cpu_flags`: the `flags` line of
+    /proc/cpuinfo (read when None); unknown flags on x86 count as saturating (accuracy first)."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False  # ARM's int8 dot products (SDOT, or widening multiplies) accumulate in 32 bits
+    if cpu_flags is None:
+        try:
+            cpu_flags = next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
+                              if line.startswith("flags")), "")
+        except OSError:
+            cpu_flags = ""
+    return not (VNNI_FLAGS & set(cpu_flags.split()))
+
+
+def int8_recipe(saturates: bool) -> str:
+    """How `_quantized` quantizes: "w8" (8-bit weights everywhere: VNNI CPUs) or "w7" (7-bit
+    weights, depthwise convolutions and the stem in fp32: CPUs where 8-bit weights saturate)."""
+    return "w7" if saturates else "w8"
+
+
+def _w7_options(fp32_path: Path) -> dict:
+    """quantize_static arguments of the "w7" recipe: weights in 7 bits (|w| <= 64: two products
+    255 x 64 stay within int16), and the convolutions whose outputs sum only a few products left in
+    fp32, since their 7-bit rounding error does not average out over many inputs: the depthwise
+    ones (9 or 25 products) and the stem (27, on the image). ~12% of the FLOPs of an
+    EfficientNet-Lite1; the 1x1 convolutions, 88%, stay int8."""
+    import onnx
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs}
+    keep = [n.name for i, n in enumerate(convs) if i == 0 or groups[n.name] > 1]
+    return {"reduce_range": True, "nodes_to_exclude": keep}
+
+
+def _quantized(fp32_path: Path, calibration: list[np.ndarray], log: Callable[[str], None],
+               saturates: bool | None = None) -> Path:
+    """The int8 (QDQ) version of `fp32_path`, calibrated on `calibration` (normalised batches),
+    quantized for this CPU (`saturates`: `int8_saturates()` when None; `int8_recipe`)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
+    recipe = int8_recipe(int8_saturates() if saturates is None else saturates)
     h = hashlib.sha256(fp32_path.name.encode())
     for b in calibration:
         h.update(np.ascontiguousarray(b).tobytes())
-    path = fp32_path.with_name(f"{fp32_path.stem}-int8-{h.hexdigest()[:12]}.onnx")
+    # "w8" keeps the name of the files made before the recipes existed (same graph).
+    tag = "int8" if recipe == "w8" else f"int8{recipe}"
+    path = fp32_path.with_name(f"{fp32_path.stem}-{tag}-{h.hexdigest()[:12]}.onnx")
     if path.is_file():
         return path
+    options = _w7_options(fp32_path) if recipe == "w7" else {}
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -225,9 +280,12 @@ def _quantized(fp32_path: Path, calibration: list[np.ndarray], log: Callable[[st
     with tempfile.TemporaryDirectory() as tmp:
         quantize_static(str(fp32_path), f"{tmp}/q.onnx", Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, **options)
         write_bytes_atomic(path, Path(f"{tmp}/q.onnx").read_bytes())
     n = sum(len(b) for b in calibration)
-    log(f"quantized the frozen part to int8 on {n} training images: {path} in {time.time() - t0:.1f} s")
+    log(f"quantized the frozen part to int8 ({recipe}) on {n} training images: {path} in {time.time() - t0:.1f} s")
+    if recipe == "w7":
+        log("this CPU has no VNNI: int8 weights in 7 bits (no saturation); int8 may be no faster than "
+            "openvino here (docs/performance.md)")
     return path
 

@@ -145,16 +145,18 @@ def safe_name(name: str) -> str:
 
 
 def write_overlays(model: nn.Module, images: torch.Tensor, names: list[str], out_dir: str | Path,
-                   target: int = 1, batch_size: int = 16) -> list[Path]:
+                   target: int = 1, batch_size: int = 16, taken: set[str] | None = None) -> list[Path]:
     """Grad-CAM overlays of `images` (N x 1 x S x S, as for grad_cam) as `out_dir/<name>_cam.png`,
     one per image, written atomically; `out_dir` is created. Names are made safe (`safe_name`);
-    two that become the same get `-2`, `-3`... appended. Returns the paths in the images' order."""
+    two that become the same get `-2`, `-3`... appended. `taken`: the stems already written by
+    earlier calls of the same job (updated here), so that calls batch by batch never overwrite
+    one another's files. Returns the paths in the images' order."""
     if len(names) != len(images):
         raise ValueError(f"{len(images)} images but {len(names)} names")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    used: set[str] = set()
+    used: set[str] = set() if taken is None else taken
     for start in range(0, len(images), batch_size):  # bounds memory on large inputs
         chunk = images[start:start + batch_size]
         heats = grad_cam(model, chunk, target)

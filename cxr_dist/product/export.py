@@ -29,18 +29,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
 from .. import __version__
-from ..eval.calibrate import temperature_of, uncalibrated_threshold
-from ..model.checkpoint import load_model_state
-from ..config import DataConfig, ModelConfig, from_dict, replace
 from ..errors import UserError, run_main
 from ..fileio import write_bytes_atomic
-from ..model.classifier import CXRClassifier, build_model
 
+# torch, onnx and the model are imported inside the functions: `cxr-dist export --help` is instant.
 INPUT, OUTPUTS = "image", ("prob_abnormal", "logits")
 # The dynamo exporter writes opset 18 and up; asked for less it keeps 18 after a failed
 # down-conversion (torch 2.14: "No Adapter To Version 17 for Pad"), so older opsets go through
@@ -50,36 +43,28 @@ MIN_OPSET = 13  # Softmax over one axis (opset 13 semantics); older runtimes are
 PARITY_TOL = 1e-4  # max |p_onnx - p_torch| that the CLI accepts; float32 reorderings give ~1e-7
 
 
-class CalibratedClassifier(nn.Module):
-    """The classifier with the temperature folded in: uint8 images -> (prob_abnormal, logits)."""
+def _load(checkpoint: str | Path, calibrated: bool):
+    """The checkpoint as a Product on the CPU (inference.Product.load: model in eval mode, data
+    settings, temperature and threshold on the scale of the exported prob_abnormal)."""
+    import torch
 
-    def __init__(self, model: CXRClassifier, temperature: float) -> None:
-        super().__init__()
-        self.model = model
-        self.temperature = float(temperature)  # a Python float: a constant in the graph
+    from .inference import Product
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(image)
-        return torch.softmax(logits / self.temperature, dim=1)[:, 1], logits
+    return Product.load(checkpoint, calibrated=calibrated, views=1, device=torch.device("cpu"))
 
 
-def threshold_of(meta: dict[str, Any], calibrated: bool) -> float | None:
-    """The run's threshold on the scale of the exported prob_abnormal, or None. It is stored on the
-    calibrated scale; p_cal >= t exactly when p_raw >= sigmoid(T * logit(t)), so an uncalibrated
-    export gets that value instead."""
-    value = (meta.get("threshold") or {}).get("value")
-    if value is None:
-        return None
-    return float(value) if calibrated else uncalibrated_threshold(value, temperature_of(meta))
+def load_model(checkpoint: str | Path):
+    """(model in eval mode on the CPU, meta) of a checkpoint, through Product.load (kept for
+    bench/bench_onnx.py)."""
+    product = _load(checkpoint, calibrated=True)
+    return product.model, product.meta
 
 
-def load_model(checkpoint: str | Path) -> tuple[CXRClassifier, dict[str, Any]]:
-    """The best checkpoint of a run (or a checkpoint dir) -> (model in eval mode on the CPU, meta)."""
-    state, meta = load_model_state(checkpoint, tag="best")
-    # pretrained=False, weights="": the checkpoint holds every weight; nothing to download or read.
-    model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
-    model.load_state_dict(state)
-    return model.eval(), meta
+def temperature_of(meta: dict[str, Any]) -> float:
+    """calibrate.temperature_of (kept for bench/bench_onnx.py)."""
+    from ..eval.calibrate import temperature_of as stored
+
+    return stored(meta)
 
 
 def _check_out(out: Path) -> None:
@@ -99,7 +84,7 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _export_proto(wrapper: nn.Module, example: torch.Tensor, opset: int | None):
+def _export_proto(wrapper, example, opset: int | None):
     """torch -> onnx.ModelProto with a dynamic batch dimension.
 
     Both exporters were tried on tf_efficientnet_lite1 (ReLU6, depthwise convs, TF "same"
@@ -111,6 +96,8 @@ def _export_proto(wrapper: nn.Module, example: torch.Tensor, opset: int | None):
     TorchScript exporter is deprecated. Its one drawback is export time (15-50 s against 2-8 s on
     2 busy cores). Opsets below 18 need the TorchScript exporter (see DYNAMO_MIN_OPSET).
     """
+    import torch
+
     if opset is None or opset >= DYNAMO_MIN_OPSET:
         # An example batch of 2: torch.export specialises a dimension seen as 0 or 1 to a constant.
         program = torch.onnx.export(
@@ -154,10 +141,13 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, calibrated: bool = T
     if opset is not None and not MIN_OPSET <= opset <= newest:
         raise UserError(f"--opset {opset}: choose one in {MIN_OPSET}..{newest} (onnx {onnx.__version__})")
     _check_out(out)
-    model, meta = load_model(checkpoint)
-    data = from_dict(DataConfig, meta["config"]["data"])
-    temperature = temperature_of(meta) if calibrated else 1.0
-    wrapper = CalibratedClassifier(model, temperature).eval()
+    import torch
+
+    from .inference import CalibratedClassifier
+
+    product = _load(checkpoint, calibrated)
+    data, meta, temperature = product.data, product.meta, product.temperature
+    wrapper = CalibratedClassifier(product.model, temperature).eval()
     example = torch.randint(0, 256, (2, 1, data.input_size, data.input_size), dtype=torch.uint8)
     with torch.no_grad():
         proto = _export_proto(wrapper, example, opset)
@@ -170,7 +160,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, calibrated: bool = T
         "input": f"{INPUT}: uint8 [batch, 1, {data.input_size}, {data.input_size}], the eval-transformed film",
         "outputs": "prob_abnormal: float32 [batch] = softmax(logits / temperature)[:, 1]; logits: float32 [batch, 2]",
     }
-    threshold = threshold_of(meta, calibrated)
+    threshold = product.threshold  # stored on the calibrated scale, mapped to the network's when uncalibrated
     if threshold is not None:
         props["threshold"] = repr(threshold)
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in props.items()})
@@ -197,21 +187,23 @@ def metadata(path: str | Path) -> dict[str, str]:
     return dict(onnx_session(path).get_modelmeta().custom_metadata_map)
 
 
-@torch.no_grad()
 def check_parity(onnx_path: str | Path, checkpoint: str | Path, *, calibrated: bool = True,
                  batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> dict[str, Any]:
     """The exported file against the checkpoint in torch on random uint8 images: the largest
     |p_onnx - p_torch| and |logits_onnx - logits_torch|, p_torch = softmax(model(x) / T)[:, 1]
     with T taken from the checkpoint (not from the file's metadata, so a wrong fold shows)."""
-    model, meta = load_model(checkpoint)
-    size = from_dict(DataConfig, meta["config"]["data"]).input_size
-    temperature = temperature_of(meta) if calibrated else 1.0
+    import numpy as np
+    import torch
+
+    product = _load(checkpoint, calibrated)
+    model, size, temperature = product.model, product.data.input_size, product.temperature
     sess = onnx_session(onnx_path)
     gen = torch.Generator().manual_seed(seed)
     dp = dl = 0.0
     for n in batch_sizes:
         x = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=gen)
-        logits = model(x)
+        with torch.no_grad():
+            logits = model(x)
         p = torch.softmax(logits / temperature, dim=1)[:, 1]
         p_onnx, logits_onnx = sess.run(list(OUTPUTS), {INPUT: x.numpy()})
         if p_onnx.shape != (n,) or logits_onnx.shape != (n, 2):

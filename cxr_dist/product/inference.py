@@ -1,117 +1,198 @@
 """A trained model as a product: one checkpoint -> for each film, the calibrated probability of
 "abnormal", the label at the run's threshold, and how far the film lies from the training films.
 
-`cxr-dist predict`, the served MLflow model (serve.py) and `cxr-dist export` all start here, so a
-file gets the same answer on every path (tests/test_serve.py checks predict against a real
-`mlflow models serve` to 1e-4). What the checkpoint carries besides the weights (amended into it at
-the end of training, final.py):
+    product = Product.load("runs/x")                          # a run dir or a checkpoint dir
+    rows = product.predict([product.read("chest.png", "chest.png")])
 
-- meta.json "calibration": the temperature T fitted on validation (calibrate.py); the probability
-  is sigmoid(logit(p) / T), which for one view is exactly softmax(logits / T). T = 1 when absent
-  (a checkpoint from before calibration) or with `calibrated=False`.
-- meta.json "threshold": the decision threshold picked on validation (best balanced accuracy),
-  on the calibrated scale. Without one, no label is given.
-- meta.json "ood" + extra.safetensors: the out-of-distribution density and flag threshold (ood.py).
+`Product.load` is the one way a checkpoint becomes a model with its data settings and its readout
+(readout.py: temperature, threshold, OOD density): `cxr-dist predict`, the served MLflow model
+(serve.py), `cxr-dist export`, `cxr-dist evaluate` (evaluate_cli.py) and bench/frozen_auroc.py all
+start here, so a file gets the same answer on every path (tests/test_product.py checks predict
+against a real `mlflow models serve`, and `cxr-dist evaluate` against the run's own final
+evaluation, to 1e-4). `Product.outputs` turns the network's raw outputs (probabilities, pooled
+features) into the product's; training's end (train/end_of_run.py) applies the parts it fits
+through the same `Readout`.
 
 A film is read exactly as `prepare` read the training films into the shards and as the stream
 decoded them (preprocess.py: the run's image size, resize, intensity, JPEG q95, decode), then
 checked for being a film at all (ood.check_not_constant), then given the evaluation transform; with
 test-time augmentation (`views` > 1) the probability is the mean over the plain view and views - 1
 augmented as in training, seeded per (view, file name) as `evaluate --tta` seeds them.
+
+The inputs of `Product.predict` are `Film`s (the image, its name and an optional text), so that an
+image+text model can take a report text without a new API; image-only models ignore the text.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
-from ..eval.calibrate import apply_temperature, temperature_of, uncalibrated_threshold
-from ..model.checkpoint import load_extra, load_model_state
 from ..config import DataConfig, ModelConfig, from_dict, replace
-from ..data.sources.common import sample_key
-from ..model.classifier import CXRClassifier, build_model, inference_device
-from ..eval.ood import FeatureDensity, check_not_constant, features_and_logits
 from ..data.preprocess import decode_film, film_jpeg, load_film
+from ..data.sources.common import sample_key
 from ..data.transforms import eval_transform, seeded_transform, train_transform, view_seed
+from ..errors import DataError
+from ..eval.ood import check_not_constant, features_and_logits
+from ..model.checkpoint import load_model_state
+from ..model.classifier import CXRClassifier, build_model, inference_device
+from .readout import Readout
+
+
+@dataclass
+class Film:
+    """One input of a product: the film as `read_film` returns it, its name (a file name, or
+    "row 3": it names errors and seeds the test-time views) and, for image+text models to come,
+    a report text (unused by image-only models)."""
+
+    image: Image.Image
+    name: str
+    text: str | None = None
 
 
 @dataclass
 class Product:
     model: CXRClassifier  # eval mode, on `device`
     data: DataConfig  # the run's data settings: how films are read
+    model_config: ModelConfig  # the run's model settings (backbone, frozen_backend...)
     views: int  # test-time views per film (1 = the plain view)
-    temperature: float  # 1.0 = uncalibrated
-    threshold: float | None  # on the calibrated scale; None = no label
-    density: FeatureDensity | None  # None: an older checkpoint without OOD statistics
-    ood_threshold: float | None
-    meta: dict
+    readout: Readout  # temperature, threshold, OOD density: raw outputs -> the product's
+    meta: dict  # the checkpoint's meta.json
     device: torch.device
 
+    @classmethod
+    def load(cls, checkpoint: str | Path, *, calibrated: bool = True, views: int | None = None,
+             threshold: float | None = None, device: torch.device | None = None) -> "Product":
+        """The best checkpoint of a run (or a checkpoint dir) as a Product. `calibrated=False`: the
+        network's own probabilities (T = 1, the stored threshold mapped to that scale); `views`:
+        default the run's train.tta_views; `threshold`: default the one picked on validation;
+        `device`: default model.inference_device() (the GPU when there is one). Raises
+        CheckpointError for a missing or corrupt checkpoint."""
+        state, meta = load_model_state(checkpoint, tag="best")
+        # Older checkpoints lack the later data fields: from_dict fills in the defaults those runs used.
+        data = from_dict(DataConfig, meta["config"]["data"])
+        model_config = from_dict(ModelConfig, meta["config"]["model"])
+        # pretrained=False, weights="": the checkpoint holds every weight; nothing to download or read.
+        model = build_model(replace(model_config, pretrained=False, weights=""))
+        model.load_state_dict(state)
+        device = device or inference_device()
+        model.to(device).eval()
+        readout = Readout.from_checkpoint(checkpoint, meta, calibrated=calibrated, threshold=threshold)
+        return cls(model=model, data=data, model_config=model_config,
+                   views=views or int(meta["config"]["train"].get("tta_views", 1)), readout=readout,
+                   meta=meta, device=device)
+
+    # The readout's parts, by name (read-only).
+    temperature = property(lambda self: self.readout.temperature)
+    threshold = property(lambda self: self.readout.threshold)
+    density = property(lambda self: self.readout.density)
+    ood_threshold = property(lambda self: self.readout.ood_threshold)
+
+    def read(self, src: str | Path | bytes, name: str, text: str | None = None) -> Film:
+        """A file or encoded bytes -> a Film, read with the run's settings (read_film)."""
+        return Film(read_film(src, name, self.data), name, text)
+
+    def outputs(self, probs: np.ndarray, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The network's raw outputs (P(abnormal) per input, pooled features) -> the product's
+        (calibrated probability, label, OOD score and flag): Readout.apply."""
+        return self.readout.apply(probs, features)
+
     @torch.no_grad()
-    def predict(self, films: list[tuple[Image.Image, str]]) -> list[dict]:
-        """(film as read_film returns it, its file name) pairs -> one result dict per film:
-        prob_abnormal (calibrated unless the product was loaded uncalibrated), prob_uncalibrated,
-        views, and when known label, ood_score, ood_flag."""
+    def raw(self, films: list[Film]) -> tuple[np.ndarray, np.ndarray]:
+        """The network alone: P(abnormal) per film (float64, the mean over the views) and the
+        pooled features of the plain view (float32, N x D)."""
         plain = eval_transform(self.data.input_size)
         augment = train_transform(self.data.input_size, self.data.shift_augment)
-        keys = [sample_key(name) for _, name in films]
+        keys = [sample_key(f.name) for f in films]
         probs = torch.zeros(len(films), dtype=torch.float64)
         feats = None
         for view in range(self.views):  # view 0 plain; view v the augmented view v-1, as in evaluate --tta
-            x = torch.stack([plain(im) if view == 0 else seeded_transform(augment, im, view_seed(0, view - 1, key))
-                             for (im, _), key in zip(films, keys)])
+            x = torch.stack([plain(f.image) if view == 0 else seeded_transform(augment, f.image, view_seed(0, view - 1, key))
+                             for f, key in zip(films, keys)])
             h, logits = features_and_logits(self.model, x.to(self.device))
             probs += torch.softmax(logits.float(), 1)[:, 1].double().cpu()
             if view == 0:
                 feats = h.float().cpu().numpy()
-        raw = (probs / self.views).numpy()
-        cal = apply_temperature(raw, self.temperature)
-        scores = self.density.score(feats) if self.density is not None else None
+        return (probs / self.views).numpy(), feats
+
+    def predict(self, films: list[Film]) -> list[dict]:
+        """Films -> one result dict per film: prob_abnormal (calibrated unless the product was
+        loaded uncalibrated), prob_uncalibrated, views, and when known label, ood_score, ood_flag.
+        (A (image, name) pair is taken for a Film.)"""
+        films = [f if isinstance(f, Film) else Film(*f) for f in films]
+        if not films:
+            return []
+        probs, feats = self.raw(films)
+        got = self.outputs(probs, feats)
         out = []
         for i in range(len(films)):
-            row = {"prob_abnormal": round(float(cal[i]), 6), "prob_uncalibrated": round(float(raw[i]), 6),
-                   "views": self.views}
-            if self.threshold is not None:
-                row["label"] = "abnormal" if cal[i] >= self.threshold else "normal"
-            if scores is not None:
-                row["ood_score"] = round(float(scores[i]), 4)
-                row["ood_flag"] = bool(scores[i] > self.ood_threshold)
+            row = {"prob_abnormal": round(float(got["prob_abnormal"][i]), 6),
+                   "prob_uncalibrated": round(float(got["prob_uncalibrated"][i]), 6), "views": self.views}
+            if "abnormal" in got:
+                row["label"] = "abnormal" if got["abnormal"][i] else "normal"
+            if "ood_score" in got:
+                row["ood_score"] = round(float(got["ood_score"][i]), 4)
+            if "ood_flag" in got:
+                row["ood_flag"] = bool(got["ood_flag"][i])
             out.append(row)
         return out
 
 
-def load_product(checkpoint: str | Path, *, calibrated: bool = True, views: int | None = None,
-                 threshold: float | None = None, device: torch.device | None = None) -> Product:
-    """The best checkpoint of a run (or a checkpoint dir) as a Product. `views`: default the run's
-    train.tta_views; `threshold`: default the one picked on validation (meta "threshold")."""
-    state, meta = load_model_state(checkpoint, tag="best")
-    # Older checkpoints lack the later data fields: from_dict fills in the defaults those runs used.
-    data = from_dict(DataConfig, meta["config"]["data"])
-    model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
-    model.load_state_dict(state)
-    device = device or inference_device()
-    model.to(device).eval()
-    ood = meta.get("ood") or {}
-    density = FeatureDensity.from_tensors(load_extra(checkpoint, tag="best")) if ood else None
-    temperature = temperature_of(meta) if calibrated else 1.0
-    if threshold is None:
-        threshold = (meta.get("threshold") or {}).get("value")
-        if threshold is not None and not calibrated:  # stored on the calibrated scale: map it back
-            threshold = uncalibrated_threshold(threshold, temperature_of(meta))
-    return Product(model=model, data=data, views=views or int(meta["config"]["train"].get("tta_views", 1)),
-                   temperature=temperature, threshold=threshold, density=density,
-                   ood_threshold=ood.get("threshold"), meta=meta, device=device)
+def load_product(checkpoint: str | Path, **kwargs) -> Product:
+    """Product.load under its former name (callers not moved yet: tests/test_mlflow_training.py)."""
+    return Product.load(checkpoint, **kwargs)
+
+
+class CalibratedClassifier(nn.Module):
+    """The classifier with the temperature folded in: uint8 images -> (prob_abnormal, logits),
+    prob_abnormal = softmax(logits / T)[:, 1] (what export.py writes as ONNX)."""
+
+    def __init__(self, model: CXRClassifier, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature = float(temperature)  # a Python float: a constant in the graph
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(image)
+        return torch.softmax(logits / self.temperature, dim=1)[:, 1], logits
+
+
+class FilmError(DataError):
+    """A film that cannot be used: `name` (the file's path, or "row 3" of a request) and `reason`."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
 
 
 def read_film(src: str | Path | bytes, name: str, data: DataConfig) -> Image.Image:
     """A film (path or encoded bytes: PNG, JPEG, DICOM...) -> the grayscale PIL image the transforms
     get for its shard sample: read as `prepare` reads it, the JPEG q95 round trip included (it
-    changes pixels), decoded as the stream decodes it. Raises DataError (a UserError, exit 2) for a
-    missing or unreadable file and for a (nearly) constant image."""
-    film = load_film(src, data.image_size, data.resize, "none")
-    check_not_constant(film, name)  # before the intensity mapping, which stretches noise to full range
+    changes pixels), decoded as the stream decodes it. Raises FilmError (a DataError: exit 2),
+    "NAME: reason", for a missing or unreadable file and for a (nearly) constant image."""
+    try:
+        film = load_film(src, data.image_size, data.resize, "none")
+    except DataError as e:
+        raise FilmError(name, _reason(str(e), src)) from e
+    try:
+        check_not_constant(film, "")  # before the intensity mapping, which stretches noise to full range
+    except DataError as e:
+        raise FilmError(name, str(e).removeprefix(": ")) from e
     if data.intensity != "none":
         film = load_film(src, data.image_size, data.resize, data.intensity)
     return decode_film(film_jpeg(film), data.input_size)  # = decode_film(encode_film(src, ...))
+
+
+def _reason(message: str, src: str | Path | bytes) -> str:
+    """preprocess.py's message about `src` without the source's own name (FilmError says the name):
+    "cannot read DICOM /a/b.dcm: 2 frames" -> "cannot read DICOM: 2 frames", "no such image: /a/b.png"
+    -> "no such image"; and without the repr of an in-memory buffer that PIL puts in its messages."""
+    own = "<bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else str(src)
+    if f" {own}" in message:
+        message = message.replace(f" {own}", "", 1).rstrip(": ")
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", message)

@@ -1,63 +1,140 @@
-"""`cxr-dist predict --checkpoint CKPT FILE...`: for each film, the calibrated probability of
-"abnormal", the label at the run's validation-picked threshold and an out-of-distribution score.
+"""`cxr-dist predict --checkpoint CKPT FILE_OR_FOLDER...`: for each film, the calibrated probability
+of "abnormal", the label at the run's validation-picked threshold and an out-of-distribution score.
 
-Films (PNG, JPEG, DICOM; any size or bit depth) are read exactly as `prepare` read the training
+Films (PNG, JPEG, WebP, DICOM; any size or bit depth) are read exactly as `prepare` read the training
 films and checked for being films at all (inference.read_film: a constant image is refused); the
-model, calibration, threshold and OOD statistics all come from the checkpoint (inference.py).
+model, calibration, threshold and OOD statistics all come from the checkpoint (inference.Product).
 
     cxr-dist predict --checkpoint runs/x chest.dcm other.png          # table: prob, label, OOD flag, file
     cxr-dist predict --checkpoint runs/x --json *.png                  # one JSON object per line
+    cxr-dist predict --checkpoint runs/x scans/                        # every image file under scans/
     cxr-dist predict --checkpoint runs/x --cam cams/ chest.png         # + a Grad-CAM overlay PNG per film
 
 `--uncalibrated` gives the network's own softmax probability (and maps the threshold back to that
 scale); `--threshold T` replaces the run's threshold; `--tta N` the run's test-time views
-(`train.tta_views`). A missing, unreadable or constant film stops the command with exit code 2
-and its name: no probability is printed for a file that is not a film.
+(`train.tta_views`).
+
+A folder stands for the image files under it (any depth, by extension: .png .jpg .jpeg .webp
+.dcm, case-insensitive; hidden files skipped), in sorted path order; a DICOM file without the .dcm
+extension must be named on its own. A file that is missing, unreadable or not a film (a constant
+image) gets no probability: each one is reported on stderr as `cxr-dist predict: PATH: reason`,
+every other film is still predicted and printed, and the exit code is 2 when any input failed.
+A bad checkpoint or option stops the command before any film is read (exit 2).
+
+Only argparse and the standard library are imported at module level, so that `--help` is instant;
+torch and the model come with the first prediction.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from PIL import Image
+from ..errors import EXIT_USER_ERROR, UserError, run_main
 
-from ..config import DataConfig
-from ..errors import UserError, run_main
-from .inference import load_product, read_film
-from ..data.transforms import eval_transform
+PROG = "cxr-dist predict"
+DESCRIPTION = ("For each film (PNG, JPEG, WebP, DICOM; files or folders of them): the calibrated probability "
+               "of 'abnormal', the label at the run's threshold and an out-of-distribution score. A film that "
+               "cannot be read is reported on stderr (PATH: reason) and the others are still predicted; "
+               "the exit code is then 2.")
 
 
-def load_image(path: Path, data: DataConfig) -> Image.Image:
+def load_image(path: Path, data):
     """A file -> the grayscale PIL image the transforms get for its shard sample (inference.read_film)."""
-    return read_film(Path(path), Path(path).name, data)
+    from .inference import read_film
+
+    return read_film(Path(path), str(path), data)
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
+    """The command's arguments -> (path, None) for each file to read, in order; a folder -> its
+    image files (any depth, by extension, hidden files skipped), sorted; a folder without any ->
+    (folder, reason). Missing and unreadable files are left for read_film to report."""
+    from ..data.sources.common import IMAGE_EXTENSIONS, is_image
+
+    out: list[tuple[str, str | None]] = []
+    for arg in inputs:
+        folder = Path(arg)
+        if not folder.is_dir():
+            out.append((arg, None))
+            continue
+        found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p.name)
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        if not found:
+            out.append((arg, f"a folder without image files ({' '.join(IMAGE_EXTENSIONS)}, at any depth)"))
+        out += [(str(p), None) for p in found]
+    return out
+
+
+def predict_rows(checkpoint: str, images: list[str], batch_size: int = 16, views: int | None = None,
+                 threshold: float | None = None, calibrated: bool = True,
+                 cam_dir: str | None = None) -> Iterator[dict]:
+    """One dict per input film, in order, as each batch is done: `image` (its path) and either
+    `error` (why it got no prediction) or prob_abnormal, prob_uncalibrated, views, and label /
+    ood_score / ood_flag when the checkpoint (or `threshold`) provides them, and `cam` (the overlay
+    written into `cam_dir`; names unique across the whole command)."""
+    from .inference import FilmError, Product
+
+    product = Product.load(checkpoint, calibrated=calibrated, views=views, threshold=threshold)
+    items = expand_inputs(images)
+    cam_names: set[str] = set()  # overlay names taken so far: no file overwrites another
+    for start in range(0, len(items), batch_size):
+        rows, films = [], []
+        for path, problem in items[start:start + batch_size]:
+            if problem is None:
+                try:
+                    films.append(product.read(Path(path), path))
+                except FilmError as e:
+                    problem = e.reason
+            rows.append({"image": path, "error": problem} if problem else {"image": path})
+        results = product.predict(films)
+        if cam_dir and films:
+            import torch
+
+            from ..data.transforms import eval_transform
+            from .cam import write_overlays  # matplotlib: only when asked
+
+            plain = eval_transform(product.data.input_size)  # the view Grad-CAM explains
+            x = torch.stack([plain(f.image) for f in films]).to(product.device)
+            stems = [Path(f.name).stem for f in films]
+            for result, cam in zip(results, write_overlays(product.model, x, stems, cam_dir, taken=cam_names)):
+                result["cam"] = str(cam)
+        good = iter(results)
+        for row in rows:
+            yield row if "error" in row else {**row, **next(good)}
 
 
 def predict(checkpoint: str, images: list[str], batch_size: int = 16, views: int | None = None,
             threshold: float | None = None, calibrated: bool = True, cam_dir: str | None = None) -> list[dict]:
-    """One dict per image: its path, prob_abnormal, prob_uncalibrated, views, and label / ood_score /
-    ood_flag when the checkpoint (or `threshold`) provides them; `cam_dir`: Grad-CAM overlays there."""
-    product = load_product(checkpoint, calibrated=calibrated, views=views, threshold=threshold)
-    plain = eval_transform(product.data.input_size)  # the view Grad-CAM explains
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i : i + batch_size]
-        films = [(load_image(Path(p), product.data), Path(p).name) for p in chunk]
-        rows = product.predict(films)
-        if cam_dir:
-            from .cam import write_overlays  # matplotlib: only when asked
+    """predict_rows as a list (a row with `error` for each input that could not be read)."""
+    return list(predict_rows(checkpoint, images, batch_size, views, threshold, calibrated, cam_dir))
 
-            x = torch.stack([plain(im) for im, _ in films]).to(product.device)
-            for row, path in zip(rows, write_overlays(product.model, x, [Path(p).stem for p in chunk], cam_dir)):
-                row["cam"] = str(path)
-        out += [{"image": p, **row} for p, row in zip(chunk, rows)]
-    return out
+
+def printable(text: str, stream=None) -> str:
+    """`text` (a file name) as `stream` (default stdout) can always print it: bytes of a name that
+    are not UTF-8 (surrogate escapes) as \\xNN, characters the stream's encoding lacks as \\uNNNN."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    encoding = getattr(stream or sys.stdout, "encoding", None) or "utf-8"
+    try:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def table_line(row: dict) -> str:
+    """One result as a line of the table: probability, label, OOD score and flag, file."""
+    label = f"{row['label']:<8}  " if "label" in row else ""
+    ood = f"ood {row['ood_score']:7.1f}{' FLAG' if row['ood_flag'] else '     '}  " if "ood_score" in row else ""
+    return f"{row['prob_abnormal']:.4f}  {label}{ood}{printable(row['image'])}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cxr-dist predict", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/x/checkpoints/best) or a run dir (its best checkpoint)")
     ap.add_argument("--tta", type=int, metavar="N",
                     help="views per image: the plain one and N-1 augmented (default: the run's train.tta_views)")
@@ -66,23 +143,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uncalibrated", action="store_true", help="the network's own probability, no temperature")
     ap.add_argument("--cam", metavar="DIR", help="also write a Grad-CAM heat-map overlay PNG per image into DIR")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    ap.add_argument("images", nargs="+")
+    ap.add_argument("images", nargs="+", metavar="IMAGE",
+                    help="image files (PNG, JPEG, WebP, DICOM) or folders (their image files, sorted)")
     args = ap.parse_args(argv)
     if args.tta is not None and args.tta < 1:
         raise UserError(f"--tta must be at least 1 (views per image), not {args.tta}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], not {args.threshold}")
-    rows = predict(args.checkpoint, args.images, views=args.tta, threshold=args.threshold,
-                   calibrated=not args.uncalibrated, cam_dir=args.cam)
-    for row in rows:
-        if args.json:
-            print(json.dumps(row))
-            continue
-        label = f"{row['label']:<8}  " if "label" in row else ""
-        ood = f"ood {row['ood_score']:7.1f}{' FLAG' if row['ood_flag'] else '     '}  " if "ood_score" in row else ""
-        print(f"{row['prob_abnormal']:.4f}  {label}{ood}{row['image']}")
-    return 0
+    failed = 0
+    for row in predict_rows(args.checkpoint, args.images, views=args.tta, threshold=args.threshold,
+                            calibrated=not args.uncalibrated, cam_dir=args.cam):
+        if "error" in row:
+            failed += 1
+            print(f"{PROG}: {printable(row['image'], sys.stderr)}: {row['error']}", file=sys.stderr, flush=True)
+        else:
+            print(json.dumps(row) if args.json else table_line(row), flush=True)
+    return EXIT_USER_ERROR if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_main("cxr-dist predict", main))
+    sys.exit(run_main(PROG, main))

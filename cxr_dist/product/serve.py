@@ -1,6 +1,6 @@
 """The servable MLflow model: encoded film bytes in, calibrated probability, label and OOD score out.
 
-Every run logs one (final.py) as the artifact `model` of its MLflow run, and registers it as a
+Every run logs one (train/end_of_run.py) as the artifact `model` of its MLflow run, and registers it as a
 version of `tracking.registered_model`, moving the alias `tracking.model_alias` to it when its
 validation metric beats the alias's current version (tracking.MLflowTracker.register). Serve it:
 
@@ -20,13 +20,16 @@ What the model holds, and why nothing is pickled:
   instead of unpickling a Python object.
 
 Input: a column `image` of base64-encoded files (PNG, JPEG, DICOM: whatever `predict` reads), one
-row per film. A row that is not base64, not an image, or a constant image fails the whole request
-with a message naming the row: the scoring server answers HTTP 400, never a silent probability.
+row per film; line-wrapped base64 (the `base64` tool's default) is accepted. A row that is null, not
+base64, not an image, or a constant image fails the whole request with one message that names every
+bad row by its index, one line each ("row 2: ...", "row 5: ..."): the scoring server answers HTTP
+400, never a silent probability.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 import tempfile
 from pathlib import Path
 
@@ -52,31 +55,50 @@ class CXRPyfunc(mlflow.pyfunc.PythonModel):
     """The pyfunc flavour of a cxr-dist checkpoint (artifact "checkpoint")."""
 
     def load_context(self, context) -> None:
-        from .inference import load_product
+        from .inference import Product
 
-        self.product = load_product(context.artifacts["checkpoint"])
+        self.product = Product.load(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from .inference import read_film
-
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise _bad("the request needs a column 'image' of base64-encoded films")
-        films = []
+        films, errors = [], []
         for i, value in enumerate(model_input["image"].tolist()):
             name = f"row {i}"
             try:
-                data = value if isinstance(value, bytes) else base64.b64decode(str(value), validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise _bad(f"{name}: 'image' is not base64 ({e})") from None
-            if not data or len(data) > MAX_IMAGE_BYTES:
-                raise _bad(f"{name}: the image is empty or larger than {MAX_IMAGE_BYTES >> 20} MiB")
-            try:
-                films.append((read_film(data, name, self.product.data), name))
-            except UserError as e:  # unreadable, wrong DICOM, constant image...
-                raise _bad(str(e)) from None
-        rows = self.product.predict(films) if films else []
+                films.append(self.product.read(film_bytes(value), name))
+            except ValueError as e:  # not base64, empty, too large
+                errors.append(f"{name}: {e}")
+            except UserError as e:  # inference.FilmError "row i: reason": unreadable, wrong DICOM, constant image...
+                errors.append(str(e))
+        if errors:  # every bad row, one line each, by its index; no probability for any row of a bad request
+            raise _bad("\n".join(errors))
+        rows = self.product.predict(films)
         return pd.DataFrame([{k: v for k, v in r.items() if k != "views"} for r in rows],
                             columns=[c.name for c in OUTPUT_SCHEMA.inputs])
+
+
+def film_bytes(value) -> bytes:
+    """One cell of the `image` column -> the film's bytes. Base64 text may be line-wrapped (the
+    `base64` tool wraps at 76 columns by default): whitespace and newlines are dropped first.
+    Raises ValueError with the reason (null, not a string, not base64, empty, too large)."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError("'image' is empty (null): send the film's file, base64-encoded")
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        try:
+            data = base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"'image' is not base64 ({e})") from None
+    else:
+        kind = "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+        raise ValueError(f"'image' must be a base64-encoded string, not {kind}")
+    if not data:
+        raise ValueError("'image' is empty")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"the image is larger than {MAX_IMAGE_BYTES >> 20} MiB")
+    return data
 
 
 # What the servable model imports, pinned to the versions it was logged with.

@@ -222,7 +222,7 @@ def _cam_overlays(cfg: Config, model: CXRClassifier, index: dict, run_dir: Path,
     from ..product.cam import write_overlays  # restores the model's modes itself
     from ..data.stream import eval_loader
 
-    if cfg.train.cam_images == 0:
+    if cfg.train.cam_images == 0 or model.uses_text:  # Grad-CAM explains the image path of image models only
         return []
     data = replace(cfg.data, num_workers=0, batch_size=cfg.train.cam_images)
     batch = next(iter(eval_loader(data, _shown_split(cfg, index), 0, 1, index=index)), None)

@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import dist
 from ..config import Config, ConfigError, describe_fields, dump_toml, load_config, to_dict, train_sources
@@ -29,7 +28,7 @@ from ..data.text import check_text_fields
 from ..eval.evaluate import evaluate_split
 from ..eval.metrics import compute_metrics, metric_mode, scalar_metrics, summary_line, view_name
 from ..fileio import write_bytes_atomic
-from ..log import bars_enabled
+from ..log import progress as progress_bar
 from ..log import setup as setup_logging
 from ..model.checkpoint import latest_checkpoint
 from ..model.classifier import count_trainable, logits_of, weights_source
@@ -178,8 +177,7 @@ def train_epoch(run: Run, epoch: int, resume: dict | None = None) -> tuple[dict 
     if resume and resume.get("partial"):
         probs, labels = [resume["partial"]["probs"]], [resume["partial"]["labels"]]
         loss_sum = resume["partial"]["loss_sum"]
-    bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not bars_enabled(accelerator.is_main_process),
-               leave=False, dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(n_batches, f"epoch {epoch} (batches)", accelerator.is_main_process)
     batches = run.inputs.batches(run.loader, epoch, n_batches, skip) if run.inputs is not None else run.loader
     for step, batch in enumerate(batches):
         if step >= n_batches:

@@ -22,7 +22,7 @@ ROW_COLUMNS = ["source", "key", "path", "patient", "study", "view", "label", "fi
 # FRONTAL = a frontal film whose PA/AP was not recorded; "" = view unknown.
 VIEWS = ("PA", "AP", "LATERAL", "FRONTAL", "")
 # ERROR_REASONS count toward data.max_skip_frac; DECISION_REASONS are choices made by the config.
-ERROR_REASONS = ("missing_image", "corrupt_image", "no_report", "duplicate_key", "conflicting_labels")
+ERROR_REASONS = ("missing_image", "corrupt_image", "no_report", "duplicate_key", "conflicting_labels", "duplicate_image", "constant_image")
 DECISION_REASONS = ("no_indexing",)
 # Image files Pillow reads; DICOM files are listed too so that they are found and counted
 # (decoding them is prepare's business).

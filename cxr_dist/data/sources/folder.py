@@ -8,7 +8,8 @@ Layout of src.path, either flat or split into subsets (recorded in the extra col
 Class folder names go through src.normal_labels / src.abnormal_labels (case-insensitive); an
 unknown class is an error, as is an image anywhere else (directly in src.path, directly in a
 subset folder, one level deeper) or a mix of both layouts: nothing is ignored silently except
-files that are not images (.DS_Store, README ...).
+files that are not images (.DS_Store, README ...). A class or subset folder may be a symbolic link
+(followed; a link that loops back to a folder containing it is an error).
 
 The patient comes from src.patient_regex, matched (re.match) against the file name: its named
 group ``patient``, else its first group, else the whole match. Without a regex every image is its
@@ -33,10 +34,21 @@ HINT = ("expected one folder per class (e.g. NORMAL/, PNEUMONIA/) directly under
 
 
 def _list_images(root: Path) -> list[PurePosixPath]:
-    """Relative paths of every image file under root, sorted."""
+    """Relative paths of every image file under root, sorted. Symbolic links to folders are
+    followed (a class folder is often a link into a bigger collection); a link to a folder that
+    contains it (a loop, which would never end) is a DataError naming the link."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    chains = {str(root): (os.path.realpath(root),)}  # each folder's real path and its ancestors'
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
+        chain = chains.pop(dirpath)
+        for d in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in chain:
+                link = Path(dirpath, d)
+                raise DataError(f"{root}: the link {link.relative_to(root).as_posix()} points to {real}, a folder "
+                                f"that contains it (a loop); remove or fix the link; {HINT}")
+            chains[os.path.join(dirpath, d)] = chain + (real,)
         rel = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
         out += [rel / f for f in sorted(filenames) if is_image(f)]
     return sorted(out)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Image + report on IU X-ray (docs/results.md, "Image + report"): the text audit, then five runs on
+# the same shards, seed and schedule (configs/iu_text.toml: IU trained on, Kermany held out as an
+# external source without text), and the paired AUROC gains over the image-only run.
+#
+#   bash bench/text_experiments.sh                 # OUT=out/text; RUNS="image image_text ..." picks runs
+#
+# The runs share one frozen-compute cache and one text-embedding cache (OUT/cache).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out/text}"
+SHARDS="${SHARDS:-$OUT/shards}"
+RUNS="${RUNS:-image image_text report_sup text leak}"
+CFG=configs/iu_text.toml
+BIN=.venv/bin
+mkdir -p "$OUT/runs"
+[ -f "$SHARDS/index.json" ] || "$BIN/cxr-dist" prepare --config "$CFG" --out "$SHARDS"
+"$BIN/cxr-dist" audit-text --shards "$SHARDS" --fields indication comparison | tee "$OUT/audit.txt"
+
+run() {  # NAME [overrides...]: one process on the CPU (or the GPU when there is one), timed
+    local name="$1"; shift
+    local t0=$SECONDS
+    "$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        -m cxr_dist.train --config "$CFG" --data.shards_dir "$SHARDS" --train.run_dir "$OUT/runs/$name" \
+        --train.cache_dir "$OUT/cache" --tracking.uri "sqlite:///$OUT/mlflow.db" --tracking.run_name "$name" "$@" \
+        > "$OUT/runs/$name.log" 2>&1
+    echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+}
+for name in $RUNS; do
+    case "$name" in
+        image) run image --model.kind image ;;
+        image_text) run image_text ;;                                        # + indication, comparison
+        report_sup) run report_sup --model.kind image --model.report_supervision 0.5 ;;
+        text) run text --model.kind text ;;
+        leak) run leak --data.text_fields '["findings", "impression"]' --data.allow_label_leakage true ;;
+        *) echo "unknown run $name" >&2; exit 2 ;;
+    esac
+done
+others=()
+for name in image_text report_sup text leak; do [ -f "$OUT/runs/$name/predictions.csv" ] && others+=("$OUT/runs/$name"); done
+echo "## IU test, against the image-only run" | tee "$OUT/paired.md"
+"$BIN/cxr-dist" compare --paired "$OUT/runs/image" "${others[@]}" | tee -a "$OUT/paired.md"
+echo "## Kermany (external, no text), against the image-only run" | tee -a "$OUT/paired.md"
+"$BIN/cxr-dist" compare --paired "$OUT/runs/image" "${others[@]}" --split external | tee -a "$OUT/paired.md"
