@@ -68,7 +68,7 @@ case "${1:-}" in
 done: the demo ran on $(find demo/kermany -name '*.jpeg' | wc -l) Kermany films (demo/README.md). Where to look next:
   run folder   $RUN_DIR (checkpoints, history.json, figures, predictions.csv)
   evaluation   $RUN_DIR/test_evaluation.json (test split: AUROC, balanced accuracy, bootstrap interval)
-  MLflow       $MLFLOW_UI   (experiment cxr-dist-demo, http://127.0.0.1:5000)
+  MLflow       $MLFLOW_UI   (experiment cxr-dist-demo, model cxr-dist-demo@best, http://127.0.0.1:5000)
   your data    ./run.sh /path/to/chest-xrays-indiana-university   (README.md)
 MSG
         ;;

@@ -28,11 +28,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.config import DataConfig, replace  # noqa: E402
-from cxr_dist.data.sources.iu import build_manifest  # noqa: E402
-from cxr_dist.data.shards import encode_all, write_shards  # noqa: E402
-from cxr_dist.data.stream import train_loader  # noqa: E402
+from cxr_dist.config import DataConfig, replace
+from cxr_dist.data.index import load_index
+from cxr_dist.data.sources.iu import build_manifest
+from cxr_dist.data.shards import encode_all, write_shards
+from cxr_dist.data.stream import train_loader
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/iu_xray_small"
 
@@ -113,13 +113,14 @@ def _run(tmp: Path) -> int:
                      num_workers=args.workers, prepare_workers=2)
     if not args.shards:
         write_shards(cfg, shards)
+    index = load_index(shards)
     df, _ = build_manifest(args.data, "drop")
     rows = []
 
-    loader, _ = train_loader(cfg, ["train"], rank=0, world=1, seed=0)
+    loader, _ = train_loader(cfg, ["train"], rank=0, world=1, seed=0, index=index)
     n, s = _rate(loader, args.images)
     rows.append(("stream: shards 256px JPEG, decode+pad+resize+augment", n, s))
-    loader, _ = train_loader(replace(cfg, augment=False), ["train"], rank=0, world=1, seed=0)
+    loader, _ = train_loader(replace(cfg, augment=False), ["train"], rank=0, world=1, seed=0, index=index)
     n, s = _rate(loader, args.images)
     rows.append(("stream, augment=false: decode+pad+resize", n, s))
 

@@ -20,19 +20,17 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cxr_dist.config import FROZEN_BACKENDS, DataConfig, ModelConfig  # noqa: E402
-from cxr_dist.model.frozen_runtime import _FrozenPart, build_runner, calibration_batches  # noqa: E402
-from cxr_dist.model.classifier import build_model  # noqa: E402
-from cxr_dist.data.stream import eval_loader  # noqa: E402
+from cxr_dist.config import FROZEN_BACKENDS, DataConfig, ModelConfig
+from cxr_dist.data.index import load_index
+from cxr_dist.model.frozen_runtime import FrozenPart, build_runner, calibration_batches
+from cxr_dist.model.classifier import build_model
+from cxr_dist.data.stream import eval_loader
 
 
 def clock_ghz() -> float:
@@ -48,7 +46,7 @@ def clock_ghz() -> float:
 def flops_per_image(model, depth: int, size: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    part = _FrozenPart(model, depth).eval()
+    part = FrozenPart(model, depth).eval()
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         part(torch.zeros(1, 3, size, size))
     return fc.get_total_flops()
@@ -75,8 +73,9 @@ def main() -> None:
 
     data = DataConfig(shards_dir=args.shards, input_size=args.input_size, batch_size=args.batch_size,
                       num_workers=0)
+    index = load_index(args.shards)
     batches, n = [], 0
-    for b in eval_loader(data, args.split, 0, 1):
+    for b in eval_loader(data, args.split, 0, 1, index):
         batches.append(b["image"])
         n += len(b["image"])
         if n >= args.images:
@@ -102,7 +101,7 @@ def main() -> None:
     calib = None
     for backend in [b for b in args.backends.split(",") if b]:
         if backend == "int8":
-            calib = calibration_batches(data, "train", 128)
+            calib = calibration_batches(data, "train", index, 128)
         t0 = time.time()
         runner = build_runner(model, backend, args.depth, args.input_size, work, calibration=calib)
         first = time.time() - t0
@@ -115,7 +114,7 @@ def main() -> None:
         print(f"  {backend:14s} build {first:6.1f} s (export/quantize + load), {again:5.1f} s from the kept "
               f"export; max |diff| {(out - ref).abs().max().item():.2e}, min cosine {cos:.6f}")
     if args.compile:
-        part = _FrozenPart(model, args.depth).eval()
+        part = FrozenPart(model, args.depth).eval()
         compiled = torch.compile(part)
         t0 = time.time()
         with torch.no_grad():

@@ -17,14 +17,12 @@ import contextlib
 import itertools
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.config import ModelConfig, PhaseConfig  # noqa: E402
-from cxr_dist.model.classifier import build_model, count_trainable, param_groups  # noqa: E402
+from cxr_dist.config import ModelConfig, PhaseConfig
+from cxr_dist.model.classifier import build_model, count_trainable, param_groups
 
 DEPTHS = {"1 (head)": 0, "2 (1 block)": 1, "2 (6 blocks)": 6, "2 (16 blocks)": 16}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import runpy
 import statistics
 import sys
 import tempfile
@@ -33,15 +34,14 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.config import Config, DataConfig, ModelConfig, PhaseConfig, TrainConfig  # noqa: E402
-from cxr_dist.data.device_input import DeviceInput  # noqa: E402
-from cxr_dist.data.index import load_index  # noqa: E402
-from cxr_dist.data.mixing import SampleWeightedLoss  # noqa: E402
-from cxr_dist.model.classifier import build_model, param_groups  # noqa: E402
-from cxr_dist.data.stream import eval_loader, train_loader  # noqa: E402
-from cxr_dist.train.loop import train_epoch  # noqa: E402
-from cxr_dist.train.state import Progress  # noqa: E402
+from cxr_dist.config import Config, DataConfig, ModelConfig, PhaseConfig, TrainConfig
+from cxr_dist.data.device_input import DeviceInput
+from cxr_dist.data.index import load_index
+from cxr_dist.data.mixing import SampleWeightedLoss
+from cxr_dist.model.classifier import build_model, param_groups
+from cxr_dist.data.stream import eval_loader, train_loader
+from cxr_dist.train.loop import train_epoch
+from cxr_dist.train.state import Progress
 
 
 def shards_for(args, tmp: Path) -> Path:
@@ -51,9 +51,8 @@ def shards_for(args, tmp: Path) -> Path:
     from cxr_dist.data.shards import write_shards
 
     data = args.data
-    if not data:
-        from tests.datagen import make_dataset
-
+    if not data:  # the test suite's generator (tests/ is no package of the install: run from its file)
+        make_dataset = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tests" / "datagen.py"))["make_dataset"]
         data = make_dataset(tmp / "data", n_uids=args.synthetic_uids, size=args.image_size)
     out = tmp / "shards"
     cfg = DataConfig(data_dir=str(data), shards_dir=str(out), image_size=args.image_size,
@@ -180,7 +179,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args, shards_for(args, Path(tmp)))
         name = torch.cuda.get_device_name() if bench.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-        n_train = bench.index["splits"]["train"]["total"]
+        n_train = bench.index.split("train").total
         print(f"{name}, torch {torch.__version__}, {args.precision}, batch {args.batch_size}, {args.image_size} -> "
               f"{args.input_size} px, {args.workers} workers, {n_train} training images, phase 1 (head only)")
         print(f"eval transform, device vs workers: {bench.eval_difference()}")

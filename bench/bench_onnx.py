@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.model.checkpoint import amend_checkpoint, save_checkpoint  # noqa: E402
-from cxr_dist.config import Config, DataConfig, ModelConfig, from_dict, to_dict  # noqa: E402
-from cxr_dist.product.export import export_onnx, load_model, temperature_of  # noqa: E402
-from cxr_dist.model.classifier import build_model  # noqa: E402
+from cxr_dist.model.checkpoint import amend_checkpoint, save_checkpoint
+from cxr_dist.config import Config, DataConfig, ModelConfig, from_dict, to_dict
+from cxr_dist.product.export import export_onnx, load_model, temperature_of
+from cxr_dist.model.classifier import build_model
 
 EXPORTS = (("onnxruntime (dynamo export)", None), ("onnxruntime (TorchScript export, opset 17)", 17))
 

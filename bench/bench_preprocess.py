@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.data.preprocess import INTENSITY_MODES, _intensity, _read, _resize, load_film  # noqa: E402
+from cxr_dist.data.preprocess import INTENSITY_MODES, load_film, map_intensity, read_image, resize_image
 
 
 def median_ms(f, repeats: int) -> float:
@@ -52,9 +51,9 @@ def synthetic(h: int = 2500, w: int = 2048) -> tuple[bytes, bytes]:
 def order_difference(src: bytes | Path, image_size: int, intensity: str) -> float:
     """Mean |(resize, then intensity) - (intensity, then resize)| in grey levels, both from the
     full-size decode (no JPEG draft, which would change the pixels for another reason)."""
-    full = _read(src, 1 << 16)  # a draft size above the film's: decoded at full size
-    after = _intensity(_resize(full, image_size, "letterbox"), intensity)
-    before = _resize(_intensity(full, intensity), image_size, "letterbox")
+    full = read_image(src, 1 << 16)  # a draft size above the film's: decoded at full size
+    after = map_intensity(resize_image(full, image_size, "letterbox"), intensity)
+    before = resize_image(map_intensity(full, intensity), image_size, "letterbox")
     return float(np.abs(np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)).mean())
 
 

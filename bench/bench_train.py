@@ -29,8 +29,7 @@ def run(procs: int, precision: str, phase: int, cached: bool, args) -> float:
            "--phase", str(phase), "--input-size", str(args.input_size), "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), *(["--cached"] if cached else [])]
     # Two cores: one process gets both as threads, two processes one each.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // procs)),
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // procs))}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:

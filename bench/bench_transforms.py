@@ -7,16 +7,13 @@ a uint8 tensor goes through float grid_sample; on a PIL image it uses PIL's C af
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.data.transforms import train_transform  # noqa: E402
+from cxr_dist.data.transforms import train_transform
 
 
 def ms_per_call(f, x, n: int = 200) -> float:

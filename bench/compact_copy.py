@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxr_dist.data.sources.common import RASTER_EXTENSIONS as IMAGE_EXTENSIONS
-from cxr_dist.data.sources.iu import PROJECTIONS_CSV, REPORTS_CSV  # noqa: E402
+from cxr_dist.data.sources.iu import PROJECTIONS_CSV, REPORTS_CSV
 
 
 def _convert(job: tuple[Path, Path, int]) -> tuple[int, float]:

@@ -16,11 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_dist.errors import UserError  # noqa: E402
-from cxr_dist.eval.evaluate import average, read_predictions, report  # noqa: E402
-from cxr_dist.eval.metrics import balanced_threshold  # noqa: E402
+from cxr_dist.errors import UserError
+from cxr_dist.eval.evaluate import average, read_predictions, report
+from cxr_dist.eval.metrics import balanced_threshold
 
 
 def _auroc(level: dict | None) -> str:

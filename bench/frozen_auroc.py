@@ -15,7 +15,6 @@ metric beyond the luck of which studies are in the test split.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cxr_dist.config import replace  # noqa: E402
-from cxr_dist.eval.evaluate import predict_split  # noqa: E402
-from cxr_dist.eval.metrics import compute_metrics  # noqa: E402
-from cxr_dist.model.frozen_runtime import attached, build_runner, calibration_batches  # noqa: E402
-from cxr_dist.product.inference import Product  # noqa: E402
-from cxr_dist.runs.paired import gain, levels  # noqa: E402
+from cxr_dist.config import replace
+from cxr_dist.data.index import load_index
+from cxr_dist.eval.evaluate import predict_split
+from cxr_dist.eval.metrics import compute_metrics
+from cxr_dist.model.frozen_runtime import attached, build_runner, calibration_batches
+from cxr_dist.product.inference import Product
+from cxr_dist.runs.paired import gain, levels
 
 
 def shown(g: dict) -> str:
@@ -53,20 +51,21 @@ def main() -> None:
     product = Product.load(args.run, calibrated=False, views=1, device=cpu)
     model = product.model
     data = replace(product.data, shards_dir=args.shards, num_workers=1)
+    index = load_index(args.shards)
     print(f"{args.run}: {args.split} split of {args.shards}, {torch.get_num_threads()} threads")
 
     t0 = time.time()
-    base = predict_split(model, data, args.split, device=cpu)
+    base = predict_split(model, data, args.split, index, device=cpu)
     print(f"eager      AUROC {compute_metrics(base['probs'], base['labels'])['auroc']:.4f} "
           f"({len(base['keys'])} images, {time.time() - t0:.0f} s)")
     base_levels = levels(base)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="frozen-auroc-"))
     for backend in args.backends.split(","):
-        calib = calibration_batches(data, args.calibration_split) if backend == "int8" else None
+        calib = calibration_batches(data, args.calibration_split, index) if backend == "int8" else None
         runner = build_runner(model, backend, model.depth, data.input_size, work, calibration=calib)
         t0 = time.time()
         with attached(model, runner):
-            preds = predict_split(model, data, args.split, device=cpu)
+            preds = predict_split(model, data, args.split, index, device=cpu)
         assert preds["keys"] == base["keys"]
         other = levels(preds)
         auroc = compute_metrics(preds["probs"], preds["labels"])["auroc"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -30,12 +29,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr_dist.config import DataConfig, ModelConfig  # noqa: E402
-from cxr_dist.data.sources.iu import build_manifest  # noqa: E402
-from cxr_dist.eval.metrics import study_level  # noqa: E402
-from cxr_dist.model.classifier import build_model  # noqa: E402
-from cxr_dist.data.stream import eval_loader, load_index  # noqa: E402
+from cxr_dist.config import DataConfig, ModelConfig
+from cxr_dist.data.index import ShardIndex, load_index
+from cxr_dist.data.sources.iu import build_manifest
+from cxr_dist.eval.metrics import study_level
+from cxr_dist.model.classifier import build_model
+from cxr_dist.data.stream import eval_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 # Problems terms of small, focal or skeletal findings (hard to see on a 256 px chest film).
@@ -45,15 +44,15 @@ SPLITS = ("train", "val", "test")
 
 
 @torch.no_grad()
-def extract(shards: Path, input_size: int, batch_size: int) -> dict[str, np.ndarray]:
+def extract(index: ShardIndex, input_size: int, batch_size: int) -> dict[str, np.ndarray]:
     """Pooled stage outputs + pre-logits of every image of every split, one forward pass each."""
     model = build_model(ModelConfig(backbone="tf_efficientnet_lite1", weights="lite1-package")).eval()
     bb = model.backbone
-    data = DataConfig(shards_dir=str(shards), input_size=input_size, batch_size=batch_size, num_workers=2)
+    data = DataConfig(shards_dir=index.root, input_size=input_size, batch_size=batch_size, num_workers=2)
     out: dict[str, list] = {"stages": [], "prelogits": [], "label": [], "key": [], "uid": [], "split": []}
     for split in SPLITS:
         start, n = time.perf_counter(), 0
-        for batch in eval_loader(data, split, rank=0, world=1):
+        for batch in eval_loader(data, split, rank=0, world=1, index=index):
             x = bb.bn1(bb.conv_stem(model.normalize(batch["image"])))
             pooled = []
             for stage in bb.blocks:
@@ -155,7 +154,7 @@ def main() -> None:
     ap.add_argument("--min-finding", type=int, default=15, help="smallest test count of a Problems term to report")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    load_index(args.shards)  # a clear message when the shards are missing
+    index = load_index(args.shards)  # and a clear message when the shards are missing
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / f"features_{args.input_size}.npz"
     if cache.is_file():
@@ -163,7 +162,7 @@ def main() -> None:
         print(f"features from {cache}")
     else:
         print(f"extracting frozen features at {args.input_size} px (torch threads: {torch.get_num_threads()})")
-        f = extract(args.shards, args.input_size, args.batch_size)
+        f = extract(index, args.input_size, args.batch_size)
         tmp = cache.with_name(cache.stem + ".tmp.npz")
         np.savez(tmp, **f)
         tmp.replace(cache)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,18 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cxr_dist.eval.calibrate import calibration_report, fit_temperature  # noqa: E402
-from cxr_dist.config import replace  # noqa: E402
-from cxr_dist.errors import DataError  # noqa: E402
-from cxr_dist.eval.evaluate import predict_split  # noqa: E402
-from cxr_dist.train.end_of_run import OOD_FIT_SPLIT, ood_fit_index  # noqa: E402
-from cxr_dist.data.index import load_index, train_val_splits  # noqa: E402
-from cxr_dist.product.inference import Product, read_film  # noqa: E402
-from cxr_dist.product.readout import Readout  # noqa: E402
-from cxr_dist.eval.ood import FeatureDensity, features_and_logits, flag_threshold  # noqa: E402
-from cxr_dist.data.transforms import eval_transform  # noqa: E402
+from cxr_dist.eval.calibrate import calibration_report, fit_temperature
+from cxr_dist.config import replace
+from cxr_dist.errors import DataError
+from cxr_dist.eval.evaluate import predict_split
+from cxr_dist.train.end_of_run import OOD_FIT_SPLIT, ood_fit_index
+from cxr_dist.data.index import load_index, train_val_splits
+from cxr_dist.product.inference import Product, read_film
+from cxr_dist.product.readout import Readout
+from cxr_dist.eval.ood import FeatureDensity, features_and_logits, flag_threshold
+from cxr_dist.data.transforms import eval_transform
 
 
 def summary(scores: np.ndarray, threshold: float) -> dict:
@@ -60,13 +57,13 @@ def main() -> None:
     index = load_index(args.shards)
     train_splits, val_split = train_val_splits(data)
     fit_index = ood_fit_index(index, train_splits)
-    fit = predict_split(product.model, data, OOD_FIT_SPLIT, index=fit_index, with_features=True)
-    preds = {name: predict_split(product.model, data, split, index=index, with_features=True)
+    fit = predict_split(product.model, data, OOD_FIT_SPLIT, fit_index, with_features=True)
+    preds = {name: predict_split(product.model, data, split, index, with_features=True)
              for name, split in (("val", val_split), ("test", "test"))}
-    if args.external_limit and index["splits"].get("external", {}).get("total", 0):
+    if args.external_limit and index.has_samples("external"):
         # Whole shards of the external split, in order, up to the limit (as end_of_run.py samples training films).
         ext = ood_fit_index(index, ["external"], args.external_limit)
-        preds["external"] = predict_split(product.model, data, OOD_FIT_SPLIT, index=ext, with_features=True)
+        preds["external"] = predict_split(product.model, data, OOD_FIT_SPLIT, ext, with_features=True)
     val = preds["val"]
     temperature = fit_temperature(val["probs"], val["labels"])
     density = FeatureDensity.fit(fit["features"])

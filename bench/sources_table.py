@@ -15,10 +15,8 @@ import math
 import sys
 from pathlib import Path
 
-
-from cxr_dist.runs.paired import gain, levels, select  # noqa: E402
-
-from cxr_dist.eval.evaluate import read_predictions, report  # noqa: E402
+from cxr_dist.eval.evaluate import read_predictions, report
+from cxr_dist.runs.paired import gain, levels, select
 
 # (baseline run, other run, source, baseline split, other split): the comparisons worth making.
 PAIRS = [

@@ -142,7 +142,10 @@ class PreemptionWatch:
         (self.flag_file.parent / PREEMPTED_FILE).unlink(missing_ok=True)
 
     def mark_preempted(self, info: dict) -> None:
-        """Main process, after the checkpoint is complete: tell the batch script to requeue."""
+        """Main process, after the checkpoint is complete: tell the batch script to requeue.
+        Written atomically: the marker is either absent or whole when the script reads it."""
         import json
 
-        (self.flag_file.parent / PREEMPTED_FILE).write_text(json.dumps(info) + "\n")
+        from .fileio import write_bytes_atomic
+
+        write_bytes_atomic(self.flag_file.parent / PREEMPTED_FILE, (json.dumps(info) + "\n").encode())

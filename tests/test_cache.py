@@ -8,6 +8,7 @@ import torch
 
 from cxr_dist.model.feature_cache import CachedBatches, build_cache, cache_name, cached_on_disk, load_cache
 from cxr_dist.config import ModelConfig, load_config
+from cxr_dist.data.index import load_index
 from cxr_dist.model.classifier import build_model
 from cxr_dist.data.stream import eval_loader
 from tests.conftest import TINY
@@ -20,13 +21,13 @@ def setup(tiny_shards):
     torch.manual_seed(0)
     model = build_model(ModelConfig(pretrained=False))
     model.set_phase(1)
-    return cfg, model
+    return cfg, model, load_index(tiny_shards)
 
 
 def test_unaugmented_cache_equals_the_normal_frozen_forward(setup):
-    cfg, model = setup
-    cache = build_cache(model, cfg.data, ["val"], 0, 1, 1, 0, torch.device("cpu"), augment=False, show=False)
-    images = torch.cat([b["image"] for b in eval_loader(cfg.data, "val", 0, 1)])
+    cfg, model, index = setup
+    cache = build_cache(model, cfg.data, ["val"], 0, 1, 1, 0, torch.device("cpu"), augment=False, show=False, index=index)
+    images = torch.cat([b["image"] for b in eval_loader(cfg.data, "val", 0, 1, index)])
     direct = model.frozen_forward(images)
     torch.testing.assert_close(cache.feats[0].float(), direct, atol=2e-2, rtol=1e-2)  # stored in fp16
     # Carried to phase 1 (head only), it equals phase 1's own frozen forward.
@@ -36,19 +37,18 @@ def test_unaugmented_cache_equals_the_normal_frozen_forward(setup):
     model.set_phase(1)
 
 
-def test_views_differ_and_cover_every_sample_once_per_rank(setup, tiny_shards):
-    cfg, model = setup
-    index = json.loads((tiny_shards / "index.json").read_text())
-    parts = [build_cache(model, cfg.data, ["train"], r, 2, 2, 7, torch.device("cpu"), augment=True, show=False)
+def test_views_differ_and_cover_every_sample_once_per_rank(setup):
+    cfg, model, index = setup
+    parts = [build_cache(model, cfg.data, ["train"], r, 2, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
              for r in (0, 1)]
     keys = parts[0].keys + parts[1].keys
-    assert sorted(keys) == sorted(set(keys)) and len(keys) == index["splits"]["train"]["total"]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == index.split("train").total
     assert parts[0].feats.shape[0] == 2 and not torch.equal(parts[0].feats[0], parts[0].feats[1])
 
 
 def test_cached_batches_fixed_count_full_coverage_and_seeded(setup):
-    cfg, model = setup
-    cache = build_cache(model, cfg.data, ["train"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False)
+    cfg, model, index = setup
+    cache = build_cache(model, cfg.data, ["train"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
     n = len(cache.keys)
     loader = CachedBatches(cache, batch_size=8, n_batches=n // 8 + 2, seed=1, rank=0)
     loader.set_epoch(3)
@@ -86,12 +86,12 @@ def test_two_process_cached_training_keeps_ranks_identical(tiny_shards, tmp_path
 
 
 def test_disk_cache_round_trip_names_and_damage(setup, tmp_path):
-    cfg, model = setup
+    cfg, model, index = setup
     built = []
 
     def build():
         built.append(1)
-        return build_cache(model, cfg.data, ["val"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False)
+        return build_cache(model, cfg.data, ["val"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
 
     path = tmp_path / cache_name("val-r0", {"views": 2})
     first = cached_on_disk(path, build, print)

@@ -96,6 +96,16 @@ def test_make_demo_reproduces_the_files_from_the_shared_copy():
             (SHARED_KERMANY / r).read_bytes()).digest(), f"{r} differs from the shared copy"
 
 
+def test_demo_registers_its_model_under_its_own_name():
+    """Issue 23.10: the demo's model must not compete for cxr-dist@best (the IU model's alias)."""
+    from cxr_dist.config import TrackingConfig, load_config
+
+    demo = load_config(str(ROOT / "configs" / "demo.toml"), [])
+    assert demo.tracking.registered_model == "cxr-dist-demo" != TrackingConfig.registered_model
+    for name in ("iu_xray_cached.toml", "offline.toml", "original.toml"):
+        assert load_config(str(ROOT / "configs" / name), []).tracking.registered_model != "cxr-dist-demo", name
+
+
 @pytest.mark.slow
 def test_run_sh_without_argument_runs_the_demo(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
@@ -122,3 +132,8 @@ def test_run_sh_without_argument_runs_the_demo(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "val/auroc" in runs[0].data.metrics and "best_test/auroc" in runs[0].data.metrics
+    # Its own registered model, tagged with the data it was validated on (issue 23.10).
+    version = client.get_model_version_by_alias("cxr-dist-demo", "best")
+    index = json.loads((tmp_path / "out" / "demo" / "shards" / "index.json").read_text())
+    assert version.tags["data_key"] == f"{index['checksum']} val=val" and version.tags["val_metric"]
+    assert "cxr-dist-demo@best" in proc.stdout

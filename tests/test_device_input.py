@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as F
 from cxr_dist.data import device_input as di
 from cxr_dist.config import DataConfig
 from cxr_dist.errors import DataError
+from cxr_dist.data.index import ShardIndex, load_index
 from cxr_dist.data.preprocess import decode_film
 from cxr_dist.data.shards import write_shards
 from cxr_dist.data.stream import eval_loader, train_loader
@@ -31,6 +32,11 @@ def cfg(tmp_path_factory) -> DataConfig:
                    samples_per_shard=7, prepare_workers=1, batch_size=4, num_workers=1, shuffle_buffer=16)
     write_shards(c, c.shards_dir)
     return c
+
+
+@pytest.fixture(scope="module")
+def index(cfg) -> ShardIndex:
+    return load_index(cfg.shards_dir)
 
 
 def _jpeg(arr: np.ndarray) -> bytes:
@@ -51,11 +57,11 @@ def test_auto_decodes_on_the_device_only_with_a_gpu():
     assert di.decode_where(replace(auto, decode_on="workers"), "cuda") == "workers"
 
 
-def test_eval_batches_equal_the_workers_path(cfg):
+def test_eval_batches_equal_the_workers_path(cfg, index):
     """Same samples, same order, same metadata; pixels equal (40 -> 32: no grey level differs)."""
     inputs = di.DeviceInput(cfg, "cpu", augment=False)
-    plain = list(eval_loader(cfg, "train", 0, 1))
-    raw = list(eval_loader(cfg, "train", 0, 1, on_device=True))
+    plain = list(eval_loader(cfg, "train", 0, 1, index))
+    raw = list(eval_loader(cfg, "train", 0, 1, index, on_device=True))
     assert len(raw) == len(plain) > 1
     for p, r in zip(plain, raw):
         assert "image" not in r and r["jpeg"].dtype == torch.uint8 and len(r["jpeg_sizes"]) == len(r["key"])
@@ -118,8 +124,8 @@ def test_identity_parameters_give_the_letterboxed_image(shift):
     assert torch.equal(di.augment(di.letterbox(images, 32, p.get("crop")), p), plain)
 
 
-def test_augmentation_is_seeded_by_seed_epoch_rank_and_step(cfg):
-    raw = next(iter(eval_loader(cfg, "train", 0, 1, on_device=True)))
+def test_augmentation_is_seeded_by_seed_epoch_rank_and_step(cfg, index):
+    raw = next(iter(eval_loader(cfg, "train", 0, 1, index, on_device=True)))
     rng = torch.get_rng_state()
     base = di.DeviceInput(cfg, "cpu", seed=3, rank=0)(raw, epoch=2, step=5)["image"]
     assert torch.equal(torch.get_rng_state(), rng)  # the trainer's RNG (dropout) is left alone
@@ -161,9 +167,9 @@ def test_augmentation_statistics_match_the_pil_path(shift):
         assert b[k] == pytest.approx(a[k], rel=0.15), (k, a, b)
 
 
-def test_train_stream_yields_the_same_samples_as_jpeg_bytes(cfg):
-    plain, _ = train_loader(cfg, ["train"], 0, 2, seed=7)
-    raw, n = train_loader(cfg, ["train"], 0, 2, seed=7, on_device=True)
+def test_train_stream_yields_the_same_samples_as_jpeg_bytes(cfg, index):
+    plain, _ = train_loader(cfg, ["train"], 0, 2, seed=7, index=index)
+    raw, n = train_loader(cfg, ["train"], 0, 2, seed=7, index=index, on_device=True)
     plain.set_epoch(3)
     raw.set_epoch(3)
     a, b = list(plain), list(raw)
@@ -172,12 +178,12 @@ def test_train_stream_yields_the_same_samples_as_jpeg_bytes(cfg):
     assert batch["image"].shape == a[0]["image"].shape and batch["image"].dtype == torch.uint8
 
 
-def test_batches_ahead_equal_batches_one_by_one(cfg):
+def test_batches_ahead_equal_batches_one_by_one(cfg, index):
     """The background thread gives the same batches, in order; skipped (resumed) steps stay
     undecoded; leaving early stops the thread; an error in it reaches the training loop."""
     import threading
 
-    loader, n = train_loader(cfg, ["train"], 0, 1, seed=2, on_device=True)
+    loader, n = train_loader(cfg, ["train"], 0, 1, seed=2, index=index, on_device=True)
     inputs = di.DeviceInput(cfg, "cpu", seed=2)
     loader.set_epoch(4)
     expected = [inputs(b, 4, step)["image"] for step, b in enumerate(loader)]

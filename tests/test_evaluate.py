@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cxr_dist.data.index import load_index
 from tests.conftest import ROOT, VENV_BIN, accelerate_launch, run_cmd, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -46,13 +47,13 @@ def test_evaluate_on_shards(trained, tiny_shards):
                   cwd=trained)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
-    index = json.loads((tiny_shards / "index.json").read_text())
-    test = index["splits"]["test"]
-    assert out["image_level"]["n"] == test["total"]  # every test image exactly once
-    assert out["image_level"]["n_pos"] == test["labels"]["abnormal"]
-    assert out["always_abnormal"]["accuracy"] == pytest.approx(test["labels"]["abnormal"] / test["total"])
+    test = load_index(tiny_shards).split("test")
+    _, n_abnormal = test.labels
+    assert out["image_level"]["n"] == test.total  # every test image exactly once
+    assert out["image_level"]["n_pos"] == n_abnormal
+    assert out["always_abnormal"]["accuracy"] == pytest.approx(n_abnormal / test.total)
     assert out["always_abnormal"]["recall"] == 1.0
-    assert out["study_level"]["n"] == test["uids"]  # one prediction per study
+    assert out["study_level"]["n"] == test.uids  # one prediction per study
     for key in ("accuracy", "precision", "recall", "f1", "auroc", "specificity", "balanced_accuracy", "confusion"):
         assert key in out["image_level"]
     for level in ("image_level", "study_level"):  # a 95% interval around each AUROC
@@ -86,11 +87,11 @@ def test_training_writes_its_predictions(trained, tiny_shards):
     from cxr_dist.eval.evaluate import report
 
     preds = _csv(trained / "predictions.csv")
-    index = json.loads((tiny_shards / "index.json").read_text())
+    index = load_index(tiny_shards)
     evaluation = json.loads((trained / "evaluation.json").read_text())
     for split in ("val", "test"):
-        assert len(set(preds[split]["keys"])) == len(preds[split]["keys"]) == index["splits"][split]["total"]
-        assert int(preds[split]["labels"].sum()) == index["splits"][split]["labels"]["abnormal"]
+        assert len(set(preds[split]["keys"])) == len(preds[split]["keys"]) == index.split(split).total
+        assert int(preds[split]["labels"].sum()) == index.split_labels(split)[1]
         again = report(preds[split])["image_level"]  # from the CSV's 6-digit probabilities
         assert again["confusion"] == evaluation[split]["image_level"]["confusion"]
         assert again["auroc"] == pytest.approx(evaluation[split]["image_level"]["auroc"], abs=1e-3)
@@ -145,7 +146,8 @@ def test_tta_gives_the_same_answer_on_two_processes(tiny_shards, tmp_path):
     assert "rank 1/2 done" in res.stdout
     two = _csv(tmp_path / "two.csv")["test"]
     data = replace(load_config(str(TINY), []).data, shards_dir=str(tiny_shards))
-    one, plain = (predict_split(Brightness(), data, "test", views) for views in (3, 1))
+    index = load_index(tiny_shards)
+    one, plain = (predict_split(Brightness(), data, "test", index, views) for views in (3, 1))
     assert two["keys"] == one["keys"] == plain["keys"]
     np.testing.assert_allclose(two["probs"], one["probs"], atol=2e-6)  # the CSV keeps 6 digits
     assert np.abs(one["probs"] - plain["probs"]).mean() > 1e-3  # the augmented views moved the mean
@@ -275,8 +277,9 @@ def test_predict_split_decodes_on_the_device_like_the_workers(trained, tiny_shar
     model.load_state_dict(state)
     data = replace(from_dict(DataConfig, meta["config"]["data"]), shards_dir=str(tiny_shards))
     cpu = torch.device("cpu")
-    workers = predict_split(model, replace(data, decode_on="workers"), "test", device=cpu)
-    device = predict_split(model, replace(data, decode_on="device"), "test", device=cpu)
+    index = load_index(tiny_shards)
+    workers = predict_split(model, replace(data, decode_on="workers"), "test", index, device=cpu)
+    device = predict_split(model, replace(data, decode_on="device"), "test", index, device=cpu)
     assert device["keys"] == workers["keys"] and len(workers["keys"]) > 0
     np.testing.assert_array_equal(device["probs"], workers["probs"])
 
@@ -333,8 +336,9 @@ def test_predict_split_on_the_gpu_matches_the_cpu(trained, tiny_shards):
     model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
     model.load_state_dict(state)
     data = replace(from_dict(DataConfig, meta["config"]["data"]), shards_dir=str(tiny_shards))
-    cpu = predict_split(model, data, "test", 2, device=torch.device("cpu"))
-    gpu = predict_split(model, data, "test", 2)  # the default: the GPU
+    index = load_index(tiny_shards)
+    cpu = predict_split(model, data, "test", index, 2, device=torch.device("cpu"))
+    gpu = predict_split(model, data, "test", index, 2)  # the default: the GPU
     assert next(model.parameters()).is_cuda and gpu["keys"] == cpu["keys"]
     np.testing.assert_allclose(gpu["probs"], cpu["probs"], atol=1e-4)
 

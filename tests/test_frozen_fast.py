@@ -20,12 +20,17 @@ SIZE = 48  # the tiny shards' stored size: big enough for depth 1 to keep a 2 x 
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_shards, tmp_path_factory):
+def index(tiny_shards):
+    return load_index(tiny_shards)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_shards, index, tmp_path_factory):
     cfg = load_config(TINY, ["--data.shards_dir", str(tiny_shards), "--data.num_workers", "0",
                              "--data.input_size", str(SIZE), "--model.backbone", "tf_efficientnet_lite1",
                              "--model.weights", "lite1-package"])
     model = build_model(cfg.model).eval()  # real ImageNet weights: realistic activation ranges
-    images = torch.cat([b["image"] for b in eval_loader(cfg.data, "val", 0, 1)])
+    images = torch.cat([b["image"] for b in eval_loader(cfg.data, "val", 0, 1, index)])
     return cfg, model, images, tmp_path_factory.mktemp("exports")
 
 
@@ -42,11 +47,11 @@ def test_fp32_backends_equal_eager(setup, backend, depth):
     model.set_phase(0)
 
 
-def test_int8_stays_close_and_needs_calibration(setup):
+def test_int8_stays_close_and_needs_calibration(setup, index):
     cfg, model, images, work = setup
     with pytest.raises(ConfigError, match="calibration"):
         build_runner(model, "int8", 0, SIZE, work)
-    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.data, "train"))
+    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.data, "train", index))
     want, got = model.frozen_forward(images), runner(images)
     cos = torch.nn.functional.cosine_similarity(got, want)
     assert cos.min() > 0.97, cos
@@ -75,9 +80,9 @@ def test_export_is_kept_and_reused(setup, tmp_path):
     assert weights_hash(other.backbone) != weights_hash(model.backbone)
 
 
-def test_runner_is_used_only_at_its_depth_on_the_cpu_and_detached_after(setup):
+def test_runner_is_used_only_at_its_depth_on_the_cpu_and_detached_after(setup, index):
     cfg, model, images, work = setup
-    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.data, "train"))
+    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.data, "train", index))
     eager = model.frozen_forward(images)
     with attached(model, runner):
         torch.testing.assert_close(model.frozen_forward(images), runner(images))  # through the runner
@@ -97,7 +102,7 @@ def _eager_at(model, images):
         model.frozen_runner = runner
 
 
-def test_cache_through_a_backend_equals_the_eager_cache(setup, tmp_path):
+def test_cache_through_a_backend_equals_the_eager_cache(setup, index, tmp_path):
     cfg, _, _, work = setup  # the caches go beside the exports made above: they are reused
     acc = Accelerator(cpu=True)
     caches = {}
@@ -108,7 +113,7 @@ def test_cache_through_a_backend_equals_the_eager_cache(setup, tmp_path):
                                "--train.cache_views", "1", "--train.cache_dir", str(work),
                                "--train.run_dir", str(tmp_path / "run")])
         model = build_model(c.model)
-        caches[backend] = frozen_caches(c, model, load_index(c.data.shards_dir), ["train"], "val", acc)
+        caches[backend] = frozen_caches(c, model, index, ["train"], "val", acc)
         assert model.frozen_runner is None  # detached once the cache is built
     (et, ev), (ot, ov) = caches["eager"], caches["openvino"]
     assert et.keys == ot.keys and et.feats.shape == ot.feats.shape
@@ -136,7 +141,7 @@ def test_int8_saturation_detection():
 
 
 @pytest.mark.parametrize("saturates", [True, False])
-def test_int8_recipe_cannot_saturate_without_vnni(setup, saturates):
+def test_int8_recipe_cannot_saturate_without_vnni(setup, index, saturates):
     """Without VNNI (saturates) every int8 weight is within [-64, 63], so two uint8 x int8 products
     fit VPMADDUBSW's int16, and the depthwise convolutions and the stem stay fp32; with VNNI the
     weights use all 8 bits and every convolution is quantized."""
@@ -144,12 +149,12 @@ def test_int8_recipe_cannot_saturate_without_vnni(setup, saturates):
     import onnx
     from onnx import numpy_helper
 
-    from cxr_dist.model.frozen_runtime import _exported, _FrozenPart, _quantized
+    from cxr_dist.model.frozen_runtime import FrozenPart, _exported, _quantized
 
     cfg, model, images, work = setup
-    fp32 = _exported(_FrozenPart(model, 0), 0, SIZE, work, lambda s: None)
+    fp32 = _exported(FrozenPart(model, 0), 0, SIZE, work, lambda s: None)
     norm = build_runner(model, "channels_last", 0, SIZE, work).normalize
-    path = _quantized(fp32, [norm(b).numpy() for b in calibration_batches(cfg.data, "train")], lambda s: None,
+    path = _quantized(fp32, [norm(b).numpy() for b in calibration_batches(cfg.data, "train", index)], lambda s: None,
                       saturates=saturates)
     assert ("int8w7" in path.name) == saturates
     graph = onnx.load(str(path)).graph

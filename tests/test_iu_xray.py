@@ -32,23 +32,26 @@ def test_prepare_shared_iu_xray(tmp_path):
     # 128 px keeps it quick; the counts do not depend on the size.
     cfg = DataConfig(data_dir=str(data), shards_dir=str(out), image_size=128, input_size=128)
     index = write_shards(cfg, out)
-    t = index["totals"]
+    t = index.totals
     assert t["rows"] == 6311 and t["samples"] + t["skipped"] == 6311
-    assert index["skipped"] == {"no_indexing": 144}  # nothing missing or corrupt in the shared copy
-    assert index["no_indexing_counts"] == {"treatment": "drop", "images": 144, "uids": 77}
+    # Nothing missing or corrupt in the shared copy; 3 rows name a film already taken (uid 1015 lists
+    # its two films twice, uid 3245 one film as two frontal rows): exact duplicates, one copy kept.
+    assert index.skipped == {"duplicate_image": 3, "no_indexing": 144}
+    assert index.no_indexing_counts == {"treatment": "drop", "images": 144, "uids": 77}
     assert t["uids"] + 77 == 3252
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
-    assert len(skipped) == 144
+    assert len(skipped) == 147
+    assert sorted({s["uid"] for s in skipped if s["reason"] == "duplicate_image"}) == ["1015", "3245"]
     all_uids = pd.read_csv(data / "indiana_projections.csv", dtype=str)["uid"].nunique()
     assert all_uids == 3252
     # no uid on two sides: per-split uid sets from the shards' sample assignment
     import webdataset as wds
 
     uids: dict[str, set[str]] = {}
-    for name, sp in index["splits"].items():
-        files = [str(out / s["file"]) for s in sp["shards"]]
+    for name in index.split_names:
+        files = [s.path for s in index.shards([name])]
         uids[name] = {json.loads(s["json"])["uid"] for s in wds.WebDataset(files, shardshuffle=False)}
-        assert len(uids[name]) == sp["uids"]
+        assert len(uids[name]) == index.split(name).uids
     names = list(uids)
     for i, a in enumerate(names):
         for b in names[i + 1:]:

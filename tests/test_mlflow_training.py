@@ -30,6 +30,7 @@ import torch
 
 from tests.conftest import ROOT, VENV_BIN, _env, accelerate_launch, run_cmd, tiny_overrides
 from tests.mlflow_server import api, experiment_runs, free_port, mlflow_server  # noqa: F401 - fixture
+from tests.train_hooks import wait_until_held
 
 pytestmark = pytest.mark.slow
 
@@ -373,24 +374,40 @@ def test_unreachable_server_stops_every_rank_without_a_traceback(unreachable_lau
 
 def test_sigterm_mid_training_does_not_leave_the_run_running(mlflow_server: str, tiny_shards: Path,
                                                             tmp_path: Path) -> None:
-    """`scancel`, or the launcher stopping the survivors after one rank failed, sends SIGTERM."""
+    """`scancel`, or the launcher stopping the survivors after one rank failed, sends SIGTERM.
+
+    Deterministic: the run goes through tests.train_hooks, which holds every rank after the
+    checkpoint of epoch 1 until released; SIGTERM is sent while it is held, so it always lands
+    in the middle of training (sending it once the checkpoint appeared raced the end of the run)."""
     exp = f"sigterm-{uuid.uuid4().hex[:8]}"
-    run_dir = tmp_path / "terminated"
+    run_dir, hold = tmp_path / "terminated", tmp_path / "hold"
+    hold.mkdir()
     launch = tmp_path / ".launch-cpu_2proc.yaml"
     launch.write_text((ROOT / "launch" / "cpu_2proc.yaml").read_text().replace("launch/", f"{ROOT}/launch/"))
-    args = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(launch), "-m", "cxr_dist.train",
+    args = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(launch),
+            "-m", "tests.train_hooks", "--hold", str(hold), "cxr_dist.train",
             *tiny_overrides(tiny_shards, run_dir, "--tracking.uri", mlflow_server, "--tracking.experiment", exp)]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log = (tmp_path / "launch.log").open("w")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    meta = run_dir / "checkpoints" / "latest" / "meta.json"
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline and not meta.exists():
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be terminated"
-    os.killpg(proc.pid, signal.SIGTERM)  # what scancel does to every process of the step
-    proc.wait(timeout=120)
+    try:
+        wait_until_held(proc, hold)
+        os.killpg(proc.pid, signal.SIGTERM)  # what scancel does to every process of the step
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    out = (tmp_path / "launch.log").read_text()[-6000:]
     run = get_run(mlflow_server, run_id_of(run_dir))
-    assert run["info"]["status"] in ("KILLED", "FAILED"), run["info"]
+    assert run["info"]["status"] == "KILLED", (run["info"], out)
+    assert int(run["info"].get("end_time", 0)) > 0
+    # Stopped where it was held: epoch 1's checkpoint saved, nothing after it ran.
+    meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
+    assert meta["progress"]["epoch"] == 1, out
+    assert history(mlflow_server, run["info"]["run_id"], "phase") == [], out
+    assert not (run_dir / "evaluation.json").exists()
 
 
 def test_local_sqlite_store_by_default(local_store: dict) -> None:

@@ -17,6 +17,7 @@ from cxr_dist.eval.evaluate import report
 from cxr_dist.fileio import json_bytes
 from cxr_dist.eval.metrics import balanced_threshold
 from cxr_dist.product.model_card import NOT_FOR_CLINICAL_USE, limitations, model_card, write_model_card
+from cxr_dist.data.index import ShardIndex
 from cxr_dist.data.shards import write_shards
 from tests.datagen import KERMANY_REGEX, make_dataset, make_folder_dataset
 
@@ -25,7 +26,7 @@ DATA = {"image_size": 48, "input_size": 32, "samples_per_shard": 16, "prepare_wo
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Config, dict]:
+def setup(tmp_path_factory) -> tuple[Config, ShardIndex]:
     """A two-source config (IU trained on, a folder source held out as external, no licence
     stated) and the index that `prepare` writes for it."""
     root = tmp_path_factory.mktemp("card")
@@ -86,8 +87,9 @@ def test_card_has_sources_metrics_threshold_and_use(setup):
     assert re.search(r"\| kermany \| folder \| kermany_ped \| external [^|]*\| not stated \|", card)
     assert "Problems field is exactly 'normal'" in card
     assert "class folder name: normal = NORMAL; abnormal = PNEUMONIA" in card
-    # Splits: from the index, per split and source.
-    for split, info in index["splits"].items():
+    # Splits: from the index, per split and source (checked against the file prepare wrote).
+    raw = json.loads((Path(index.root) / "index.json").read_text())
+    for split, info in raw["splits"].items():
         for source, c in info["sources"].items():
             assert (f"| {split} | {source} | {c['total']} | {c['labels']['normal']} | {c['labels']['abnormal']} "
                     f"| {c['patients']} |") in card
@@ -148,7 +150,8 @@ def test_card_survives_missing_parts(setup, tmp_path):
             rep.pop(key, None)
         rep["image_level"].pop("auroc_ci95")
     old.pop("external_at_val_threshold")
-    legacy_index = {"splits": {"train": {"total": 30, "labels": {"normal": 10, "abnormal": 20}}}}  # version 1
+    legacy_index = ShardIndex.from_json({"format": "cxr-dist-shards", "splits": {"train": {  # version 1
+        "total": 30, "labels": {"normal": 10, "abnormal": 20}, "shards": []}}}, tmp_path)
     card = model_card(replace(cfg, data=DataConfig(data_dir="/data/iu_xray_small")), legacy_index, old,
                       temperature=1.7)
     assert f"{old['test']['image_level']['auroc']:.3f} |" in card

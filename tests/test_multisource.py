@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 from cxr_dist.model.feature_cache import CachedBatches, FeatureCache
 from cxr_dist.config import ConfigError, DataConfig, SourceConfig, load_config
 from cxr_dist.errors import UserError
-from cxr_dist.data.index import class_counts, has_views, load_index, shard_list, source_view_counts
+from cxr_dist.data.index import ShardIndex, SourceInfo, load_index
 from cxr_dist.data.sources.iu import build_manifest
 from cxr_dist.eval.metrics import breakdown, compute_metrics, group_metrics
 from cxr_dist.data.mixing import ANY_VIEW, SampleWeightedLoss, loss_weight_table
@@ -200,9 +200,10 @@ def test_prepare_without_an_iu_source(sources, tmp_path):
     `cxr-dist evaluate --data DIR --format folder|csv|nih` prepares on the fly."""
     kermany = SourceConfig(name="kermany", format="folder", path=str(sources["kermany"]), patient_regex=KERMANY_REGEX)
     index = write_shards(DataConfig(sources=(kermany,), **DATA), tmp_path / "shards")
-    assert index["totals"]["samples"] == n_images(sources["kermany"])
-    assert index["no_indexing_counts"]["images"] == 0 and index["no_indexing_counts"]["uids"] == 0
-    assert {s for sp in index["splits"].values() for s in sp["sources"]} == {"kermany"}
+    assert index.totals["samples"] == n_images(sources["kermany"])
+    assert index.no_indexing_counts["images"] == 0 and index.no_indexing_counts["uids"] == 0
+    assert {s for name in index.split_names for s in index.sources_in(name)} == {"kermany"}
+    assert [(s.name, s.format, s.role) for s in index.sources] == [("kermany", "folder", "train")]
 
 
 # ----------------------------------------------------------------------------- 2. legacy
@@ -244,19 +245,25 @@ def test_version_1_index_is_read_as_iu(legacy, tmp_path):
         shutil.copy(f, old / f.name)
     (old / "index.json").write_text(json.dumps(v1))
     index = load_index(old)
-    assert not has_views(index) and has_views(load_index(legacy))
-    shards = shard_list(index, ["train", "val"])
+    assert not index.has_views and load_index(legacy).has_views
+    shards = index.shards(["train", "val"])
     assert shards and {s.source for s in shards} == {"iu"}
     assert sum(s.count for s in shards) == v2["splits"]["train"]["total"] + v2["splits"]["val"]["total"]
-    assert source_view_counts(index, ["train"]) == {"iu": {"": class_counts(index, ["train"])}}
+    assert index.source_view_counts(["train"]) == {"iu": {"": index.class_counts(["train"])}}
     # The same counts as the v2 index, which knows the views.
-    v2_counts = source_view_counts(load_index(legacy), ["train"])
+    v2_counts = load_index(legacy).source_view_counts(["train"])
     assert set(v2_counts) == {"iu"}
-    assert tuple(map(sum, zip(*v2_counts["iu"].values()))) == class_counts(index, ["train"])
+    assert tuple(map(sum, zip(*v2_counts["iu"].values()))) == index.class_counts(["train"])
+    # One source, "iu", without text fields or views; its counts are the split's.
+    assert index.sources == (SourceInfo(name="iu", format="iu", path=v1["data_dir"]),)
+    (iu,) = index.sources_in("train").values()
+    assert (iu.total, (iu.normal, iu.abnormal), iu.views) == (v2["splits"]["train"]["total"],
+                                                              index.class_counts(["train"]), {})
+    assert index.views_in("train") == set() and index.checksum == v2["checksum"]
     # Samples written before sources existed: IU's, the view from their projection.
     assert sample_source_view({"uid": "1", "projection": "Lateral"}) == ("iu", "LATERAL")
     assert sample_source_view({"uid": "1", "projection": "Frontal"}) == ("iu", "FRONTAL")
-    loader, n = train_loader(replace(DataConfig(**DATA), shards_dir=str(old)), ["train"], 0, 1, seed=0)
+    loader, n = train_loader(replace(DataConfig(**DATA), shards_dir=str(old)), ["train"], 0, 1, seed=0, index=index)
     batches = list(loader)
     assert len(batches) == n and all(set(b["source"]) == {"iu"} for b in batches)
 
@@ -264,12 +271,12 @@ def test_version_1_index_is_read_as_iu(legacy, tmp_path):
 # ----------------------------------------------------------------------------- 3. the mix
 
 
-def _source_share(data: DataConfig, weights, epochs: int) -> tuple[float, int]:
+def _source_share(data: DataConfig, index: ShardIndex, weights, epochs: int) -> tuple[float, int]:
     """Share of 'iu' samples over `epochs` epochs of both ranks of world 2; checks full, equal batches."""
     counts: Counter = Counter()
     per_rank = []
     for rank in (0, 1):
-        loader, n = train_loader(data, ["train"], rank, 2, seed=5, weights=weights)
+        loader, n = train_loader(data, ["train"], rank, 2, seed=5, index=index, weights=weights)
         n_rank = 0
         for epoch in range(epochs):
             loader.set_epoch(epoch)
@@ -290,11 +297,12 @@ def _source_share(data: DataConfig, weights, epochs: int) -> tuple[float, int]:
 def test_train_stream_mixes_sources_by_weight(multi):
     cfg, shards = multi
     data = replace(load_config(cfg).data, shards_dir=str(shards), num_workers=0)
-    sizes = load_index(shards)["splits"]["train"]["sources"]
-    natural = sizes["iu"]["total"] / (sizes["iu"]["total"] + sizes["kermany"]["total"])
+    index = load_index(shards)
+    sizes = index.sources_in("train")
+    natural = sizes["iu"].total / (sizes["iu"].total + sizes["kermany"].total)
     assert natural > 0.58  # sources of clearly different sizes, or equal weights would prove nothing
     for weights, expected in (({"iu": 3.0, "kermany": 1.0}, 0.75), (None, 0.5), ({"iu": 1.0, "kermany": 1.0}, 0.5)):
-        share, n = _source_share(data, weights, epochs=10)
+        share, n = _source_share(data, index, weights, epochs=10)
         # Each sample's source is an independent draw: 4 binomial standard deviations.
         tol = 4 * math.sqrt(expected * (1 - expected) / n)
         assert abs(share - expected) < tol, (weights, share, n)
@@ -512,10 +520,10 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 def test_check_metrics_refuses_before_any_work(tmp_path):
     cfg = _cfg(tmp_path)
-    one_class = {"splits": {"val": {"labels": {"normal": 0, "abnormal": 7}}}}
-    both = {"version": 2, "splits": {"val": {"labels": {"normal": 3, "abnormal": 7}, "sources": {
+    one_class = ShardIndex.from_json({"splits": {"val": {"labels": {"normal": 0, "abnormal": 7}}}}, tmp_path)
+    both = ShardIndex.from_json({"version": 2, "splits": {"val": {"labels": {"normal": 3, "abnormal": 7}, "sources": {
         "iu": {"views": {"FRONTAL": {"normal": 2, "abnormal": 4}}},
-        "kermany": {"views": {"": {"normal": 1, "abnormal": 3}}}}}}}
+        "kermany": {"views": {"": {"normal": 1, "abnormal": 3}}}}}}}, tmp_path)
     with pytest.raises(ConfigError, match=r"train\.best_metric = 'source_mean_auroc'.*both classes") as e:
         check_metrics(cfg, one_class, "val")
     assert isinstance(e.value, UserError)
@@ -608,7 +616,7 @@ def test_training_steps_weight_the_loss_by_source_and_view(multi):
     cfg_path, shards = multi
     cfg = load_config(cfg_path, ["--data.shards_dir", str(shards)])
     index = load_index(shards)
-    table = loss_weight_table(source_view_counts(index, ["train"]), balance_views=True)
+    table = loss_weight_table(index.source_view_counts(["train"]), balance_views=True)
     loss_fn = _SpyLoss(table)
     loader, n = train_loader(cfg.data, ["train"], 0, 1, seed=0, index=index, weights={"iu": 1, "kermany": 1})
     torch.manual_seed(0)
@@ -652,7 +660,7 @@ def test_one_process_run_reports_per_source_and_view(run1, multi, sources):
     from cxr_dist.model.checkpoint import load_checkpoint
 
     _, shards = multi
-    index = json.loads((shards / "index.json").read_text())
+    index = load_index(shards)
     history = json.loads((run1 / "history.json").read_text())
     for row in history:
         for key in ("val/source/iu/auroc", "val/source/kermany/auroc", "val/view/FRONTAL/auroc",
@@ -691,7 +699,7 @@ def test_one_process_run_reports_per_source_and_view(run1, multi, sources):
     assert set(evaluation["val"]["by_view"]) == {"FRONTAL", "LATERAL", "unknown"}
     for name in ("val", "test", "external"):
         for src, g in evaluation[name]["by_source"].items():
-            assert g["n"] == index["splits"][name]["sources"][src]["total"]
+            assert g["n"] == index.sources_in(name)[src].total
     # The best checkpoint evaluated again on val gives the history's number of that epoch.
     best_row = next(r for r in history if r["epoch"] == best_epoch)
     assert np.mean([evaluation["val"]["by_source"][s]["auroc"] for s in ("iu", "kermany")]) == \
@@ -704,7 +712,7 @@ def test_one_process_run_reports_per_source_and_view(run1, multi, sources):
     assert len(external) == n_images(sources["ext"]) == len({r["key"] for r in external})
     assert {r["source"] for r in external} == {"ext"} and all(r["key"].startswith("ext__") for r in external)
     assert {r["view"] for r in rows if r["source"] == "iu"} == {"FRONTAL", "LATERAL"}
-    assert Counter(r["split"] for r in rows) == {n: index["splits"][n]["total"] for n in ("val", "test", "external")}
+    assert Counter(r["split"] for r in rows) == {n: index.split(n).total for n in ("val", "test", "external")}
 
 
 def test_best_metric_naming_an_external_source_fails_cleanly(multi, tmp_path):
@@ -727,22 +735,22 @@ def test_two_processes_count_every_validation_sample_once(run1, multi, tmp_path)
     res = accelerate_launch(["-m", "cxr_dist.train", "--config", str(cfg), "--data.shards_dir", str(shards),
                              "--train.run_dir", str(run_dir)], cwd=tmp_path, timeout=500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    index = json.loads((shards / "index.json").read_text())
-    val = index["splits"]["val"]
+    index = load_index(shards)
+    val = index.split("val")
     two = json.loads((run_dir / "history.json").read_text())
     one = json.loads((run1 / "history.json").read_text())
     assert two and one
     n_keys = lambda row: {k: v for k, v in row.items() if k.startswith("val/") and k.endswith("/n")}  # noqa: E731
     for row in two:
-        assert row["val/n"] == val["total"]
-        assert row["val/source/iu/n"] + row["val/source/kermany/n"] == val["total"]
-        assert row["val/source/iu/n"] == val["sources"]["iu"]["total"]
+        assert row["val/n"] == val.total
+        assert row["val/source/iu/n"] + row["val/source/kermany/n"] == val.total
+        assert row["val/source/iu/n"] == val.sources["iu"].total
         assert n_keys(row) == n_keys(one[0])
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     for name in ("val", "test", "external"):
-        assert evaluation[name]["image_level"]["n"] == index["splits"][name]["total"]
+        assert evaluation[name]["image_level"]["n"] == index.split(name).total
         for src, g in evaluation[name]["by_source"].items():
-            assert g["n"] == index["splits"][name]["sources"][src]["total"]
+            assert g["n"] == index.sources_in(name)[src].total
 
 
 # ----------------------------------------------------------------------------- 9. evaluate --data --format

@@ -12,6 +12,7 @@ import pytest
 from cxr_dist.data import prepare
 from cxr_dist.config import ConfigError, DataConfig, SourceConfig
 from cxr_dist.errors import DataError
+from cxr_dist.data.index import ShardIndex
 from cxr_dist.data.shards import PARTS_DIR, merge_parts, part_path, write_part, write_shards
 from tests.conftest import VENV_BIN, _env
 from tests.datagen import KERMANY_REGEX, make_dataset, make_folder_dataset
@@ -46,7 +47,7 @@ def files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
-def array_prepare(cfg: DataConfig, out: Path, order: list[int]) -> dict:
+def array_prepare(cfg: DataConfig, out: Path, order: list[int]) -> ShardIndex:
     for t in order:
         write_part(cfg, out, t, len(order))
     return merge_parts(cfg, out, len(order))
@@ -68,7 +69,7 @@ def test_array_prepare_is_byte_identical_to_single_process(data, reference, tmp_
     assert sorted(got) == sorted(reference["iu"])  # no .prepare-parts left
     for name, blob in reference["iu"].items():
         assert got[name] == blob, name
-    assert index["skipped"]["corrupt_image"] == 1 and index["totals"]["error_skipped"] == 3
+    assert index.skipped["corrupt_image"] == 1 and index.totals["error_skipped"] == 3
     assert sum(1 for n in got if n.endswith(".tar")) >= 6  # several shards per split: real interleaving
 
 

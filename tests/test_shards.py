@@ -16,6 +16,7 @@ from PIL import Image
 from cxr_dist.data import prepare
 from cxr_dist.config import DataConfig
 from cxr_dist.errors import DataError
+from cxr_dist.data.index import Shard, load_index
 from cxr_dist.data.shards import write_shards
 from tests.datagen import BROKEN_CASES, make_dataset
 
@@ -48,16 +49,58 @@ def test_every_row_in_one_shard_or_skipped(tmp_path, broken):
     assert sorted(in_shards + [s["filename"] for s in skipped]) == sorted(proj["filename"])
     reasons = {s["filename"]: s["reason"] for s in skipped}
     assert {reasons[f]: f for f in BROKEN_CASES.values()} == {r: f for r, f in BROKEN_CASES.items()}
-    assert index["skipped"] == {"corrupt_image": 1, "missing_image": 1, "no_indexing": 6, "no_report": 1}
-    assert index["totals"]["error_skipped"] == 3 and index["totals"]["rows"] == len(proj)
-    assert index["no_indexing_counts"] == {"treatment": "drop", "images": 6, "uids": 3}
+    assert index.skipped == {"corrupt_image": 1, "missing_image": 1, "no_indexing": 6, "no_report": 1}
+    assert index.totals["error_skipped"] == 3 and index.totals["rows"] == len(proj)
+    assert index.no_indexing_counts == {"treatment": "drop", "images": 6, "uids": 3}
     # counts in the index match the tars
-    for name, sp in index["splits"].items():
-        assert sp["total"] == sum(s["count"] for s in sp["shards"]) == sp["labels"]["normal"] + sp["labels"]["abnormal"]
-        for s in sp["shards"]:
-            n = sum(1 for _ in wds.WebDataset(str(out / s["file"]), shardshuffle=False))
-            assert n == s["count"] and s["file"].startswith(f"{name}-")
-    assert index["totals"]["samples"] == len(samples) == len(proj) - len(skipped)
+    for name in index.split_names:
+        shards = index.shards([name])
+        assert index.split(name).total == sum(s.count for s in shards) == sum(index.split_labels(name))
+        for s in shards:
+            n = sum(1 for _ in wds.WebDataset(s.path, shardshuffle=False))
+            assert n == s.count and Path(s.path).parent == out and Path(s.path).name.startswith(f"{name}-")
+    assert index.totals["samples"] == len(samples) == len(proj) - len(skipped)
+
+
+def test_the_shard_index_says_what_index_json_says(tmp_path, broken):
+    """ShardIndex (what every reader of the shards asks) against the JSON file prepare wrote."""
+    out = tmp_path / "out"
+    cfg = _cfg(broken, max_skip_frac=0.1, samples_per_shard=7)
+    written = write_shards(cfg, out)
+    raw = json.loads((out / "index.json").read_text())
+    index = load_index(out)
+    assert index == written and index.root == str(out) and index.version == raw["version"] == 2
+    assert index.split_names == list(raw["splits"]) == ["test", "train", "val"]  # the file's (sorted) order
+    assert written.split_names == ["train", "val", "test"]  # the order prepare wrote them (its summary's)
+    assert index.has_split("val") and not index.has_split("fold0") and not index.has_samples("external")
+    assert all(index.has_samples(name) for name in index.split_names)
+    assert index.checksum == raw["checksum"] and index.checksum.startswith("sha256:")
+    assert [(s.name, s.format, s.role, s.weight) for s in index.sources] == [("iu", "iu", "train", 1.0)]
+    assert index.sources[0].label_text_fields == ("findings", "impression")
+    made = index.prepared
+    assert (made.image_size, made.resize, made.intensity, made.seed, made.val_frac, made.test_frac, made.k_folds,
+            made.no_indexing, made.samples_per_shard) == (cfg.image_size, cfg.resize, cfg.intensity, cfg.seed,
+                                                          cfg.val_frac, cfg.test_frac, cfg.k_folds, cfg.no_indexing, 7)
+    for name, sp in raw["splits"].items():
+        assert index.shards([name]) == [Shard(str(out / s["file"]), s["count"], s["source"]) for s in sp["shards"]]
+        assert index.split_labels(name) == (sp["labels"]["normal"], sp["labels"]["abnormal"])
+        assert index.split(name).uids == sp["uids"] and index.split(name).patients == sp["patients"]
+        (iu,) = index.sources_in(name).values()
+        assert (iu.total, iu.normal, iu.abnormal, iu.patients) == (sp["total"], *index.split_labels(name),
+                                                                    sp["patients"])
+        assert index.views_in(name) == set(sp["sources"]["iu"]["views"]) <= {"FRONTAL", "LATERAL"}
+    assert index.has_views
+    cells = index.source_view_counts(["train", "val"])["iu"]
+    assert tuple(map(sum, zip(*cells.values()))) == index.class_counts(["train", "val"])
+    # A split of whole shards (the end of training samples some for the OOD density): nothing else changes.
+    picked = index.shards(["train"])[:2]
+    more = index.with_split("sample", picked)
+    assert more.shards(["sample"]) == picked and more.split("sample").total == sum(s.count for s in picked)
+    assert more.split_names == [*index.split_names, "sample"] and "sample" not in index.split_names
+    with pytest.raises(DataError, match="no label counts"):
+        more.class_counts(["sample"])
+    with pytest.raises(DataError, match="'fold1' is not in"):
+        index.shards(["train", "fold1"])
 
 
 def test_sample_format(tmp_path, broken):
@@ -84,16 +127,16 @@ def test_skip_threshold(tmp_path, broken):
 def test_deterministic_byte_identical(tmp_path, broken):
     a = write_shards(_cfg(broken, max_skip_frac=0.1, prepare_workers=2), tmp_path / "a")
     b = write_shards(_cfg(broken, max_skip_frac=0.1, prepare_workers=1), tmp_path / "b")
-    assert a == b
-    for p in sorted((tmp_path / "a").iterdir()):
+    assert a.checksum == b.checksum and a.split_names == b.split_names
+    for p in sorted((tmp_path / "a").iterdir()):  # index.json included
         assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes(), p.name
     c = write_shards(_cfg(broken, max_skip_frac=0.1, seed=5), tmp_path / "c")
-    assert c["checksum"] != a["checksum"]
+    assert c.checksum != a.checksum
 
 
 def test_k_fold_shards(tmp_path, broken):
     index = write_shards(_cfg(broken, max_skip_frac=0.1, k_folds=3), tmp_path / "out")
-    assert list(index["splits"]) == ["fold0", "fold1", "fold2", "test"]
+    assert index.split_names == ["fold0", "fold1", "fold2", "test"] and index.prepared.k_folds == 3
     for s in _read_all(tmp_path / "out"):
         meta = json.loads(s["json"])
         assert meta["fold"] == (int(meta["split"][4:]) if meta["split"] != "test" else None)
@@ -116,8 +159,8 @@ def test_out_dir_safety_and_rerun(tmp_path, broken):
 
 def test_no_indexing_abnormal_goes_into_shards(tmp_path, broken):
     index = write_shards(_cfg(broken, max_skip_frac=0.1, no_indexing="abnormal"), tmp_path / "out")
-    assert "no_indexing" not in index["skipped"]
-    assert index["no_indexing_counts"] == {"treatment": "abnormal", "images": 6, "uids": 3}
+    assert "no_indexing" not in index.skipped
+    assert index.no_indexing_counts == {"treatment": "abnormal", "images": 6, "uids": 3}
 
 
 def test_prepare_main_with_overrides(tmp_path, broken, capsys):

@@ -221,10 +221,9 @@ def test_two_processes_train_an_image_text_model_in_step(text_data):
     assert run.data.params["model.kind"] == "image+text"
 
 
-@pytest.mark.slow
-def test_one_process_run_is_tagged_and_reads_cached_text(text_data):
-    import mlflow
-
+@pytest.fixture(scope="module")
+def text_run(text_data) -> Path:
+    """One process, image+text with the tiny BERT, the frozen-compute cache: the run folder."""
     shards, bert, tmp = text_data
     run_dir = tmp / "tagged"
     res = run_cmd([sys.executable, "-m", "cxr_dist.train", *tiny_overrides(shards, run_dir), "--model.kind", "image+text",
@@ -232,9 +231,109 @@ def test_one_process_run_is_tagged_and_reads_cached_text(text_data):
                    "--train.cache_views", "1"], cwd=tmp, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "text embeddings (input)" in res.stderr + res.stdout
-    assert list((run_dir / "cache").glob("text-input-*.safetensors"))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_one_process_run_is_tagged_and_reads_cached_text(text_data, text_run):
+    import mlflow
+
+    _, _, tmp = text_data
+    assert list((text_run / "cache").glob("text-input-*.safetensors"))
     client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("text-tags").experiment_id])
     assert run.data.tags["model.kind"] == "image+text"
     assert run.data.tags["text_fields"] == "indication,comparison"
     assert run.data.tags["label_leakage"] == "false"
+    card = (text_run / "MODEL_CARD.md").read_text()
+    assert "Reads text besides the film (indication, comparison)" in card
+
+
+def _films(tmp: Path) -> list[Path]:
+    return sorted((tmp / "ds" / "images" / "images_normalized").glob("1_*.png"))[:1] + \
+        sorted((tmp / "ds" / "images" / "images_normalized").glob("4_*.png"))[:1]
+
+
+@pytest.mark.slow
+def test_predict_reads_the_text_it_is_given_and_works_without(text_data, text_run):
+    _, _, tmp = text_data
+    films = [str(f) for f in _films(tmp)]
+    cmd = [str(VENV_BIN / "cxr-dist"), "predict", "--checkpoint", str(text_run), "--json"]
+    with_text = run_cmd([*cmd, "--text", "indication=Chest pain.", "--text", "comparison=None.", *films], cwd=tmp)
+    without = run_cmd([*cmd, *films], cwd=tmp)
+    assert with_text.returncode == 0 and without.returncode == 0, with_text.stderr[-2000:] + without.stderr[-2000:]
+    a = [json.loads(line) for line in with_text.stdout.splitlines()]
+    b = [json.loads(line) for line in without.stdout.splitlines()]
+    assert [r["text"] for r in a] == [True, True] and [r["text"] for r in b] == [False, False]
+    assert [r["prob_uncalibrated"] for r in a] != [r["prob_uncalibrated"] for r in b]
+    # A CSV of films and their texts: one with an indication, one without (empty cell).
+    csv_file = tmp / "films.csv"
+    csv_file.write_text("image,indication,comparison\n" + f"{films[0]},Chest pain.,None.\n{films[1]},,\n")
+    rows = [json.loads(line) for line in run_cmd([*cmd, "--csv", str(csv_file)], cwd=tmp).stdout.splitlines()]
+    assert [r["text"] for r in rows] == [True, False]
+    assert rows[0]["prob_uncalibrated"] == pytest.approx(a[0]["prob_uncalibrated"], abs=1e-6)
+    assert rows[1]["prob_uncalibrated"] == pytest.approx(b[1]["prob_uncalibrated"], abs=1e-6)
+    # A text field the model does not read, and a very long text (cut at max_tokens, and said so).
+    bad = run_cmd([*cmd, "--text", "history=x", "--text", "indication=y", films[0]], cwd=tmp)
+    assert bad.returncode == 2 and "history" in bad.stderr and "Traceback" not in bad.stderr
+    long = run_cmd([*cmd, "--text", "chest pain " * 400, films[0]], cwd=tmp)
+    assert long.returncode == 0 and json.loads(long.stdout)["text_truncated"] is True
+    # Not UTF-8 (a surrogate-escaped argument): read with replacement characters, no crash.
+    odd = run_cmd([*cmd, "--text", "indication=caf\udce9", films[0]], cwd=tmp)
+    assert odd.returncode == 0 and json.loads(odd.stdout)["text"] is True, odd.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_evaluate_export_and_the_served_model_with_text(text_data, text_run):
+    import base64
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from cxr_dist.product.serve import CXRPyfunc, input_schema
+
+    shards, _, tmp = text_data
+    res = run_cmd([str(VENV_BIN / "cxr-dist"), "evaluate", "--checkpoint", str(text_run), "--shards", str(shards),
+                   "--split", "test"], cwd=tmp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    test = json.loads(res.stdout)
+    final = json.loads((text_run / "evaluation.json").read_text())["test"]
+    assert test["image_level"]["auroc"] == pytest.approx(final["image_level"]["auroc"], abs=1e-4)
+    out = run_cmd([str(VENV_BIN / "cxr-dist"), "export", "--checkpoint", str(text_run), "--format", "onnx",
+                   "--out", str(tmp / "m.onnx")], cwd=tmp)
+    assert out.returncode == 2 and "reads text" in out.stderr and "Traceback" not in out.stderr
+    # The served model (the pyfunc itself, without a server: tests/test_product.py serves one for real).
+    model = CXRPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"checkpoint": str(text_run / "checkpoints" / "best")}))
+    films = [base64.b64encode(f.read_bytes()).decode() for f in _films(tmp)]
+    got = model.predict(None, pd.DataFrame({"image": films, "indication": ["Chest pain.", None]}))
+    assert list(got["text"]) == [True, False]
+    plain = model.predict(None, pd.DataFrame({"image": films, "text": ["Chest pain.", None]}))
+    assert plain["prob_abnormal"].tolist() == pytest.approx(got["prob_abnormal"].tolist(), abs=1e-6)
+    assert [c.name for c in input_schema(("indication", "comparison")).inputs] == ["image", "text", "indication",
+                                                                                   "comparison"]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_trains_the_text_encoder_in_step(text_data):
+    """DeepSpeed ZeRO-2 (2 processes on the CPU, gloo): phase 2 trains a text layer too, and both
+    ranks end with identical parameters, the text encoder's included."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    shards, bert, tmp = text_data
+    res = accelerate_launch(["-m", "tests.rank_probe", str(tmp / "ds-params"),
+                             *tiny_overrides(shards, tmp / "ds", "--model.kind", "image+text", "--model.text_encoder",
+                                             str(bert), "--train.phases.1.unfreeze_text_layers", "1",
+                                             "--tracking.enabled", "false")],
+                            cwd=tmp, config="deepspeed_zero2.yaml")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    a, b = (load_file(str(tmp / "ds-params" / f"rank{r}.safetensors")) for r in (0, 1))
+    layer = [k for k in a if k.startswith("text_encoder.") and ".layer.1." in k]
+    assert layer
+    for k in a:
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(a[k], b[k]), k
+    torch.manual_seed(0)
+    init = build_model(ModelConfig(pretrained=False, kind="image+text", text_encoder=str(bert))).state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in layer), "the unfrozen text layer did not train"

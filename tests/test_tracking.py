@@ -276,3 +276,55 @@ def test_system_metrics_option(mlflow_server: str, tmp_path: Path, monkeypatch: 
         runs[on] = {m["key"] for m in api(mlflow_server, "runs/get", run_id=t.run_id)["run"]["data"].get("metrics", [])}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= runs[True], runs[True]
     assert not runs[False]
+
+
+# ----------------------------------------------------------------------------- the model registry
+
+
+def test_registry_alias_compares_only_versions_validated_on_the_same_data(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 23.10: the Kermany demo registered version 1 as @best with val AUROC 0.958; an IU run
+    then registered version 2 (0.726) and the alias stayed on the demo forever. A version on
+    other data never blocks the alias; one on the same data (index checksum + val split) and the
+    same metric does, when it is at least as good."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name, kermany, iu = "cxr-dist-registry-test", "sha256:kermany val=val", "sha256:iu val=val"
+    client = MlflowClient(uri)
+
+    def alias() -> str:
+        return str(client.get_model_version_by_alias(name, "best").version)
+
+    caplog.set_level(logging.INFO, logger="cxr_dist.runs.tracking")
+    with make_tracker(TrackingConfig(uri=uri, experiment="registry"), True, tmp_path / "r") as tracker:
+        experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+
+        def register(data_key: str, value: float | None, metric: str = "auroc") -> str:
+            model = tracker.client.create_logged_model(experiment_id, source_run_id=tracker.run_id)
+            caplog.clear()
+            version = tracker.register(model.model_uri, name, "best", metric, value, "max", data_key=data_key)
+            assert version is not None, caplog.text  # a failure would only be warned about
+            return version
+
+        assert register(kermany, 0.958) == "1" and alias() == "1"  # the first version takes it
+        assert register(iu, 0.726) == "2" and alias() == "2", caplog.text  # other data: not compared
+        assert "version 1 held it (validated on other data: not compared)" in caplog.text
+        assert register(iu, 0.70) == "3" and alias() == "2"  # same data, worse: stays
+        assert "stays on version 2: version 2 on the same data has val/auroc 0.726 >= 0.7" in caplog.text
+        assert "compared with 1 earlier version(s) validated on the same data (sha256:iu val=val)" in caplog.text
+        # The demo again, worse than its own version 1: the alias stays on IU's version 2.
+        assert register(kermany, 0.90) == "4" and alias() == "2"
+        assert "version 1 on the same data has val/auroc 0.958 >= 0.9" in caplog.text
+        assert register(iu, 0.726) == "5" and alias() == "2"  # a tie keeps the holder
+        assert register(iu, 0.80) == "6" and alias() == "6"  # better on the same data: moves
+        assert register(iu, 0.99, metric="balanced_accuracy") == "7" and alias() == "7"  # another metric
+        assert register("sha256:iu val=fold2", 0.5) == "8" and alias() == "8"  # another val split
+        assert register(iu, None) == "9" and alias() == "8"  # no value: any same-data version blocks it
+
+    tags = client.get_model_version(name, "2").tags
+    assert tags["data_key"] == iu and tags["val_metric"] == "auroc" and float(tags["val/auroc"]) == 0.726
+    assert tags["run_id"] == tracker.run_id
+    assert client.get_model_version(name, "9").tags["val/auroc"] == "nan"

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from cxr_dist.config import ModelConfig
 from cxr_dist.model.classifier import build_model
 from cxr_dist.train.loop import seed_everything
 from tests.conftest import ROOT, VENV_BIN, _env, accelerate_launch, tiny_overrides
+from tests.train_hooks import wait_until_held
 
 pytestmark = pytest.mark.slow
 
@@ -87,18 +87,17 @@ def test_ranks_hold_identical_parameters_after_phase_two(ddp_run):
 def test_kill_then_resume_matches_uninterrupted(ddp_run, tiny_shards):
     tmp, _, ref_run, ref_params = ddp_run
     run_dir = tmp / "killed"
+    hold = tmp / "killed-hold"  # tests.train_hooks holds both ranks after epoch 1's checkpoint: no race
+    hold.mkdir()
     args = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch/cpu_2proc.yaml"),
-            "-m", "tests.rank_probe", str(tmp / "killed-params"), *tiny_overrides(tiny_shards, run_dir)]
+            "-m", "tests.train_hooks", "--hold", str(hold), "tests.rank_probe", str(tmp / "killed-params"),
+            *tiny_overrides(tiny_shards, run_dir)]
     proc = subprocess.Popen(args, cwd=tmp, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    meta = run_dir / "checkpoints" / "latest" / "meta.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if meta.exists() and json.loads(meta.read_text())["progress"]["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # a crash: no clean-up, no final checkpoint
+    pids = wait_until_held(proc, hold)
+    for pid in pids:  # a crash: no clean-up, no final checkpoint (workers have sessions of their own)
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     res, _, params = probe(tmp, tiny_shards, "killed")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]

@@ -3,7 +3,7 @@
     is_dicom(src)              by content ("DICM" at byte 128), else by the ".dcm" extension
     read_dicom(src, name)      -> "L" (8-bit result) or "F" (float 0..255) PIL image, or DataError
 
-What comes out is what preprocess._read gives for a PNG or JPEG, so the same resize, intensity and
+What comes out is what preprocess.read_image gives for a PNG or JPEG, so the same resize, intensity and
 JPEG code follows (preprocess.load_film), and a DICOM film and its PNG export give the same tensor.
 
 The steps (DICOM PS3.3 C.11 and C.7.6.3.1.2):
@@ -184,7 +184,7 @@ def _decode(ds, syntax, src: str | Path | bytes) -> np.ndarray:
     """The one frame as an integer array (pydicom sign-extends Bits Stored < Bits Allocated).
 
     JPEG baseline goes to Pillow's decoder first: the libjpeg-turbo that reads .jpg files in
-    preprocess._read, so a DICOM that wraps a JPEG gives that JPEG's pixels exactly (GDCM's decoder
+    preprocess.read_image, so a DICOM that wraps a JPEG gives that JPEG's pixels exactly (GDCM's decoder
     may round its IDCT differently); the other decoders when Pillow fails. 12-bit JPEG Extended,
     which pydicom's installed plugins refuse (Pillow, GDCM's plugin), goes to GDCM's own reader.
     """

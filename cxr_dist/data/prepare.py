@@ -16,6 +16,7 @@ import time
 
 from ..config import ConfigError, DataConfig, load_config
 from ..errors import run_main
+from .index import ShardIndex
 
 USAGE = """usage: cxr-dist prepare (--data DIR | --config FILE) --out OUT [--data.FIELD VALUE ...]
 
@@ -81,25 +82,25 @@ def _check_array(a: dict) -> None:
         raise ConfigError(f"--task must be 0..{a['tasks'] - 1} for --tasks {a['tasks']}, not {a['task']}")
 
 
-def summary(index: dict, seconds: float) -> str:
+def summary(index: ShardIndex, seconds: float) -> str:
     """A few lines for the terminal: samples per split, skipped by reason, No Indexing handling."""
-    t = index["totals"]
+    t = index.totals
     lines = [f"prepared {t['samples']} images of {t['uids']} uids from {t['rows']} rows in {seconds:.1f} s "
-             f"(image_size {index['image_size']}, seed {index['seed']})"]
-    for name, sp in index["splits"].items():
-        lab = sp["labels"]
-        lines.append(f"  {name:<8} {sp['total']:>6} images {sp['uids']:>5} uids  normal {lab['normal']:>5}  "
-                     f"abnormal {lab['abnormal']:>5}  {len(sp['shards'])} shards")
-        if len(sp.get("sources", {})) > 1:
-            for src, info in sp["sources"].items():
-                lab = info["labels"]
-                lines.append(f"    {src:<8} {info['total']:>6} images {info['patients']:>5} patients  "
-                             f"normal {lab['normal']:>5}  abnormal {lab['abnormal']:>5}")
-    skipped = ", ".join(f"{k} {v}" for k, v in index["skipped"].items()) or "none"
+             f"(image_size {index.prepared.image_size}, seed {index.prepared.seed})"]
+    for name in index.split_names:
+        sp = index.split(name)
+        normal, abnormal = index.split_labels(name)
+        lines.append(f"  {name:<8} {sp.total:>6} images {sp.uids:>5} uids  normal {normal:>5}  "
+                     f"abnormal {abnormal:>5}  {len(sp.shards)} shards")
+        if len(sp.sources) > 1:
+            for src, c in sp.sources.items():
+                lines.append(f"    {src:<8} {c.total:>6} images {c.patients:>5} patients  "
+                             f"normal {c.normal:>5}  abnormal {c.abnormal:>5}")
+    skipped = ", ".join(f"{k} {v}" for k, v in index.skipped.items()) or "none"
     lines.append(f"  skipped: {skipped} (details in skipped.jsonl)")
-    ni = index["no_indexing_counts"]
+    ni = index.no_indexing_counts
     lines.append(f"  'No Indexing': {ni['images']} images of {ni['uids']} uids -> {ni['treatment']}")
-    lines.append(f"  checksum {index['checksum']}")
+    lines.append(f"  checksum {index.checksum}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@
     decode_film(jpg, input_size)                      those bytes -> PIL image, as the stream decodes them
     shard_film(...)                                   prepare's: encode_film's bytes, refusing a constant
                                                       film, and a digest of the decoded pixels (duplicates)
+    read_image, resize_image, map_intensity           load_film's three steps one by one (bench/bench_preprocess.py)
 
 A model only sees what this module gives it, so a film read by `predict` must go through exactly the
 steps its shard sample went through (read, resize, intensity, JPEG q95, decode): otherwise one
@@ -131,8 +132,9 @@ def _eight_bit(arr: np.ndarray, is_float: bool) -> np.ndarray | None:
     return None
 
 
-def _read(src: str | Path | bytes, image_size: int) -> Image.Image:
-    """Decode `src` -> "L" (8-bit sources) or "F" (float 0..255, high bit depth); DataError if unusable."""
+def read_image(src: str | Path | bytes, image_size: int) -> Image.Image:
+    """Step 1 of `load_film`: decode `src` -> "L" (8-bit sources) or "F" (float 0..255, high bit
+    depth), JPEGs drafted down to no less than `image_size`; DataError if unusable."""
     name = _name(src)
     if dicom.is_dicom(src):  # "DICM" at byte 128, or a .dcm name: decoded and windowed in dicom.py
         return dicom.read_dicom(src, name)
@@ -153,7 +155,9 @@ def _read(src: str | Path | bytes, image_size: int) -> Image.Image:
     return im.convert("L")  # RGB/RGBA/P/LA/1/CMYK: ITU-R 601 luma; the Kaggle PNGs have R = G = B
 
 
-def _resize(im: Image.Image, image_size: int, resize: str) -> Image.Image:
+def resize_image(im: Image.Image, image_size: int, resize: str) -> Image.Image:
+    """Step 2 of `load_film`: longest side `image_size` ("letterbox") or `image_size` square
+    ("squash"), LANCZOS; "L" and "F" images stay in their mode."""
     if resize == "squash":
         size = (image_size, image_size)
     else:  # letterbox
@@ -180,8 +184,9 @@ def _equalize(arr: np.ndarray, levels: int) -> np.ndarray:
     return (cdf[q] - low) * (255.0 / (cdf[-1] - low))
 
 
-def _intensity(im: Image.Image, intensity: str) -> Image.Image:
-    """"L" or "F" image -> "L" with the intensity mapping applied (then rounded and clipped)."""
+def map_intensity(im: Image.Image, intensity: str) -> Image.Image:
+    """Step 3 of `load_film`: "L" or "F" image -> "L" with the `intensity` mapping ("none",
+    "percentile", "equalize") applied, then rounded and clipped."""
     if intensity == "none" and im.mode == "L":
         return im  # the 8-bit default path: untouched, so its bytes equal the first encode_image's
     arr = np.asarray(im, dtype=np.float32)
@@ -205,7 +210,7 @@ def load_film(src: str | Path | bytes, image_size: int, resize: str = "letterbox
     ValueError for an unknown `resize`/`intensity` (the config refuses those before they get here).
     """
     _check_modes(resize, intensity)  # before reading, so that a bad mode is never reported as a bad file
-    return _intensity(_resize(_read(src, image_size), image_size, resize), intensity)
+    return map_intensity(resize_image(read_image(src, image_size), image_size, resize), intensity)
 
 
 def _check_modes(resize: str, intensity: str) -> None:
@@ -255,11 +260,11 @@ def shard_film(src: str | Path | bytes, image_size: int, resize: str = "letterbo
     before the resize). Decoded once. Raises DataError as load_film does, and ConstantImageError for a
     film that predict would refuse (`check_not_constant` on the same image predict checks)."""
     _check_modes(resize, intensity)
-    full = _read(src, image_size)
+    full = read_image(src, image_size)
     digest = pixels_digest(full)
-    small = _resize(full, image_size, resize)
-    check_not_constant(_intensity(small, "none"), _name(src))
-    return film_jpeg(_intensity(small, intensity)), digest
+    small = resize_image(full, image_size, resize)
+    check_not_constant(map_intensity(small, "none"), _name(src))
+    return film_jpeg(map_intensity(small, intensity)), digest
 
 
 def film_jpeg(film: Image.Image) -> bytes:

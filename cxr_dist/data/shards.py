@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ..config import DataConfig, sources_of
 from ..errors import DataError
 from ..fileio import write_bytes_atomic as atomic_write
-from .index import INDEX_FORMAT, INDEX_VERSION
+from .index import INDEX_FORMAT, INDEX_VERSION, ShardIndex, has_shard_index
 from ..log import bars_enabled
 from .sources.iu import label_of
 from .preprocess import ConstantImageError, shard_film
@@ -141,10 +141,7 @@ def _check_out_dir(out: Path, data_paths: list[str]) -> None:
 
 def _made_by_old_prepare(out: Path) -> bool:
     """A folder of a prepare from before the marker: its index.json says format "cxr-dist-shards"."""
-    try:
-        return json.loads((out / "index.json").read_text()).get("format") == INDEX_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return has_shard_index(out)
 
 
 def _claim(out: Path) -> None:
@@ -214,8 +211,8 @@ def _sorted_for_split(part: pd.DataFrame, seed: int, split: str, sources: list[s
     return part.sort_values("source", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
 
 
-def write_shards(data_cfg: DataConfig, out_dir: str | Path, single_split: str | None = None) -> dict:
-    """Read every source of data_cfg, split it, write shards into out_dir; return the index.
+def write_shards(data_cfg: DataConfig, out_dir: str | Path, single_split: str | None = None) -> ShardIndex:
+    """Read every source of data_cfg, split it, write shards into out_dir; return their index.
 
     Sources with role "train" are split by patient into train/val/test (or folds); sources with
     role "external" go whole into the split "external" (evaluated, never trained on). With
@@ -246,7 +243,7 @@ def _read_table(data_cfg: DataConfig, out: Path) -> tuple[list, pd.DataFrame, li
 
 def _write_output(data_cfg: DataConfig, out: Path, sources: list, df: pd.DataFrame, skipped: list[dict],
                   errors: list[tuple[str, str] | None], digests: list[str | None], jpg_of,
-                  single_split: str | None) -> dict:
+                  single_split: str | None) -> ShardIndex:
     """Everything after decoding: error skips, duplicates, the split (which depends on which images
     decoded), the shard tars, skipped.jsonl and index.json. `errors[i]` is None when row i of df
     encoded, else (skip reason, message); `digests[i]` its pixel digest; `jpg_of(i)` returns row i's
@@ -320,7 +317,7 @@ def _write_output(data_cfg: DataConfig, out: Path, sources: list, df: pd.DataFra
     for p in out.iterdir():  # shards of an earlier, larger run (ours: the folder check passed)
         if SHARD_RE.match(p.name) and p.name not in written:
             p.unlink()
-    return index
+    return ShardIndex.from_json(index, out)
 
 
 def _duplicates(records: list[dict], digests: list[str | None], ok: np.ndarray, source_order: list[str],
@@ -481,7 +478,7 @@ def write_part(data_cfg: DataConfig, out_dir: str | Path, task: int, tasks: int)
             "failed": len(meta["errors"])}
 
 
-def merge_parts(data_cfg: DataConfig, out_dir: str | Path, tasks: int) -> dict:
+def merge_parts(data_cfg: DataConfig, out_dir: str | Path, tasks: int) -> ShardIndex:
     """Combine the parts of tasks 0..tasks-1 into the shards, skipped.jsonl and index.json that
     write_shards(data_cfg, out_dir) would write (byte for byte), then delete the parts; the index.
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import DataConfig
 from .device_input import pack_jpegs
 from ..errors import DataError
-from .index import LEGACY_SOURCE, Shard, load_index, shard_list
+from .index import LEGACY_SOURCE, Shard, ShardIndex
 from .preprocess import decode_film
 from .transforms import eval_transform, train_transform, view_seed
 
@@ -254,7 +254,7 @@ class EpochLoader(DataLoader):
 
 
 def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int,
-                 index: dict | None = None, weights: dict[str, float] | None = None,
+                 index: ShardIndex, weights: dict[str, float] | None = None,
                  on_device: bool = False) -> tuple[EpochLoader, int]:
     """Augmented, shuffled training batches for ``rank`` of ``world`` from the given splits.
 
@@ -262,11 +262,10 @@ def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int,
     full. ``seed`` must be the same on every rank (the shard permutation is shared); the
     per-rank streams differ by construction. Use ``loader.set_epoch(e)`` for epoch e. With
     several sources, ``weights`` ({source: weight}, default 1 each) sets each one's share of the
-    batches. ``index``: the shard index already read (else read from data_cfg.shards_dir).
+    batches. ``index``: the shard index, read once by the entry point (index.load_index).
     ``on_device``: batches of JPEG bytes for ``device_input.DeviceInput`` (the module docstring).
     """
-    index = index or load_index(data_cfg.shards_dir)
-    shards = shard_list(index, splits)
+    shards = index.shards(splits)
     total = sum(s.count for s in shards)
     if total == 0:
         raise DataError(f"splits {splits} in {data_cfg.shards_dir} hold no samples")
@@ -277,7 +276,7 @@ def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int,
     return EpochLoader(ds, data_cfg.num_workers), batches
 
 
-def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int, index: dict | None = None,
+def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int, index: ShardIndex,
                 on_device: bool = False) -> EpochLoader:
     """Every sample of ``split`` exactly once across all ranks and workers; no augmentation.
 
@@ -285,18 +284,16 @@ def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int, index: 
     the loop). ``len(loader)`` is this rank's number of batches. ``on_device``: batches of JPEG
     bytes, for ``device_input.DeviceInput(..., augment=False)``.
     """
-    index = index or load_index(data_cfg.shards_dir)
-    ds = _ShardStream(shard_list(index, [split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0,
+    ds = _ShardStream(index.shards([split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0,
                       on_device=on_device)
     return EpochLoader(ds, data_cfg.num_workers)
 
 
 def views_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int,
-                 keyed: bool = False, index: dict | None = None) -> EpochLoader:
+                 index: ShardIndex, keyed: bool = False) -> EpochLoader:
     """Every sample of ``splits`` exactly once across ranks, in a fixed order, augmented with a
     stream seeded by (seed, epoch): ``set_epoch(v)`` gives view v. For the frozen-compute cache;
     ``keyed``: seeded per sample, the same views on any number of ranks and workers (for TTA)."""
-    index = index or load_index(data_cfg.shards_dir)
-    ds = _ShardStream(shard_list(index, splits), data_cfg, rank, world, data_cfg.num_workers, False, seed, 0,
+    ds = _ShardStream(index.shards(splits), data_cfg, rank, world, data_cfg.num_workers, False, seed, 0,
                       augment=True, keyed=keyed)
     return EpochLoader(ds, data_cfg.num_workers)

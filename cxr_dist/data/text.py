@@ -19,6 +19,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 
 from ..config import ConfigError, DataConfig
+from .index import ShardIndex
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ def clean(value: object) -> str:
         value = value.decode("utf-8", errors="replace")
     if not isinstance(value, str):
         return ""
+    # Bytes that were not UTF-8 (command-line arguments, file names: surrogate escapes) -> U+FFFD.
+    try:
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        value = value.encode("utf-8", "replace").decode("utf-8")
     return " ".join(value.split())
 
 
@@ -40,39 +46,50 @@ def joined_text(fields_text: dict, fields: Iterable[str]) -> str:
     return " ".join(f"{f}: {t}" for f, t in parts if t)
 
 
-def sample_metas(index: dict, splits: Iterable[str]) -> Iterator[tuple[str, dict]]:
+def sample_metas(index: ShardIndex, splits: Iterable[str]) -> Iterator[tuple[str, dict]]:
     """(key, json) of every sample of `splits`, reading only the json members of the shards (no
     image is decoded: a few seconds for IU)."""
-    from .index import shard_list
-
-    for shard in shard_list(index, list(splits)):
+    for shard in index.shards(list(splits)):
         with tarfile.open(shard.path) as tar:
             for member in tar:
                 if member.name.endswith(".json"):
                     yield member.name.split("/")[-1].split(".", 1)[0], json.loads(tar.extractfile(member).read())
 
 
-def read_texts(index: dict, splits: Iterable[str], fields: Iterable[str]) -> dict[str, str]:
+def text_of(value: str | dict | None, fields: Iterable[str]) -> str:
+    """A text given at prediction time -> the model's input text: a dict {field: text} is joined as
+    in training; a plain string is the first field's text (data.text_fields[0], e.g. the
+    indication); None or empty -> "" (no text)."""
+    fields = tuple(fields)
+    if isinstance(value, dict):
+        unknown = [f for f in value if f not in fields]
+        if unknown:
+            raise ValueError(f"text field(s) {', '.join(unknown)}: this model reads {', '.join(fields)}")
+        return joined_text(value, fields)
+    text = clean(value)
+    return joined_text({fields[0]: text}, fields[:1]) if text and fields else ""
+
+
+def read_texts(index: ShardIndex, splits: Iterable[str], fields: Iterable[str]) -> dict[str, str]:
     """Sample key -> joined text of `fields`, for every sample of `splits`."""
     fields = tuple(fields)
     return {key: joined_text(meta.get("text") or {}, fields) for key, meta in sample_metas(index, splits)}
 
 
-def source_text_fields(index: dict) -> dict[str, dict[str, list[str]]]:
+def source_text_fields(index: ShardIndex) -> dict[str, dict[str, list[str]]]:
     """{source: {"text_fields": [...], "label_text_fields": [...]}} from the index; sources of an
     index written before text fields existed have none."""
-    return {s["name"]: {"text_fields": list(s.get("text_fields", [])),
-                        "label_text_fields": list(s.get("label_text_fields", []))}
-            for s in index.get("sources") or [{"name": "iu"}]}
+    return {s.name: {"text_fields": list(s.text_fields), "label_text_fields": list(s.label_text_fields)}
+            for s in index.sources}
 
 
-def leaky_fields(index: dict, fields: Iterable[str]) -> list[str]:
+def leaky_fields(index: ShardIndex, fields: Iterable[str]) -> list[str]:
     """The fields of `fields` that some source's label was derived from."""
     label = {f for info in source_text_fields(index).values() for f in info["label_text_fields"]}
     return [f for f in fields if f in label]
 
 
-def check_text_fields(data: DataConfig, reads_text: bool, report_supervision: bool, index: dict) -> list[str]:
+def check_text_fields(data: DataConfig, reads_text: bool, report_supervision: bool, index: ShardIndex) -> list[str]:
     """Fail before any work when a text model's inputs are not in the shards or read the label.
 
     `reads_text`: the model reads data.text_fields at prediction time (model.kind text or
@@ -89,7 +106,7 @@ def check_text_fields(data: DataConfig, reads_text: bool, report_supervision: bo
     missing = [f for f in wanted if f not in have]
     if missing:
         where = ", ".join(f"{s}: {', '.join(i['text_fields']) or 'none'}" for s, i in per_source.items())
-        raise ConfigError(f"text field(s) {', '.join(missing)} are not in the shards {index.get('root', '')} "
+        raise ConfigError(f"text field(s) {', '.join(missing)} are not in the shards {index.root} "
                           f"(text fields per source: {where}); shards prepared before text fields existed need "
                           "`cxr-dist prepare` again")
     leaks = leaky_fields(index, data.text_fields) if reads_text else []

@@ -1,7 +1,7 @@
 """Evaluation as a library: distributed inference on a split and the reports of its predictions.
 
-    evaluate_split(model, cfg.data, split, accelerator, ...)   all ranks, gathered: training's val and end of run
-    predict_split(model, cfg.data, split, views, index, ...)    one process (GPU when present): `cxr-dist evaluate`
+    evaluate_split(model, cfg.data, split, accelerator, index, ...)   all ranks, gathered: training's val, end of run
+    predict_split(model, cfg.data, split, index, views, ...)    one process (GPU when present): `cxr-dist evaluate`
     report(preds, threshold)                                    image + study level, by view and source, baseline
 
 A split's predictions are a dict: `keys`, `uids`, `sources`, `views`, `labels`, `probs` (the
@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import dist
 from ..config import DataConfig, SourceConfig, replace, train_sources
-from ..data.index import LEGACY_SOURCE
+from ..data.index import LEGACY_SOURCE, ShardIndex
 from ..data.stream import eval_loader, views_loader
 from ..errors import UserError
 from ..model.classifier import inference_device, logits_of
@@ -97,7 +97,7 @@ def average(sets: list[dict]) -> dict:
     return {**first, "probs": np.mean([p["probs"] for p in sets], axis=0)}
 
 
-def view_loaders(data: DataConfig, split: str, rank: int, world: int, views: int = 1, index: dict | None = None,
+def view_loaders(data: DataConfig, split: str, rank: int, world: int, index: ShardIndex, views: int = 1,
                  device: torch.device | None = None):
     """Loaders that each show this rank's share of `split` once: the plain view, then views - 1
     views with the training augmentation (test-time augmentation). Each view of an image is seeded
@@ -107,23 +107,23 @@ def view_loaders(data: DataConfig, split: str, rank: int, world: int, views: int
     from ..data.device_input import DeviceInput, decode_where
 
     on_device = device is not None and decode_where(data, device) == "device"
-    plain = eval_loader(data, split, rank, world, index=index, on_device=on_device)
+    plain = eval_loader(data, split, rank, world, index, on_device=on_device)
     yield map(DeviceInput(data, device, augment=False), plain) if on_device else plain
     if views > 1:
-        loader = views_loader(replace(data, augment=True), [split], rank, world, seed=0, keyed=True, index=index)
+        loader = views_loader(replace(data, augment=True), [split], rank, world, 0, index, keyed=True)
         for view in range(views - 1):
             loader.set_epoch(view)
             yield loader
 
 
-def predict_split(model: nn.Module, data: DataConfig, split: str, views: int = 1, index: dict | None = None,
+def predict_split(model: nn.Module, data: DataConfig, split: str, index: ShardIndex, views: int = 1,
                   device: torch.device | None = None, with_features: bool = False) -> dict:
     """One process's predictions on a whole split, averaged over `views` views, on `device`
     (default: model.inference_device(), the GPU when there is one). Moves `model` there."""
     device = device or inference_device()
     model.to(device)
     return average([merge([infer(model, loader, device, with_features=with_features and v == 0)])
-                    for v, loader in enumerate(view_loaders(data, split, 0, 1, views, index, device))])
+                    for v, loader in enumerate(view_loaders(data, split, 0, 1, index, views, device))])
 
 
 PREDICTION_COLUMNS = ("split", "key", "uid", "label", "prob_abnormal")
@@ -174,21 +174,21 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, loss_fn=None,
-                   with_predictions: bool = False, batches=None, views: int = 1, index: dict | None = None,
-                   with_features: bool = False) -> dict:
+def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, index: ShardIndex, loss_fn=None,
+                   with_predictions: bool = False, batches=None, views: int = 1, with_features: bool = False) -> dict:
     """Metrics of `model` on a shard split, computed once from all ranks' predictions.
 
     A collective: every rank runs its share of the split (no collectives inside the loop, so
     uneven shares cannot hang), then predictions are gathered and deduplicated, metrics are
     computed on the main process and broadcast so that every rank steps its scheduler alike.
+    `index`: the shard index the split is read from (read once by the entry point).
     `batches` replaces the shard stream (e.g. this rank's share of a validation cache); `views`
     > 1 averages the probabilities over that many views (view_loaders; the loss is the plain view's).
     The metrics include the per-source and per-view AUROC and `source_mean_auroc` (metrics.breakdown).
     `with_features`: the predictions also hold each image's pooled features (of the plain view).
     """
     loaders = [batches] if batches is not None else view_loaders(data, split, accelerator.process_index,
-                                                                 accelerator.num_processes, views, index,
+                                                                 accelerator.num_processes, index, views,
                                                                  accelerator.device)
     sets = []
     for i, loader in enumerate(loaders):

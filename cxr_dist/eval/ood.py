@@ -43,12 +43,19 @@ def check_not_constant(img: Image.Image, name: str) -> None:
 
 
 @torch.no_grad()
-def features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass of a CXRClassifier -> (pooled 1280-d features, logits). Equal to model(x):
-    the frozen and trainable parts together are the whole backbone, then the head."""
-    bb = model.backbone
-    h = bb.forward_head(bb.forward_features(model.normalize(x)), pre_logits=True)
-    return h, model.head(h)
+def features_and_logits(model: torch.nn.Module, x: torch.Tensor,
+                        text: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of a CXRClassifier -> (what its head reads, logits). Equal to model(x):
+    the frozen and trainable parts together are the whole backbone, then the head. For an image
+    model the features are the pooled 1280-d image feature; an image+text model's head reads the
+    text embedding beside it (`text`: the model's text input, see CXRClassifier), a text model's
+    only the text embedding (then the image is not run)."""
+    h = None
+    if getattr(model, "uses_image", True):
+        bb = model.backbone
+        h = bb.forward_head(bb.forward_features(model.normalize(x)), pre_logits=True)
+    z = model.head_input(h, text, x.shape[0]) if getattr(model, "uses_text", False) else h
+    return z, model.head(z)
 
 
 class FeatureDensity:

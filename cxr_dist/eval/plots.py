@@ -5,9 +5,12 @@
 - roc_pr_figure: ROC and precision-recall curves of one evaluation;
 - confusion_figure: the 2x2 confusion matrix with counts and row percentages;
 - reliability_figure: top-label reliability diagram before and after temperature scaling.
+
+Every figure is written atomically (fileio.write_bytes_atomic).
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,15 +21,22 @@ matplotlib.use("Agg")  # before pyplot: compute nodes have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..fileio import write_bytes_atomic  # noqa: E402
+
 PANELS = (("loss", "Loss"), ("accuracy", "Accuracy"), ("f1", "F1 score"), ("auroc", "AUROC"))
 SPLIT_STYLE = {"train": dict(color="tab:blue", marker="o"), "val": dict(color="tab:orange", marker="s")}
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    """PNG bytes in memory, then one atomic write: a reader (MLflow's artifact upload, a browser,
+    a resumed run) sees the old figure or the new one, never half a PNG."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)  # long runs draw many figures; pyplot would keep them all alive
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)  # long runs draw many figures; pyplot would keep them all alive
+    write_bytes_atomic(out, buf.getvalue())
     return out
 
 
@@ -141,11 +151,8 @@ def reliability_figure(probs_before: Sequence[float], probs_after: Sequence[floa
     """Reliability diagram of the same predictions before and after calibration: accuracy against
     mean confidence per bin (calibrate.reliability_bins, the bins of calibrate.ece, whose values
     are in the legend), the diagonal of perfect calibration, and below it how many predictions
-    fall in each bin. Points under the diagonal are over-confident. Written atomically."""
-    import io
-
+    fall in each bin. Points under the diagonal are over-confident."""
     from .calibrate import ece, reliability_bins
-    from ..fileio import write_bytes_atomic
 
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", label="perfect calibration")
@@ -164,10 +171,4 @@ def reliability_figure(probs_before: Sequence[float], probs_after: Sequence[floa
     for a in (ax, ax_n):
         a.grid(True, alpha=0.3)
     fig.tight_layout()
-    # Atomic: a reader (MLflow artifact upload, a browser) never sees half a PNG.
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    out = Path(path)
-    write_bytes_atomic(out, buf.getvalue())
-    return out
+    return _save(fig, path)

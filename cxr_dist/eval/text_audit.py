@@ -17,13 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from ..errors import UserError, run_main
+
+if TYPE_CHECKING:  # annotations only: the data stage is imported after `--help`, inside the functions
+    from ..data.index import ShardIndex
 
 LEAK_AUROC = 0.9  # a text-only AUROC above this says: the label can be read from the text
 
 
-def study_texts(index: dict, split: str, fields: tuple[str, ...]) -> tuple[list[str], list[int]]:
+def study_texts(index: ShardIndex, split: str, fields: tuple[str, ...]) -> tuple[list[str], list[int]]:
     """One (joined text, label) per study of `split` (the first sample of each uid)."""
     from ..data.text import joined_text, sample_metas
 
@@ -38,7 +42,7 @@ def study_texts(index: dict, split: str, fields: tuple[str, ...]) -> tuple[list[
     return texts, labels
 
 
-def audit_field(index: dict, fields: tuple[str, ...], train_split: str = "train", val_split: str = "val") -> dict:
+def audit_field(index: ShardIndex, fields: tuple[str, ...], train_split: str = "train", val_split: str = "val") -> dict:
     """Validation AUROC (study level, with a bootstrap interval) of TF-IDF + logistic regression
     on `fields` alone; "auroc" is None when the texts are empty or val has one class."""
     import numpy as np
@@ -66,7 +70,7 @@ def audit_field(index: dict, fields: tuple[str, ...], train_split: str = "train"
     return out
 
 
-def audit(index: dict, fields: list[tuple[str, ...]], train_split: str = "train", val_split: str = "val") -> list[dict]:
+def audit(index: ShardIndex, fields: list[tuple[str, ...]], train_split: str = "train", val_split: str = "val") -> list[dict]:
     """`audit_field` for each group of fields, each row marked with whether some source's label was
     derived from one of its fields (`label_field`) and whether the text alone reads the label (`leak`)."""
     from ..data.text import leaky_fields
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise UserError(f"--fields {' '.join(unknown)}: not in the shards (they have: {', '.join(have)})")
     for split in ("train", "val"):
-        if split not in index["splits"]:
+        if not index.has_split(split):
             raise UserError(f"the shards in {args.shards} have no {split!r} split (k-fold shards: not supported yet)")
     groups = [(f,) for f in have] + ([tuple(args.fields)] if args.fields and len(args.fields) > 1 else [])
     rows = audit(index, groups)

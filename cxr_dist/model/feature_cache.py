@@ -38,6 +38,7 @@ from ..log import progress
 from ..config import Config, DataConfig, to_dict
 from .frozen_runtime import attached, build_runner, calibration_batches
 from .classifier import CXRClassifier
+from ..data.index import ShardIndex
 from ..data.stream import eval_loader, views_loader
 
 
@@ -69,15 +70,15 @@ class FeatureCache:
 @torch.no_grad()
 def build_cache(model: CXRClassifier, data: DataConfig, splits: list[str], rank: int, world: int,
                 views: int, seed: int, device: torch.device, augment: bool, show: bool,
-                index: dict | None = None) -> FeatureCache:
+                index: ShardIndex) -> FeatureCache:
     """frozen_forward of every sample of `splits` on this rank, `views` times (augmented if
     `augment`), at the model's current depth (set_phase)."""
     was_training = model.training
     model.eval()
     per_view, labels, keys, uids = [], None, None, None
     for v in range(views):
-        loader = (views_loader(data, splits, rank, world, seed, index=index) if augment
-                  else eval_loader(data, splits[0], rank, world, index=index))
+        loader = (views_loader(data, splits, rank, world, seed, index) if augment
+                  else eval_loader(data, splits[0], rank, world, index))
         loader.set_epoch(v)
         feats, lab, ks, us, srcs, vws = [], [], [], [], [], []
         bar = progress(len(loader), f"caching {'+'.join(splits)} view {v + 1}/{views} (batches)", show)
@@ -201,7 +202,7 @@ def cached_on_disk(path: Path, build: Callable[[], FeatureCache], log: Callable[
     return cache
 
 
-def frozen_caches(cfg: Config, model: CXRClassifier, index: dict, train_splits: list[str], val_split: str,
+def frozen_caches(cfg: Config, model: CXRClassifier, index: ShardIndex, train_splits: list[str], val_split: str,
                   accelerator) -> tuple[FeatureCache, FeatureCache]:
     """This rank's train and val caches of the frozen part, loaded from train.cache_dir or built.
 
@@ -216,7 +217,7 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: dict, train_splits: 
     # Everything the cached tensors depend on; the frozen part does not depend on the head.
     # (The text settings do not change image features: an image+text run shares the image-only cache.)
     data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("text_fields", "allow_label_leakage", "report_fields")}
-    inputs = {"data": data, "checksum": index.get("checksum", ""), "seed": t.seed,
+    inputs = {"data": data, "checksum": index.checksum, "seed": t.seed,
               "backbone": [cfg.model.backbone, cfg.model.pretrained, cfg.model.weights],
               "depth": depth, "rank": rank, "world": world}
     if cfg.model.frozen_backend == "int8":  # other numerics: never mixed with an fp32 cache
@@ -242,7 +243,7 @@ class FastFrozen:
     device is the CPU. The runner is built (or its export loaded from `cache_dir`) once, and only
     if some work has to be done."""
 
-    def __init__(self, cfg: Config, model: CXRClassifier, depth: int, index: dict, calib_split: str,
+    def __init__(self, cfg: Config, model: CXRClassifier, depth: int, index: ShardIndex, calib_split: str,
                  cache_dir: Path, accelerator) -> None:
         self.cfg, self.model, self.depth, self.index = cfg, model, depth, index
         self.calib_split, self.cache_dir, self.accelerator = calib_split, cache_dir, accelerator
@@ -253,7 +254,7 @@ class FastFrozen:
         if backend == "eager" or self.accelerator.device.type != "cpu":
             return build()
         if self.runner is None:
-            calib = (calibration_batches(self.cfg.data, self.calib_split, index=self.index)
+            calib = (calibration_batches(self.cfg.data, self.calib_split, self.index)
                      if backend == "int8" else None)
             self.runner = build_runner(self.model, backend, self.depth, self.cfg.data.input_size, self.cache_dir,
                                        calibration=calib, log=self.accelerator.print)

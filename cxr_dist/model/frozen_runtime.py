@@ -44,13 +44,15 @@ from torch import nn
 from ..config import FROZEN_BACKENDS, ConfigError, DataConfig
 from ..fileio import write_bytes_atomic
 from .classifier import CXRClassifier, frozen_part, normalize_input
+from ..data.index import ShardIndex
 from ..data.stream import eval_loader
 
 EXPORT_FORMAT = 1  # bump when the exported graph changes, so old files are not reused
 
 
-class _FrozenPart(nn.Module):
-    """The frozen part at `depth` on already-normalised input: what gets exported."""
+class FrozenPart(nn.Module):
+    """The frozen part of `model` at `depth` as a module of its own, on already-normalised input:
+    what gets exported (and what bench/bench_frozen.py times)."""
 
     def __init__(self, model: CXRClassifier, depth: int) -> None:
         super().__init__()
@@ -97,7 +99,7 @@ def build_runner(model: CXRClassifier, backend: str, depth: int, input_size: int
     threads = threads or torch.get_num_threads()
     was_training = model.training
     model.eval()
-    part = _FrozenPart(model, depth).eval()
+    part = FrozenPart(model, depth).eval()
     mean, std = model.mean.cpu(), model.std.cpu()
     try:
         if backend == "channels_last":
@@ -129,11 +131,10 @@ def attached(model: CXRClassifier, runner: FrozenRunner | None) -> Iterator[CXRC
         model.frozen_runner = before
 
 
-def calibration_batches(data: DataConfig, split: str, n_images: int = 128,
-                        index: dict | None = None) -> list[torch.Tensor]:
+def calibration_batches(data: DataConfig, split: str, index: ShardIndex, n_images: int = 128) -> list[torch.Tensor]:
     """The first `n_images` images of `split` (unaugmented, the same on every rank): int8 ranges."""
     out, n = [], 0
-    for batch in eval_loader(data, split, 0, 1, index=index):
+    for batch in eval_loader(data, split, 0, 1, index):
         out.append(batch["image"][: n_images - n])
         n += len(out[-1])
         if n >= n_images:
@@ -144,7 +145,7 @@ def calibration_batches(data: DataConfig, split: str, n_images: int = 128,
 # ---------------------------------------------------------------------- engines
 
 
-def _channels_last(part: _FrozenPart) -> Callable[[torch.Tensor], torch.Tensor]:
+def _channels_last(part: FrozenPart) -> Callable[[torch.Tensor], torch.Tensor]:
     import copy
 
     nhwc = copy.deepcopy(part).to(memory_format=torch.channels_last)  # the model itself stays NCHW
@@ -187,7 +188,7 @@ def weights_hash(part: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _exported(part: _FrozenPart, depth: int, input_size: int, work_dir: Path, log: Callable[[str], None]) -> Path:
+def _exported(part: FrozenPart, depth: int, input_size: int, work_dir: Path, log: Callable[[str], None]) -> Path:
     """The fp32 ONNX file of `part`: loaded from `work_dir` when there, else exported (atomically)."""
     key = hashlib.sha256(f"{EXPORT_FORMAT}-{weights_hash(part)}-{depth}-{input_size}-{torch.__version__}".encode())
     path = work_dir / f"frozen-d{depth}-{input_size}px-{key.hexdigest()[:16]}.onnx"

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         datas = [replace(p.data, batch_size=args.batch_size, shards_dir=shards) for p in products]
         index = load_index(shards)
         splits = list(dict.fromkeys([args.split] + (["val"] if threshold is None else [])))
+        for product, data in zip(products, datas):  # models that read text: the shards' texts
+            product.attach_text(index, [train_val_splits(data)[1] if s == "val" else s for s in splits])
         runners = [fast_runner(p, Path(tmp) / f"frozen-{i}") for i, p in enumerate(products)]
         preds = {}
         for name in splits:
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             sets = []
             for product, data, runner in zip(products, datas, runners):
                 with attached(product.model, runner):
-                    raw = predict_split(product.model, data, split, args.tta, index, with_features=with_features)
+                    raw = predict_split(product.model, data, split, index, args.tta, with_features=with_features)
                 sets.append(product.readout.apply_split(raw))  # calibration per checkpoint, then the mean
             preds[name] = average(sets)
             if len(sets) > 1:  # an ensemble: these columns belong to one model each

@@ -146,6 +146,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, calibrated: bool = T
     from .inference import CalibratedClassifier
 
     product = _load(checkpoint, calibrated)
+    if product.model.uses_text:
+        # The graph would need the tokenizer (not an ONNX op) or token ids as a second input.
+        raise UserError(f"{checkpoint}: a model of kind {product.model.kind!r} reads text; ONNX export covers "
+                        "image models only (serve it with `mlflow models serve`, or predict with --text)")
     data, meta, temperature = product.data, product.meta, product.temperature
     wrapper = CalibratedClassifier(product.model, temperature).eval()
     example = torch.randint(0, 256, (2, 1, data.input_size, data.input_size), dtype=torch.uint8)

@@ -47,12 +47,14 @@ from .readout import Readout
 @dataclass
 class Film:
     """One input of a product: the film as `read_film` returns it, its name (a file name, or
-    "row 3": it names errors and seeds the test-time views) and, for image+text models to come,
-    a report text (unused by image-only models)."""
+    "row 3": it names errors and seeds the test-time views) and, for image+text and text models,
+    its text: {field: text} (e.g. {"indication": "Cough."}), or a plain string taken as the first
+    of the run's data.text_fields, or None (no text: the model's no-text embedding, or a refusal
+    with model.text_missing = "refuse"). Image-only models ignore it."""
 
     image: Image.Image
     name: str
-    text: str | None = None
+    text: str | dict | None = None
 
 
 @dataclass
@@ -93,19 +95,62 @@ class Product:
     density = property(lambda self: self.readout.density)
     ood_threshold = property(lambda self: self.readout.ood_threshold)
 
-    def read(self, src: str | Path | bytes, name: str, text: str | None = None) -> Film:
-        """A file or encoded bytes -> a Film, read with the run's settings (read_film)."""
-        return Film(read_film(src, name, self.data), name, text)
+    def read(self, src: str | Path | bytes, name: str, text: str | dict | None = None) -> Film:
+        """A file or encoded bytes (and its text, for a model that reads text) -> a Film, read with
+        the run's settings (read_film). FilmError for a film that cannot be read, a text field the
+        run does not read, or no text for a model with model.text_missing = "refuse"."""
+        film = Film(read_film(src, name, self.data), name, text)
+        self.text_input([film])  # the text's problems, now: the film is reported, not the batch
+        return film
 
     def outputs(self, probs: np.ndarray, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The network's raw outputs (P(abnormal) per input, pooled features) -> the product's
         (calibrated probability, label, OOD score and flag): Readout.apply."""
         return self.readout.apply(probs, features)
 
+    def attach_text(self, index: dict, splits: list[str]) -> None:
+        """For a model that reads text, evaluated on shards: the text of every sample of `splits`
+        (each sample's json; empty for sources without text), embedded by the checkpoint's own
+        encoder, looked up by key as in training. Nothing for an image model."""
+        if not self.model.uses_text:
+            return
+        from ..data.text import read_texts
+        from ..model.text_inputs import build_table
+
+        texts = read_texts(index, splits, self.data.text_fields)
+        self.model.text_table = build_table(texts, self.model.text_encoder, None, "input", log=lambda _m: None)
+
+    def text_input(self, films: list[Film]) -> tuple[dict | None, list[bool]]:
+        """The model's text input for `films` (None for an image model) and, per film, whether its
+        text was cut at model.max_tokens. A film without text gets the no-text embedding; with
+        model.text_missing = "refuse" it is a FilmError, and so is a text field the run does not read."""
+        if not self.model.uses_text:
+            return None, [False] * len(films)
+        from ..data.text import text_of
+
+        texts = []
+        for f in films:
+            try:
+                text = text_of(f.text, self.data.text_fields)
+            except ValueError as e:
+                raise FilmError(f.name, str(e)) from None
+            if not text and self.model_config.text_missing == "refuse":
+                raise FilmError(f.name, f"this model reads text ({', '.join(self.data.text_fields)}) and "
+                                        "model.text_missing = 'refuse': give it (predict --text FIELD=TEXT)")
+            texts.append(text)
+        encoder = self.model.text_encoder
+        cut = [bool(encoder.tokenize([t])[1]) if t else False for t in texts]
+        tokens, _ = encoder.tokenize(texts)
+        text = {k: v.to(self.device) for k, v in tokens.items()}
+        text["has"] = torch.tensor([bool(t) for t in texts], device=self.device)
+        return text, cut
+
     @torch.no_grad()
     def raw(self, films: list[Film]) -> tuple[np.ndarray, np.ndarray]:
         """The network alone: P(abnormal) per film (float64, the mean over the views) and the
-        pooled features of the plain view (float32, N x D)."""
+        features its head read for the plain view (float32, N x D: the pooled image feature, with
+        the text embedding beside it for an image+text model)."""
+        text, _ = self.text_input(films)
         plain = eval_transform(self.data.input_size)
         augment = train_transform(self.data.input_size, self.data.shift_augment)
         keys = [sample_key(f.name) for f in films]
@@ -114,7 +159,7 @@ class Product:
         for view in range(self.views):  # view 0 plain; view v the augmented view v-1, as in evaluate --tta
             x = torch.stack([plain(f.image) if view == 0 else seeded_transform(augment, f.image, view_seed(0, view - 1, key))
                              for f, key in zip(films, keys)])
-            h, logits = features_and_logits(self.model, x.to(self.device))
+            h, logits = features_and_logits(self.model, x.to(self.device), text)
             probs += torch.softmax(logits.float(), 1)[:, 1].double().cpu()
             if view == 0:
                 feats = h.float().cpu().numpy()
@@ -127,12 +172,17 @@ class Product:
         films = [f if isinstance(f, Film) else Film(*f) for f in films]
         if not films:
             return []
+        _, cut = self.text_input(films)
         probs, feats = self.raw(films)
         got = self.outputs(probs, feats)
         out = []
         for i in range(len(films)):
             row = {"prob_abnormal": round(float(got["prob_abnormal"][i]), 6),
                    "prob_uncalibrated": round(float(got["prob_uncalibrated"][i]), 6), "views": self.views}
+            if self.model.uses_text:  # what the model read besides the film
+                row["text"] = text_present(films[i].text)
+                if cut[i]:
+                    row["text_truncated"] = True
             if "abnormal" in got:
                 row["label"] = "abnormal" if got["abnormal"][i] else "normal"
             if "ood_score" in got:
@@ -141,6 +191,15 @@ class Product:
                 row["ood_flag"] = bool(got["ood_flag"][i])
             out.append(row)
         return out
+
+
+def text_present(value: str | dict | None) -> bool:
+    """Whether a film came with any text."""
+    from ..data.text import clean
+
+    if isinstance(value, dict):
+        return any(clean(v) for v in value.values())
+    return bool(clean(value))
 
 
 def load_product(checkpoint: str | Path, **kwargs) -> Product:

@@ -22,6 +22,7 @@ from typing import Any
 from .. import __version__
 from ..eval.calibrate import apply_temperature
 from ..config import Config, SourceConfig, sources_of, train_sources
+from ..data.index import Counts, Preparation, ShardIndex
 from ..fileio import write_bytes_atomic
 
 CARD_NAME = "MODEL_CARD.md"
@@ -33,7 +34,7 @@ SMALL_N = 200  # test images below which the card warns whatever the interval
 NOT_FOR_CLINICAL_USE = "Research use only, not for clinical use."
 
 
-def write_model_card(cfg: Config, index: dict | None, evaluation: dict, run_dir: str | Path, *,
+def write_model_card(cfg: Config, index: ShardIndex | None, evaluation: dict, run_dir: str | Path, *,
                      temperature: float | None = None, calibration: dict | None = None, ood: dict | None = None,
                      evaluation_calibrated: bool = False) -> Path:
     """Write RUN_DIR/MODEL_CARD.md atomically and return its path.
@@ -51,7 +52,7 @@ def write_model_card(cfg: Config, index: dict | None, evaluation: dict, run_dir:
     return path
 
 
-def model_card(cfg: Config, index: dict | None, evaluation: dict, *, temperature: float | None = None,
+def model_card(cfg: Config, index: ShardIndex | None, evaluation: dict, *, temperature: float | None = None,
                calibration: dict | None = None, ood: dict | None = None, evaluation_calibrated: bool = False) -> str:
     """The card as Markdown text (write_model_card writes it)."""
     if temperature is None and calibration:
@@ -149,19 +150,16 @@ def label_definition(src: SourceConfig) -> str:
     return f"{where}: normal = {normal}; abnormal = {abnormal} (case-insensitive; any other value refused)"
 
 
-def _split_sources(index: dict) -> dict[str, dict[str, dict]]:
+def _split_sources(index: ShardIndex) -> dict[str, dict[str, Counts]]:
     """{split: {source: counts}} from the index; a version-1 index is one source, "iu"."""
-    out = {}
-    for split, info in index.get("splits", {}).items():
-        out[split] = info.get("sources") or {"iu": {k: info.get(k) for k in ("total", "labels", "patients")}}
-    return out
+    return {split: index.sources_in(split) for split in index.split_names}
 
 
-def _data(cfg: Config, index: dict | None) -> str:
+def _data(cfg: Config, index: ShardIndex | None) -> str:
     per_split = _split_sources(index) if index else {}
     rows, labels = [], []
     for s in sources_of(cfg.data):
-        images = ", ".join(f"{sp} {c[s.name].get('total', 0)}" for sp, c in per_split.items() if s.name in c)
+        images = ", ".join(f"{sp} {c[s.name].total}" for sp, c in per_split.items() if s.name in c)
         role = "trained on (train/val/test)" if s.role == "train" else "external (evaluated only, never trained on)"
         rows.append([s.name, s.format, Path(s.path).name or "(not set)", role, s.licence or "not stated",
                      images or "n/a"])
@@ -171,29 +169,28 @@ def _data(cfg: Config, index: dict | None) -> str:
                       "", "Label definition (abnormal is the positive class):", "", *labels])
 
 
-def _views(counts: dict) -> str:
-    views = counts.get("views") or {}
-    return ", ".join(f"{v or 'unknown'} {c.get('normal', 0)}/{c.get('abnormal', 0)}" for v, c in views.items()) or "n/a"
+def _views(counts: Counts) -> str:
+    return ", ".join(f"{v or 'unknown'} {normal}/{abnormal}" for v, (normal, abnormal) in counts.views.items()) or "n/a"
 
 
-def _splits(cfg: Config, index: dict | None) -> str:
-    idx = index or {}
-    seed = idx.get("seed", cfg.data.seed)
+def _splits(cfg: Config, index: ShardIndex | None) -> str:
     # What the shards were made with (the index) over what the config says now.
-    val, test = idx.get("val_frac", cfg.data.val_frac), idx.get("test_frac", cfg.data.test_frac)
-    k = idx.get("k_folds", cfg.data.k_folds)
+    made = index.prepared if index is not None else Preparation()
+    seed = cfg.data.seed if made.seed is None else made.seed
+    val = cfg.data.val_frac if made.val_frac is None else made.val_frac
+    test = cfg.data.test_frac if made.test_frac is None else made.test_frac
+    k = cfg.data.k_folds if made.k_folds is None else made.k_folds
     how = (f"By patient (all films of a patient in one split), stratified by label, per training source, seeded "
            f"(seed {seed}): {val:.0%} of patients for validation, {test:.0%} for test")
     how += (f"; the rest cut into {k} folds, fold {cfg.data.fold} validating." if k else ", the rest for training.")
     how += " External sources form the `external` split whole."
-    if not idx.get("splits"):
+    if index is None or not index.split_names:
         return f"## Splits\n\n{how}\n\nNo shard index was available: counts unknown."
     rows = []
-    for split, sources in _split_sources(idx).items():
+    for split, sources in _split_sources(index).items():
         for source, c in sources.items():
-            lab = c.get("labels") or {}
-            rows.append([split, source, c.get("total", "n/a"), lab.get("normal", "n/a"), lab.get("abnormal", "n/a"),
-                         c.get("patients", "n/a"), _views(c)])
+            rows.append([split, source, c.total, c.normal, c.abnormal, "n/a" if c.patients is None else c.patients,
+                         _views(c)])
     table = _table(["split", "source", "images", "normal", "abnormal", "patients", "views (normal/abnormal)"], rows)
     return f"## Splits\n\n{how}\n\n{table}"
 
@@ -302,6 +299,15 @@ def limitations(cfg: Config, evaluation: dict, calibration: dict | None = None) 
     """Known limitations: those computed from evaluation.json first, then the fixed ones."""
     reports = _reports(evaluation)
     out = []
+    if cfg.model.kind != "image" and cfg.data.allow_label_leakage:  # the leak comes first, before any number
+        out.append(f"**LABEL LEAKAGE.** This model reads {', '.join(cfg.data.text_fields)} at prediction time "
+                   "with data.allow_label_leakage = true: a field the label was derived from (IU: findings, "
+                   "impression) states the label, so every score below measures the leak, not the film. "
+                   "Not a model to use; see docs/text.md.")
+    elif cfg.model.kind != "image":
+        out.append(f"Reads text besides the film ({', '.join(cfg.data.text_fields)}): a film without it is scored "
+                   "from the image and a learned no-text input (modality dropout "
+                   f"{cfg.model.modality_dropout}); its scores on sources without text measure that path.")
     for name, rep in reports.items():
         spread = rep.get("normal_prob_spread_across_views")
         if _finite(spread) and spread > VIEW_SPREAD:

@@ -70,11 +70,15 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
 
 def predict_rows(checkpoint: str, images: list[str], batch_size: int = 16, views: int | None = None,
                  threshold: float | None = None, calibrated: bool = True,
-                 cam_dir: str | None = None) -> Iterator[dict]:
+                 cam_dir: str | None = None, texts: dict[str, str | dict] | None = None,
+                 text: str | dict | None = None) -> Iterator[dict]:
     """One dict per input film, in order, as each batch is done: `image` (its path) and either
     `error` (why it got no prediction) or prob_abnormal, prob_uncalibrated, views, and label /
     ood_score / ood_flag when the checkpoint (or `threshold`) provides them, and `cam` (the overlay
-    written into `cam_dir`; names unique across the whole command)."""
+    written into `cam_dir`; names unique across the whole command). For a model that reads text:
+    `texts` maps an input path to its text (read_texts_csv), `text` is every other film's (a
+    {field: text} dict or a plain string for the first field); a row then says whether the model
+    read a text (`text`) and whether it was cut at model.max_tokens (`text_truncated`)."""
     from .inference import FilmError, Product
 
     product = Product.load(checkpoint, calibrated=calibrated, views=views, threshold=threshold)
@@ -85,12 +89,12 @@ def predict_rows(checkpoint: str, images: list[str], batch_size: int = 16, views
         for path, problem in items[start:start + batch_size]:
             if problem is None:
                 try:
-                    films.append(product.read(Path(path), path))
+                    films.append(product.read(Path(path), path, (texts or {}).get(path, text)))
                 except FilmError as e:
                     problem = e.reason
             rows.append({"image": path, "error": problem} if problem else {"image": path})
         results = product.predict(films)
-        if cam_dir and films:
+        if cam_dir and films and not product.model.uses_text:  # Grad-CAM: image models only
             import torch
 
             from ..data.transforms import eval_transform
@@ -107,9 +111,50 @@ def predict_rows(checkpoint: str, images: list[str], batch_size: int = 16, views
 
 
 def predict(checkpoint: str, images: list[str], batch_size: int = 16, views: int | None = None,
-            threshold: float | None = None, calibrated: bool = True, cam_dir: str | None = None) -> list[dict]:
+            threshold: float | None = None, calibrated: bool = True, cam_dir: str | None = None,
+            texts: dict[str, str | dict] | None = None, text: str | dict | None = None) -> list[dict]:
     """predict_rows as a list (a row with `error` for each input that could not be read)."""
-    return list(predict_rows(checkpoint, images, batch_size, views, threshold, calibrated, cam_dir))
+    return list(predict_rows(checkpoint, images, batch_size, views, threshold, calibrated, cam_dir, texts, text))
+
+
+def parse_text(values: list[str] | None) -> str | dict | None:
+    """`--text` values -> a film's text: FIELD=TEXT pairs -> {field: text}; one plain TEXT -> that
+    string (the model's first text field)."""
+    if not values:
+        return None
+    pairs = [v.split("=", 1) for v in values]
+    if len(values) == 1 and (len(pairs[0]) == 1 or not pairs[0][0].isidentifier()):
+        return values[0]
+    bad = [v for v, p in zip(values, pairs) if len(p) == 1 or not p[0].isidentifier()]
+    if bad:
+        raise UserError(f"--text {bad[0]!r}: with several --text, each is FIELD=TEXT (e.g. --text indication=Cough.)")
+    return {k: v for k, v in pairs}
+
+
+def read_texts_csv(path: str) -> tuple[list[str], dict[str, dict]]:
+    """A CSV with a column `image` (a file path, relative to the CSV's folder or absolute) and one
+    column per text field (e.g. indication, comparison), or a column `text` (the first field) ->
+    (the image paths in order, {path: text}). Cells may be empty (no text); bytes that are not
+    UTF-8 become U+FFFD."""
+    import csv
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--csv {path}: no such file")
+    with open(file, newline="", encoding="utf-8", errors="replace") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "image" not in rows[0]:
+        raise UserError(f"--csv {path}: needs a header with a column 'image' (and text columns such as indication)")
+    images, texts = [], {}
+    for row in rows:
+        image = (row.pop("image") or "").strip()
+        if not image:
+            continue
+        image = str(Path(image) if Path(image).is_absolute() else file.parent / image)
+        images.append(image)
+        extra = {k: v for k, v in row.items() if k is not None}
+        texts[image] = extra["text"] if set(extra) == {"text"} else extra
+    return images, texts
 
 
 def printable(text: str, stream=None) -> str:
@@ -130,7 +175,10 @@ def table_line(row: dict) -> str:
     """One result as a line of the table: probability, label, OOD score and flag, file."""
     label = f"{row['label']:<8}  " if "label" in row else ""
     ood = f"ood {row['ood_score']:7.1f}{' FLAG' if row['ood_flag'] else '     '}  " if "ood_score" in row else ""
-    return f"{row['prob_abnormal']:.4f}  {label}{ood}{printable(row['image'])}"
+    text = ""
+    if "text" in row:  # a model that reads text: did it get one (cut at model.max_tokens?)
+        text = f"{'text, cut' if row.get('text_truncated') else 'text' if row['text'] else 'no text':<9}  "
+    return f"{row['prob_abnormal']:.4f}  {label}{ood}{text}{printable(row['image'])}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,16 +191,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uncalibrated", action="store_true", help="the network's own probability, no temperature")
     ap.add_argument("--cam", metavar="DIR", help="also write a Grad-CAM heat-map overlay PNG per image into DIR")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    ap.add_argument("images", nargs="+", metavar="IMAGE",
+    ap.add_argument("--text", action="append", metavar="FIELD=TEXT",
+                    help="for a model that reads text (model.kind text or image+text): the text of every film, "
+                         "e.g. --text 'indication=Positive TB test.' --text comparison=None. (a plain TEXT is the "
+                         "first of the run's data.text_fields); without it the model predicts from the film alone")
+    ap.add_argument("--csv", metavar="FILE",
+                    help="films and their texts: a CSV with a column image (paths relative to the CSV) and one "
+                         "column per text field (or a column text)")
+    ap.add_argument("images", nargs="*", metavar="IMAGE",
                     help="image files (PNG, JPEG, WebP, DICOM) or folders (their image files, sorted)")
     args = ap.parse_args(argv)
+    texts = None
+    if args.csv:
+        listed, texts = read_texts_csv(args.csv)
+        args.images = [*args.images, *listed]
+    if not args.images:
+        ap.error("give image files or folders, or --csv FILE")
     if args.tta is not None and args.tta < 1:
         raise UserError(f"--tta must be at least 1 (views per image), not {args.tta}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], not {args.threshold}")
     failed = 0
     for row in predict_rows(args.checkpoint, args.images, views=args.tta, threshold=args.threshold,
-                            calibrated=not args.uncalibrated, cam_dir=args.cam):
+                            calibrated=not args.uncalibrated, cam_dir=args.cam, texts=texts,
+                            text=parse_text(args.text)):
         if "error" in row:
             failed += 1
             print(f"{PROG}: {printable(row['image'], sys.stderr)}: {row['error']}", file=sys.stderr, flush=True)

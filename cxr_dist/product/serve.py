@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -45,7 +46,28 @@ from ..errors import UserError
 INPUT_SCHEMA = Schema([ColSpec("string", "image")])
 OUTPUT_SCHEMA = Schema([ColSpec("double", "prob_abnormal"), ColSpec("double", "prob_uncalibrated"),
                         ColSpec("string", "label", required=False), ColSpec("double", "ood_score", required=False),
-                        ColSpec("boolean", "ood_flag", required=False)])
+                        ColSpec("boolean", "ood_flag", required=False), ColSpec("boolean", "text", required=False),
+                        ColSpec("boolean", "text_truncated", required=False)])
+
+
+def input_schema(text_fields: tuple[str, ...] = ()) -> Schema:
+    """The request's columns: `image`, and for a model that reads text the optional `text` (the
+    first text field) and one optional column per text field (e.g. indication, comparison)."""
+    if not text_fields:
+        return INPUT_SCHEMA
+    return Schema([ColSpec("string", "image"), ColSpec("string", "text", required=False),
+                   *(ColSpec("string", f, required=False) for f in text_fields)])
+
+
+def row_text(row: dict, fields: tuple[str, ...]) -> str | dict | None:
+    """A request row's text: its text-field columns as {field: text}, else its `text` column, else
+    None (a null cell is no text)."""
+    given = {f: row[f] for f in fields if f in row and isinstance(row[f], str)}
+    if given:
+        if isinstance(row.get("text"), str):
+            raise ValueError(f"give either 'text' or the columns {', '.join(fields)}, not both")
+        return given
+    return row["text"] if isinstance(row.get("text"), str) else None
 # The file MLflow runs to build the model ("models from code": nothing unpickled).
 _MODEL_CODE = "import mlflow\nfrom cxr_dist.product.serve import CXRPyfunc\n\nmlflow.models.set_model(CXRPyfunc())\n"
 MAX_IMAGE_BYTES = 64 << 20  # a film larger than this (decoded from base64) is refused
@@ -63,10 +85,11 @@ class CXRPyfunc(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise _bad("the request needs a column 'image' of base64-encoded films")
         films, errors = [], []
-        for i, value in enumerate(model_input["image"].tolist()):
+        fields = tuple(self.product.data.text_fields) if self.product.model.uses_text else ()
+        for i, row in enumerate(model_input.to_dict("records")):
             name = f"row {i}"
             try:
-                films.append(self.product.read(film_bytes(value), name))
+                films.append(self.product.read(film_bytes(row["image"]), name, row_text(row, fields)))
             except ValueError as e:  # not base64, empty, too large
                 errors.append(f"{name}: {e}")
             except UserError as e:  # inference.FilmError "row i: reason": unreadable, wrong DICOM, constant image...
@@ -136,8 +159,12 @@ def log_servable(tracker, checkpoint_dir: Path, example_image: bytes | None = No
         example = None
         if example_image is not None:
             example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})
+        # A model that reads text takes it in optional columns (its text fields, or `text`).
+        config = json.loads((Path(checkpoint_dir) / "meta.json").read_text()).get("config", {})
+        reads_text = config.get("model", {}).get("kind", "image") != "image"
+        fields = tuple(config.get("data", {}).get("text_fields", ())) if reads_text else ()
         return tracker.log_pyfunc(
             name=name, python_model=str(code), artifacts={"checkpoint": str(checkpoint_dir)},
             code_paths=[str(Path(cxr_dist.__file__).parent)],
-            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA), input_example=example,
+            signature=ModelSignature(inputs=input_schema(fields), outputs=OUTPUT_SCHEMA), input_example=example,
             pip_requirements=model_requirements())

@@ -32,12 +32,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable
 
+from .. import fileio
 from ..config import TrackingConfig
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id.txt"
+# Model-version tags: what the version was validated on (`data_key`: the shards' index checksum and
+# the val split) and by which metric (`val_metric`; its value is the tag val/<metric>). The alias
+# compares a new version only with versions of the same data_key and metric.
+DATA_KEY_TAG = "data_key"
+VAL_METRIC_TAG = "val_metric"
 DEFAULT_EXPERIMENT = TrackingConfig.experiment  # "cxr-dist"
 # k-fold campaigns: every run of a campaign (parent and folds) has the tag campaign=<id>; the parent
 # also has CAMPAIGN_PARENT_TAG ("pending" while it is being elected, then "confirmed"), and each
@@ -224,9 +230,11 @@ class Tracker:
         return None
 
     def register(self, model_uri: str, name: str, alias: str, metric: str, value: float | None,
-                 mode: str = "max") -> str | None:
-        """Register `model_uri` as a new version of `name`; move `alias` to it when `value` (the
-        run's `metric`) beats the alias's current version. Returns the new version."""
+                 mode: str = "max", data_key: str = "") -> str | None:
+        """Register `model_uri` as a new version of `name`, tagged with what it was validated on
+        (`data_key`: the shards' checksum and val split) and its `metric` value. `alias` moves to
+        it unless a version validated on the same data by the same metric is at least as good:
+        a version on other data (or of unknown data) never blocks it. Returns the new version."""
         return None
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -308,7 +316,8 @@ class MLflowTracker(Tracker):
             run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or self.run_dir.name,
                                    tags=tags, log_system_metrics=system_metrics)
         if run.info.run_id != (id_file.read_text().strip() if id_file.is_file() else ""):
-            id_file.write_text(run.info.run_id + "\n")
+            # Atomic: a resume (or a requeued job) must never read half an id.
+            fileio.write_bytes_atomic(id_file, (run.info.run_id + "\n").encode())
         self.run_id = run.info.run_id
         if env_id and cfg.tags:  # a new run gets them at creation; MLflow's start_run(tags=) does this
             self.set_tags(dict(t.split("=", 1) for t in cfg.tags))
@@ -406,31 +415,71 @@ class MLflowTracker(Tracker):
         return info.model_uri
 
     def register(self, model_uri: str, name: str, alias: str, metric: str, value: float | None,
-                 mode: str = "max") -> str | None:
-        return self._safe("register model", self._register, model_uri, name, alias, metric, value, mode)
+                 mode: str = "max", data_key: str = "") -> str | None:
+        return self._safe("register model", self._register, model_uri, name, alias, metric, value, mode, data_key)
 
-    def _register(self, model_uri: str, name: str, alias: str, metric: str, value: float | None, mode: str) -> str:
+    def _versions(self, name: str) -> list[Any]:
+        """Every version of registered model `name` (with its tags), all pages."""
+        quoted = name.replace("'", "\\'")
+        out, token = [], None
+        while True:
+            page = self.client.search_model_versions(f"name = '{quoted}'", max_results=1000, page_token=token)
+            out.extend(page)
+            token = getattr(page, "token", None)
+            if not token:
+                return out
+
+    def _register(self, model_uri: str, name: str, alias: str, metric: str, value: float | None, mode: str,
+                  data_key: str = "") -> str:
         from mlflow.exceptions import MlflowException
 
-        version = self._mlflow.register_model(model_uri, name).version
+        version = str(self._mlflow.register_model(model_uri, name).version)
         tag = f"val/{metric}"  # the comparison is kept on the version, so it survives the run's deletion
-        self.client.set_model_version_tag(name, version, tag, "nan" if value is None else repr(float(value)))
-        self.client.set_model_version_tag(name, version, "run_id", self.run_id)
+        ours = _as_float(value)
+        tags = {tag: "nan" if ours is None else repr(ours), "run_id": self.run_id, VAL_METRIC_TAG: metric}
+        if data_key:
+            tags[DATA_KEY_TAG] = data_key
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, version, k, v)
         try:
             current = self.client.get_model_version_by_alias(name, alias)
         except MlflowException:  # no version holds the alias yet
             current = None
-        theirs = _as_float(float(current.tags.get(tag, "nan"))) if current is not None else None
-        ours = _as_float(value)
-        better = ours is not None and (theirs is None or (ours > theirs if mode == "max" else ours < theirs))
-        if current is None or better:
-            # Two jobs finishing together may both move it; the later one wins (no lock in MLflow).
-            self.client.set_registered_model_alias(name, alias, version)
-            log.info("registered %s version %s as @%s (val/%s %s)", name, version, alias, metric, value)
+
+        def value_of(v: Any) -> float | None:
+            try:
+                return _as_float(float(v.tags.get(tag, "nan")))
+            except ValueError:
+                return None
+
+        # Only versions validated on the same data (index checksum + val split) by the same metric
+        # compare: a demo's AUROC on other films says nothing about this model. A version without
+        # a data_key (registered before it was recorded) is of unknown data: it never blocks.
+        same = [(v, x) for v in (self._versions(name) if data_key else [])
+                if str(v.version) != version and v.tags.get(DATA_KEY_TAG) == data_key
+                and v.tags.get(VAL_METRIC_TAG) == metric and (x := value_of(v)) is not None]
+        at_least_as_good = [(v, x) for v, x in same if ours is None or (x >= ours if mode == "max" else x <= ours)]
+        blocker = (max(at_least_as_good, key=lambda p: p[1] if mode == "max" else -p[1])
+                   if at_least_as_good else None)
+        if current is None:
+            holder = "no version held it"
+        elif data_key and current.tags.get(DATA_KEY_TAG) == data_key:
+            holder = f"version {current.version} held it (same data)"
         else:
-            log.info("registered %s version %s; @%s stays on version %s (val/%s %s >= %s)", name, version,
-                     alias, current.version, metric, theirs, value)
-        return str(version)
+            holder = f"version {current.version} held it (validated on other data: not compared)"
+        compared = (f"compared with {len(same)} earlier version(s) validated on the same data "
+                    f"({data_key or 'not recorded'}) by val/{metric}; {holder}")
+        if blocker is None or current is None:
+            # Two jobs finishing together may both move it; the later one wins (no lock in MLflow).
+            target = version if blocker is None else str(blocker[0].version)
+            self.client.set_registered_model_alias(name, alias, target)
+            log.info("registered %s version %s (val/%s %s); @%s -> version %s; %s", name, version, metric, ours,
+                     alias, target, compared)
+        else:
+            log.info("registered %s version %s; @%s stays on version %s: version %s on the same data has val/%s "
+                     "%s %s %s; %s", name, version, alias, current.version, blocker[0].version, metric, blocker[1],
+                     ">=" if mode == "max" else "<=", ours, compared)
+        return version
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag

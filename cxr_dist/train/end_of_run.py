@@ -43,7 +43,7 @@ from ..eval.calibrate import calibration_report, fit_temperature
 from ..config import Config, replace
 from ..eval.evaluate import evaluate_split, ood_summary, predictions_csv, report
 from ..fileio import write_bytes_atomic, write_json_atomic
-from ..data.index import train_val_splits
+from ..data.index import Shard, ShardIndex, train_val_splits
 from ..eval.metrics import balanced_threshold, metric_mode, scalar_metrics
 from ..model.classifier import CXRClassifier
 from ..eval.ood import FeatureDensity, flag_threshold
@@ -54,7 +54,7 @@ OOD_FIT_SPLIT = "ood_fit"  # the name of that sample in the index handed to the 
 
 
 def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: list[dict], epoch: int,
-           val_split: str, index: dict) -> None:
+           val_split: str, index: ShardIndex) -> None:
     """After the last epoch: the best weights on val and test, figures, evaluation JSON, model.
 
     `model` (the final weights) is left as it is: the best weights go into a copy. `epoch` is the
@@ -73,17 +73,17 @@ def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: lis
     best.load_state_dict(state)
     splits = {"val": val_split}
     for name in ("test", "external"):  # external: the sources never trained on (cross-source evaluation)
-        if index["splits"].get(name, {}).get("total", 0):
+        if index.has_samples(name):
             splits[name] = name
     train_splits = train_val_splits(cfg.data)[0]
     # The frozen part through the fast CPU runtime (model.frozen_backend), as the cache was built.
     fast = FastFrozen(cfg, best, best.depth, index, train_splits[0],
                       Path(cfg.train.cache_dir or run_dir / "cache"), accelerator)
-    preds = fast(lambda: {name: evaluate_split(best, cfg.data, split, accelerator, with_predictions=True,
-                                               views=cfg.train.tta_views, index=index, with_features=True)["predictions"]
+    preds = fast(lambda: {name: evaluate_split(best, cfg.data, split, accelerator, index, with_predictions=True,
+                                               views=cfg.train.tta_views, with_features=True)["predictions"]
                           for name, split in splits.items()})
-    fit = fast(lambda: evaluate_split(best, cfg.data, OOD_FIT_SPLIT, accelerator, with_predictions=True,
-                                      with_features=True, index=ood_fit_index(index, train_splits))["predictions"])
+    fit = fast(lambda: evaluate_split(best, cfg.data, OOD_FIT_SPLIT, accelerator, ood_fit_index(index, train_splits),
+                                      with_predictions=True, with_features=True)["predictions"])
     if accelerator.is_main_process:
         best_dir = ckpt.find_checkpoint(run_dir, "best")
         product, preds = _product(cfg, preds, fit["features"])
@@ -120,20 +120,19 @@ def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: lis
     dist.barrier()
 
 
-def ood_fit_index(index: dict, train_splits: list[str], limit: int = OOD_FIT_IMAGES) -> dict:
+def ood_fit_index(index: ShardIndex, train_splits: list[str], limit: int = OOD_FIT_IMAGES) -> ShardIndex:
     """`index` plus a split OOD_FIT_SPLIT: whole training shards, taken in turn from each source
     (a shard holds one source) until `limit` images, so every training source is represented."""
-    by_source: dict[str, list[dict]] = {}
-    for name in train_splits:
-        for shard in index["splits"][name]["shards"]:
-            by_source.setdefault(shard.get("source", ""), []).append(shard)
+    by_source: dict[str, list[Shard]] = {}
+    for shard in index.shards(train_splits):
+        by_source.setdefault(shard.source, []).append(shard)
     picked, total = [], 0
     while total < limit and any(by_source.values()):
         for shards in by_source.values():
             if shards and total < limit:
                 picked.append(shards.pop(0))
-                total += int(picked[-1]["count"])
-    return {**index, "splits": {**index["splits"], OOD_FIT_SPLIT: {"shards": picked, "total": total}}}
+                total += picked[-1].count
+    return index.with_split(OOD_FIT_SPLIT, picked)
 
 
 def _product(cfg: Config, preds: dict[str, dict], fit_features) -> tuple[dict, dict[str, dict]]:
@@ -208,7 +207,7 @@ def _figures(cfg: Config, history: list[dict], preds: dict[str, dict], evaluatio
     return figures
 
 
-def _model_card(cfg: Config, index: dict, evaluation: dict, run_dir: Path, product: dict) -> Path:
+def _model_card(cfg: Config, index: ShardIndex, evaluation: dict, run_dir: Path, product: dict) -> Path:
     from ..product.model_card import write_model_card
 
     # evaluation.json holds calibrated probabilities (and the threshold on that scale).
@@ -216,7 +215,7 @@ def _model_card(cfg: Config, index: dict, evaluation: dict, run_dir: Path, produ
                             calibration=product["calibration"], ood=product["ood"], evaluation_calibrated=True)
 
 
-def _cam_overlays(cfg: Config, model: CXRClassifier, index: dict, run_dir: Path, device) -> list[Path]:
+def _cam_overlays(cfg: Config, model: CXRClassifier, index: ShardIndex, run_dir: Path, device) -> list[Path]:
     """Grad-CAM overlays of the first `train.cam_images` films of the test split (else val), in
     shard order: the same films run after run, so runs can be compared by eye."""
     from ..product.cam import write_overlays  # restores the model's modes itself
@@ -225,25 +224,24 @@ def _cam_overlays(cfg: Config, model: CXRClassifier, index: dict, run_dir: Path,
     if cfg.train.cam_images == 0 or model.uses_text:  # Grad-CAM explains the image path of image models only
         return []
     data = replace(cfg.data, num_workers=0, batch_size=cfg.train.cam_images)
-    batch = next(iter(eval_loader(data, _shown_split(cfg, index), 0, 1, index=index)), None)
+    batch = next(iter(eval_loader(data, _shown_split(cfg, index), 0, 1, index)), None)
     if batch is None:
         return []
     return write_overlays(model, batch["image"].to(device), list(batch["key"]), run_dir / "cam")
 
 
-def _shown_split(cfg: Config, index: dict) -> str:
+def _shown_split(cfg: Config, index: ShardIndex) -> str:
     """The split whose first films show the model: its CAM overlays, the served model's example."""
-    return "test" if index["splits"].get("test", {}).get("total", 0) else train_val_splits(cfg.data)[1]
+    return "test" if index.has_samples("test") else train_val_splits(cfg.data)[1]
 
 
-def _log_servable(cfg: Config, tracker, best_dir: Path, index: dict, history: list[dict]) -> None:
+def _log_servable(cfg: Config, tracker, best_dir: Path, index: ShardIndex, history: list[dict]) -> None:
     """The servable pyfunc (serve.py) with a test film as its input example, registered."""
     import tarfile
 
-    from ..data.index import shard_list
     from ..product.serve import log_servable
 
-    with tarfile.open(shard_list(index, [_shown_split(cfg, index)])[0].path) as tar:  # the first film of the split, as stored
+    with tarfile.open(index.shards([_shown_split(cfg, index)])[0].path) as tar:  # the first film of the split, as stored
         member = next((m for m in tar if m.name.endswith(".jpg")), None)
         example = tar.extractfile(member).read() if member is not None else None
     uri = log_servable(tracker, best_dir, example)
@@ -252,4 +250,5 @@ def _log_servable(cfg: Config, tracker, best_dir: Path, index: dict, history: li
         mode = metric_mode(metric, cfg.train.best_mode)
         values = [r[f"val/{metric}"] for r in history if r.get(f"val/{metric}") is not None]
         best = (max(values) if mode == "max" else min(values)) if values else None
-        tracker.register(uri, cfg.tracking.registered_model, cfg.tracking.model_alias, metric, best, mode)
+        tracker.register(uri, cfg.tracking.registered_model, cfg.tracking.model_alias, metric, best, mode,
+                         data_key=f"{index.checksum} val={train_val_splits(cfg.data)[1]}")

@@ -23,7 +23,7 @@ import torch
 
 from .. import dist
 from ..config import Config, ConfigError, describe_fields, dump_toml, load_config, to_dict, train_sources
-from ..data.index import LEGACY_SOURCE, has_views, load_index, train_val_splits
+from ..data.index import ShardIndex, load_index, train_val_splits
 from ..data.text import check_text_fields
 from ..eval.evaluate import evaluate_split
 from ..eval.metrics import compute_metrics, metric_mode, scalar_metrics, summary_line, view_name
@@ -63,22 +63,21 @@ def stop_early(history: list[dict], first_epoch: int, metric: str, mode: str, pa
     return len(values) - 1 - best_at >= patience
 
 
-def check_metrics(cfg: Config, index: dict, val_split: str) -> None:
+def check_metrics(cfg: Config, index: ShardIndex, val_split: str) -> None:
     """Fail before any work when the validation split cannot rank checkpoints: the AUROC-based
     metrics of train.best_metric / plateau_metric are undefined on a split with one class."""
-    labels = index["splits"][val_split]["labels"]
+    normal, abnormal = index.split_labels(val_split)
     for field in ("best_metric", "plateau_metric"):
         name = getattr(cfg.train, field)
-        if "auroc" in name and min(labels["normal"], labels["abnormal"]) == 0:
+        if "auroc" in name and min(normal, abnormal) == 0:
             raise ConfigError(
                 f"train.{field} = {name!r} needs both classes in the validation split {val_split!r}, which has "
-                f"{labels['normal']} normal and {labels['abnormal']} abnormal images (AUROC is undefined): "
+                f"{normal} normal and {abnormal} abnormal images (AUROC is undefined): "
                 f"use a loss-based metric (--train.{field} loss) or a larger validation split")
     sources = train_sources(cfg.data)
-    split = index["splits"][val_split]
     # What validation will report: the sources and views of the split (a version-1 index: IU, no views).
-    in_val = split.get("sources") or {LEGACY_SOURCE: {"views": {}}}
-    views = {view_name(v) for info in in_val.values() for v in info["views"]}
+    in_val = index.sources_in(val_split)
+    views = {view_name(v) for v in index.views_in(val_split)}
     for field in ("best_metric", "plateau_metric"):
         name = getattr(cfg.train, field)
         kind, _, rest = name.partition("/")
@@ -86,12 +85,12 @@ def check_metrics(cfg: Config, index: dict, val_split: str) -> None:
         if kind == "source" and group not in sources:
             raise ConfigError(f"train.{field} = {name!r} names a source that is not trained on "
                               f"(training sources: {', '.join(sources)})")
-        if (kind == "source" and group not in in_val) or (kind == "view" and has_views(index) and group not in views):
+        if (kind == "source" and group not in in_val) or (kind == "view" and index.has_views and group not in views):
             raise ConfigError(f"train.{field} = {name!r}: the validation split {val_split!r} has no images of that "
                               f"{kind} (sources: {', '.join(in_val)}; views: {', '.join(sorted(views)) or 'not recorded'})")
 
 
-def train(cfg: Config, accelerator, tracker, index: dict) -> tuple[bool, "torch.nn.Module"]:
+def train(cfg: Config, accelerator, tracker, index: ShardIndex) -> tuple[bool, "torch.nn.Module"]:
     """Run (or resume) the whole schedule. Returns (finished, model); not finished = preempted.
     `index`: the shard index, read once by `main` and passed on to everything that reads the shards."""
     t = cfg.train
@@ -104,7 +103,7 @@ def train(cfg: Config, accelerator, tracker, index: dict) -> tuple[bool, "torch.
     dist.barrier()
     tracker.log_params({
         **to_dict(cfg), "world_size": run.world, "mixed_precision": accelerator.mixed_precision,
-        "weights_source": weights_source(cfg.model), "data_checksum": index.get("checksum", ""),
+        "weights_source": weights_source(cfg.model), "data_checksum": index.checksum,
         "train_counts": list(run.train_counts()), "batches_per_epoch": run.batches_per_epoch,
         "deepspeed": accelerator.state.deepspeed_plugin is not None,
     })
@@ -133,8 +132,8 @@ def train(cfg: Config, accelerator, tracker, index: dict) -> tuple[bool, "torch.
                     run.watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
                 accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
                 return False, run.model
-            val_m = evaluate_split(run.model, cfg.data, run.val_split, accelerator, run.loss_fn,
-                                   batches=run.val_batches() if run.val_batches else None, index=index)
+            val_m = evaluate_split(run.model, cfg.data, run.val_split, accelerator, index, run.loss_fn,
+                                   batches=run.val_batches() if run.val_batches else None)
             run.scheduler.step(val_m[t.plateau_metric])  # same reduced value on every rank
             row = {"epoch": epoch, "phase": p_idx + 1, "epoch_time_s": time.time() - t0,
                    "images_per_s": run.batches_per_epoch * cfg.data.batch_size * run.world / (time.time() - t0),
@@ -185,7 +184,8 @@ def train_epoch(run: Run, epoch: int, resume: dict | None = None) -> tuple[dict 
         if step < skip:  # resuming mid-epoch: these batches were trained before the preemption
             bar.update(1)
             continue
-        if step == skip and resume is not None:
+        # Only a mid-epoch checkpoint's RNG: after a whole epoch, the epoch seed above is what ran.
+        if step == skip and resume is not None and resume.get("partial") is not None:
             restore_rng(resume)
         if run.watch.requested():
             progress.step_in_epoch = step

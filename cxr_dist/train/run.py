@@ -23,7 +23,7 @@ import torch
 from .. import dist
 from ..config import Config, ConfigError, PhaseConfig
 from ..data.device_input import DeviceInput, decode_where
-from ..data.index import class_counts, has_views, source_view_counts, train_val_splits
+from ..data.index import ShardIndex, train_val_splits
 from ..data.mixing import SampleWeightedLoss, loss_weight_table, source_weights
 from ..data.stream import train_loader
 from ..data.text import read_texts
@@ -54,7 +54,7 @@ class Run:
     cfg: Config
     accelerator: Any
     tracker: Any
-    index: dict
+    index: ShardIndex
     train_splits: list[str]
     val_split: str
     model: CXRClassifier  # the unwrapped model (checkpoints, evaluation)
@@ -90,13 +90,13 @@ class Run:
         return self.accelerator.is_main_process
 
     @classmethod
-    def build(cls, cfg: Config, accelerator, tracker, index: dict) -> "Run":
+    def build(cls, cfg: Config, accelerator, tracker, index: ShardIndex) -> "Run":
         t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
         train_splits, val_split = train_val_splits(cfg.data)
         # Class weights within each source (and view x label cells with data.balance_views).
-        if cfg.data.balance_views and not has_views(index):
+        if cfg.data.balance_views and not index.has_views:
             raise ConfigError("data.balance_views needs shards that record views: prepare them again")
-        table = loss_weight_table(source_view_counts(index, train_splits), cfg.data.balance_views)
+        table = loss_weight_table(index.source_view_counts(train_splits), cfg.data.balance_views)
         loss_fn = SampleWeightedLoss(table if t.class_weighted_loss else None).to(accelerator.device)
         # data.decode_on: decode and augment in the workers (PIL) or on the training device (the GPU's
         # input pipeline, device_input.py); the frozen-compute cache has its own loader.
@@ -119,7 +119,7 @@ class Run:
                    caches=caches, reports=reports)
 
     def train_counts(self) -> tuple[int, int]:
-        return class_counts(self.index, self.train_splits)
+        return self.index.class_counts(self.train_splits)
 
     def start_phase(self, p_idx: int) -> dict | None:
         """Phase `p_idx`: its depth (the backbone's and the text encoder's trainable layers), the
@@ -152,7 +152,7 @@ class Run:
         return resume
 
 
-def _text_tables(cfg: Config, model: CXRClassifier, index: dict, train_splits: list[str],
+def _text_tables(cfg: Config, model: CXRClassifier, index: ShardIndex, train_splits: list[str],
                  accelerator) -> TextTable | None:
     """The text a text model reads (every split of the index, attached to the model) and, with
     report supervision, the report embeddings of the training splits (returned). The main process
@@ -166,7 +166,7 @@ def _text_tables(cfg: Config, model: CXRClassifier, index: dict, train_splits: l
         from ..model.text_encoder import build_text_encoder
 
         encoder = build_text_encoder(m.text_encoder, m.text_pooling, m.max_tokens)
-    splits = [s for s in index["splits"] if index["splits"][s].get("total", 0)]
+    splits = [s for s in index.split_names if index.has_samples(s)]
     reports = None
     for turn in ("main", "others"):  # the main process computes, then the others load its files
         if accelerator.is_main_process == (turn == "main"):
