@@ -289,6 +289,20 @@ def test_logged_model_is_a_servable_pyfunc_that_predicts_like_the_checkpoint(mlf
     assert out["prob_abnormal"].tolist() == pytest.approx([w["prob_abnormal"] for w in want], abs=1e-6)
 
 
+def test_registered_version_says_what_data_it_was_validated_on(mlflow_server: str, full_run: dict,
+                                                               tiny_shards: Path) -> None:
+    """Issue 23.10: the run's model is a version of `cxr-dist` tagged with its data (the shards'
+    checksum and the val split) and metric, so that @best compares it only with like versions."""
+    run_id = full_run["runs"][0]["info"]["run_id"]
+    found = api(mlflow_server, "model-versions/search", filter=f"run_id = '{run_id}'")["model_versions"]
+    assert [v["name"] for v in found] == ["cxr-dist"], found
+    tags = {t["key"]: t["value"] for t in found[0].get("tags", [])}
+    index = json.loads((tiny_shards / "index.json").read_text())
+    assert tags["data_key"] == f"{index['checksum']} val=val"
+    assert tags["val_metric"] == "source_mean_auroc" and tags["run_id"] == run_id
+    assert "val/source_mean_auroc" in tags
+
+
 # --- failures, resumption, reachability ------------------------------------------------------
 
 def test_crash_mid_training_ends_the_run_failed(mlflow_server: str, crashed_run: dict) -> None:

@@ -149,8 +149,9 @@ def test_dry_run_prints_the_command_for_this_node():
 
 # ----------------------------------------------------------------------------- real jobs
 # Each job: 2 CPU processes (launch/cpu_2proc.yaml, picked by slurm_launch for a GPU-less job),
-# configs/tiny.toml with 3 + 1 epochs and small batches, so that an epoch lasts a few seconds and
-# the preemption signal reliably lands in the middle of training.
+# configs/tiny.toml with 3 + 1 epochs and small batches. The preemption tests hold the training
+# after epoch 1's checkpoint (held_env) and signal it then: the signal lands in the middle of
+# training whatever the machine's speed.
 
 from tests.slurm_fixture import ROOT as _ROOT, job_env, log_text, require_cluster, sbatch, wait_job  # noqa: E402
 
@@ -225,27 +226,41 @@ def test_train_job_runs_both_phases_with_two_processes(uninterrupted):
     assert_finished(run_dir, db, logs)
 
 
+def held_env(hold: Path, **extra: str) -> dict[str, str]:
+    """A job environment whose training holds after epoch 1's checkpoint, per run folder, until
+    the test releases it (tests/slurm_hooks/sitecustomize.py: test-only, on this PYTHONPATH)."""
+    return job_env(CXR_TEST_HOLD=str(hold), PYTHONPATH=str(ROOT / "tests" / "slurm_hooks"), **extra)
+
+
+def held(where: Path, ranks: int = 2) -> bool:
+    return all((where / f"held-rank{r}").exists() for r in range(ranks))
+
+
+def wait_for_file(path: Path, logs: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"no {path} after {timeout:.0f} s:\n{log_text(logs)}"
+        time.sleep(0.1)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_resumes(uninterrupted, tiny_shards, tmp_path):
-    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    job = sbatch("train.sh", train_args(tiny_shards, run_dir, db), tmp_path / "logs")
+    run_dir, db, hold, logs = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "hold", tmp_path / "logs"
+    job = sbatch("train.sh", train_args(tiny_shards, run_dir, db), logs, env=held_env(hold))
     try:
-        # Wait until training is under way: the checkpoint of epoch 1 exists.
-        meta = run_dir / "checkpoints" / "latest" / "meta.json"
+        # Deterministic: both ranks are held after epoch 1's checkpoint until released, so the
+        # signal lands in the middle of training (waiting for the checkpoint to appear raced the
+        # rest of the run).
         deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if json.loads(meta.read_text())["progress"]["epoch"] >= 1:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            assert job_records_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log_text(tmp_path / "logs")
+        while not held(hold / run_dir.name):
+            assert job_records_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log_text(logs)
+            assert time.time() < deadline, "not held after epoch 1 within 240 s:\n" + log_text(logs)
             time.sleep(0.2)
-        else:
-            raise AssertionError("no epoch-1 checkpoint after 240 s:\n" + log_text(tmp_path / "logs"))
         # What SLURM does before a preemption / the time limit with --signal=B:USR1@N.
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+        wait_for_file(run_dir / "PREEMPT", logs)  # the batch script's trap ran
+        (hold / run_dir.name / "release").touch()
         rec = wait_job(job, timeout=360, min_restarts=1)[0]
     finally:
         subprocess.run(["scancel", job], timeout=30)
@@ -335,7 +350,8 @@ def test_preempting_one_kfold_task_requeues_only_that_task(kfold_shards, mlflow_
     logs, experiment = tmp_path / "logs", "kfold-preempt"
     args = ["--config", str(TINY), "--data.shards_dir", str(kfold_shards), "--data.k_folds", "2",
             "--tracking.uri", mlflow_server, "--tracking.experiment", experiment, "--data.batch_size", "4"]
-    env = job_env(CXR_RUN_DIR=str(tmp_path / "runs" / "cv"))
+    hold = tmp_path / "hold"  # both folds hold after epoch 1's checkpoint until released: no race
+    env = held_env(hold, CXR_RUN_DIR=str(tmp_path / "runs" / "cv"))
     job = sbatch("kfold.sh", args, logs, env=env,
                  sbatch_opts=["--array=0-1", "--cpus-per-task=1", f"--output={logs}/%x-%A_%a.out"])
     try:
@@ -344,21 +360,20 @@ def test_preempting_one_kfold_task_requeues_only_that_task(kfold_shards, mlflow_
             recs = {r.get("ArrayTaskId"): r for r in job_records(job)}
             running = [t for t, r in recs.items() if r.get("JobState") == "RUNNING"]
             mine = [t for t, r in recs.items() if r.get("JobId") == job]
-            if len(running) == 2 and mine:
+            if len(running) == 2 and mine and held(hold / f"cv-fold{int(mine[0])}"):
                 target = int(mine[0])
-                meta = tmp_path / "runs" / f"cv-fold{target}" / "checkpoints" / "latest" / "meta.json"
-                try:
-                    if json.loads(meta.read_text())["progress"]["epoch"] >= 1:
-                        break
-                except (OSError, ValueError, KeyError):
-                    pass
+                break
             assert all(r.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING") for r in recs.values()), \
                 (recs, log_text(logs))
             time.sleep(0.2)
         else:
-            raise AssertionError(f"no epoch-1 checkpoint with both folds running after 300 s:\n{log_text(logs)}")
+            raise AssertionError(f"not held after epoch 1 with both folds running after 300 s:\n{log_text(logs)}")
         other = 1 - target
         subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_{target}"], check=True, timeout=30)
+        wait_for_file(tmp_path / "runs" / f"cv-fold{target}" / "PREEMPT", logs)  # its batch script's trap ran
+        for fold in (0, 1):
+            (hold / f"cv-fold{fold}").mkdir(parents=True, exist_ok=True)
+            (hold / f"cv-fold{fold}" / "release").touch()
         deadline = time.time() + 420
         while time.time() < deadline:
             recs = {int(r["ArrayTaskId"]): r for r in job_records(job) if r.get("ArrayTaskId", "").isdigit()}

@@ -7,6 +7,7 @@ some of the label (legitimate), and findings/impression that state it (the leak,
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,9 +48,9 @@ def _cfg(shards: Path, *extra: str):
 def test_the_shards_carry_each_sources_text_fields_and_which_made_the_label(text_data):
     shards, _, _ = text_data
     index = load_index(shards)
-    (src,) = index["sources"]
-    assert src["text_fields"] == ["comparison", "findings", "impression", "indication"]
-    assert src["label_text_fields"] == ["findings", "impression"]
+    (src,) = index.sources
+    assert src.text_fields == ("comparison", "findings", "impression", "indication")
+    assert src.label_text_fields == ("findings", "impression")
     texts = read_texts(index, ["train", "val", "test"], ("indication", "comparison"))
     key = next(k for k in texts if k.startswith("1_"))
     assert texts[key] == f"indication: {indication_of(1)} comparison: None."
@@ -87,7 +88,8 @@ def test_the_guard_refuses_a_field_the_label_was_derived_from(text_data):
 def test_an_index_without_text_fields_says_prepare_again(text_data, tmp_path):
     shards, _, _ = text_data
     index = load_index(shards)
-    old = {**index, "sources": [{k: v for k, v in s.items() if "text" not in k} for s in index["sources"]]}
+    old = dataclasses.replace(index, sources=tuple(dataclasses.replace(s, text_fields=(), label_text_fields=())
+                                                   for s in index.sources))
     with pytest.raises(ConfigError, match="prepare` again"):
         check_text_fields(_cfg(shards).data, True, False, old)
 
@@ -337,3 +339,15 @@ def test_deepspeed_zero2_trains_the_text_encoder_in_step(text_data):
     torch.manual_seed(0)
     init = build_model(ModelConfig(pretrained=False, kind="image+text", text_encoder=str(bert))).state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in layer), "the unfrozen text layer did not train"
+
+
+def test_training_refuses_shards_prepared_with_other_settings(text_data):
+    """Issue 23 item 8: image_size / resize / intensity are baked into the shards by prepare; a run
+    whose config says otherwise would train on one preprocessing and predict with another."""
+    shards, _, tmp = text_data
+    for override in (["--data.image_size", "64"], ["--data.resize", "squash"], ["--data.intensity", "equalize"]):
+        res = run_cmd([sys.executable, "-m", "cxr_dist.train", *tiny_overrides(shards, tmp / "other"), *override],
+                      cwd=tmp)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert f"data.{override[0].split('.')[-1]}" in res.stderr and "the shards have" in res.stderr
+        assert "Traceback" not in res.stderr and not (tmp / "other").exists()

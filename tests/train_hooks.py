@@ -49,8 +49,12 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))  # set by torchrun (accelerate launch) for every worker
 
 
-def install_hold(hold_dir: Path, epoch: int) -> None:
-    import cxr_dist.train.loop as loop
+def install_hold(hold_dir: Path, epoch: int, loop=None, per_run: bool = False) -> None:
+    """Patch `loop` (cxr_dist.train.loop) to hold after epoch `epoch`'s checkpoint. `per_run`:
+    the held files and the release file are in hold_dir/<run folder name>/ (several runs at once,
+    e.g. the folds of a SLURM array: tests/slurm_hooks/sitecustomize.py)."""
+    if loop is None:
+        import cxr_dist.train.loop as loop
 
     from cxr_dist.fileio import write_bytes_atomic
 
@@ -62,11 +66,12 @@ def install_hold(hold_dir: Path, epoch: int) -> None:
         if done or tag != "latest" or partial is not None or run.progress.epoch != epoch:
             return
         done.append(True)
-        write_bytes_atomic(hold_dir / f"held-rank{run.rank}", str(os.getpid()).encode())
+        where = hold_dir / Path(run.cfg.train.run_dir).name if per_run else hold_dir
+        write_bytes_atomic(where / f"held-rank{run.rank}", str(os.getpid()).encode())
         deadline = time.monotonic() + HOLD_TIMEOUT_S
-        while not (hold_dir / "release").exists():
+        while not (where / "release").exists():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"tests.train_hooks: nobody released {hold_dir} in {HOLD_TIMEOUT_S} s")
+                raise RuntimeError(f"tests.train_hooks: nobody released {where} in {HOLD_TIMEOUT_S} s")
             time.sleep(0.05)
 
     loop.save_state = save_then_hold

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from ..errors import DataError
 
 INDEX_FORMAT = "cxr-dist-shards"
@@ -219,6 +219,18 @@ class ShardIndex:
                     cell[0] += normal
                     cell[1] += abnormal
         return {s: {v: (c[0], c[1]) for v, c in views.items()} for s, views in out.items()}
+
+    def check_read_settings(self, data: DataConfig, where: str = "the config") -> None:
+        """Refuse settings that `prepare` baked into these shards and that `data` says otherwise
+        (data.image_size, data.resize, data.intensity): a run would train on one preprocessing and
+        then predict and serve with another (predict reads films with the run's settings)."""
+        baked = {"image_size": self.prepared.image_size, "resize": self.prepared.resize,
+                 "intensity": self.prepared.intensity}
+        wrong = [f"data.{k} = {getattr(data, k)!r} (the shards have {v!r})" for k, v in baked.items()
+                 if v is not None and getattr(data, k) != v]
+        if wrong:
+            raise ConfigError(f"{where} does not match how the shards in {self.root} were prepared: {'; '.join(wrong)}. "
+                              "Use the shards' settings (--data.image_size ... as prepared) or prepare again with yours")
 
     @property
     def has_views(self) -> bool:

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         datas = [replace(p.data, batch_size=args.batch_size, shards_dir=shards) for p in products]
         index = load_index(shards)
         splits = list(dict.fromkeys([args.split] + (["val"] if threshold is None else [])))
+        for path, product in zip(args.checkpoint, products):  # films read as the run read them
+            index.check_read_settings(product.data, f"checkpoint {path}")
         for product, data in zip(products, datas):  # models that read text: the shards' texts
             product.attach_text(index, [train_val_splits(data)[1] if s == "val" else s for s in splits])
         runners = [fast_runner(p, Path(tmp) / f"frozen-{i}") for i, p in enumerate(products)]

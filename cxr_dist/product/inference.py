@@ -34,6 +34,7 @@ from PIL import Image
 from torch import nn
 
 from ..config import DataConfig, ModelConfig, from_dict, replace
+from ..data.index import ShardIndex
 from ..data.preprocess import decode_film, film_jpeg, load_film
 from ..data.sources.common import sample_key
 from ..data.transforms import eval_transform, seeded_transform, train_transform, view_seed
@@ -108,7 +109,7 @@ class Product:
         (calibrated probability, label, OOD score and flag): Readout.apply."""
         return self.readout.apply(probs, features)
 
-    def attach_text(self, index: dict, splits: list[str]) -> None:
+    def attach_text(self, index: ShardIndex, splits: list[str]) -> None:
         """For a model that reads text, evaluated on shards: the text of every sample of `splits`
         (each sample's json; empty for sources without text), embedded by the checkpoint's own
         encoder, looked up by key as in training. Nothing for an image model."""

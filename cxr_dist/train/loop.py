@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     index = load_index(cfg.data.shards_dir)  # missing shards: say so before any MLflow run is opened
+    index.check_read_settings(cfg.data)  # the preprocessing baked into the shards is the run's
     # Text fields missing from the shards, or reading the label: refused before any work.
     leaks = check_text_fields(cfg.data, cfg.model.kind != "image", cfg.model.report_supervision > 0, index)
     if cfg.tracking.enabled:
