@@ -28,7 +28,6 @@ import json
 import multiprocessing
 import re
 import shutil
-import sys
 import tarfile
 import zlib
 from collections import Counter, defaultdict
@@ -37,13 +36,12 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from ..config import DataConfig, sources_of
 from ..errors import DataError
 from ..fileio import write_bytes_atomic as atomic_write
 from .index import INDEX_FORMAT, INDEX_VERSION, ShardIndex, has_shard_index
-from ..log import bars_enabled
+from ..log import progress
 from .sources.iu import label_of
 from .preprocess import ConstantImageError, shard_film
 from .sources import ERROR_REASONS, label_text_fields, read_sources
@@ -91,7 +89,7 @@ def encode_films(paths: list[str], data: DataConfig) -> list[Encoded]:
     workers = data.prepare_workers
     jobs = [(i, p, data.image_size, data.resize, data.intensity) for i, p in enumerate(paths)]
     out: list[Encoded] = [Encoded(None, None, "corrupt_image", "")] * len(jobs)
-    bar = tqdm(total=len(jobs), desc="decode+resize", unit="img", file=sys.stderr, disable=not bars_enabled())
+    bar = progress(len(jobs), "decode+resize (films)")  # a bar on a terminal, else a log line every 30 s
     if workers <= 1:
         for i, enc in map(_encode_job, jobs):
             out[i] = enc
