@@ -261,11 +261,14 @@ def logits_of(model: nn.Module, batch: dict, device: torch.device, return_hidden
     frozen-compute cache has `features` instead of `image`), and for text models the text of its
     keys (the model's `text_table`). `model` may be wrapped (DDP)."""
     raw = getattr(model, "module", model)
-    text = raw.text_table.lookup(batch["key"], device) if getattr(raw, "uses_text", False) else None
+    extra = {}  # only what the model needs: a plain image model (or a test's stand-in) takes x alone
+    if getattr(raw, "uses_text", False):
+        extra["text"] = raw.text_table.lookup(batch["key"], device)
+    if return_hidden:
+        extra["return_hidden"] = True
     if "features" in batch:
-        return model(batch["features"].to(device, non_blocking=True), cached=True, text=text,
-                     return_hidden=return_hidden)
-    return model(batch["image"].to(device, non_blocking=True), text=text, return_hidden=return_hidden)
+        return model(batch["features"].to(device, non_blocking=True), cached=True, **extra)
+    return model(batch["image"].to(device, non_blocking=True), **extra)
 
 
 # ---------------------------------------------------------------------- building
