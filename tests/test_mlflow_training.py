@@ -238,7 +238,8 @@ def test_params_are_the_flattened_config_and_the_environment(mlflow_server: str,
         # An ancestor of (or equal to) HEAD: other commits may land while the suite runs.
         res = subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=ROOT)
         assert res.returncode == 0, f"{sha} is not in this repository's history"
-        assert tags["mlflow.source.name"].endswith("cxr_dist/train/loop.py")
+        # `-m cxr_dist.train` runs the package's __main__.py (the loop is train/loop.py).
+        assert tags["mlflow.source.name"].endswith("cxr_dist/train/__main__.py"), tags["mlflow.source.name"]
 
 
 def test_artifacts_figures_and_evaluation(mlflow_server: str, full_run: dict) -> None:
