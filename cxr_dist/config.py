@@ -120,7 +120,7 @@ class ModelConfig:
     # plain model.train() does (docs/results.md measures both).
     freeze_bn_stats: bool = False
     # How the frozen part runs on the CPU in the frozen-compute cache and in evaluation
-    # (frozen_fast.py; docs/performance.md measures each): "eager" (plain PyTorch fp32),
+    # (model/frozen_runtime.py; docs/performance.md measures each): "eager" (plain PyTorch fp32),
     # "channels_last", "onnxruntime", "openvino" or "int8" (OpenVINO/ONNX static quantization
     # calibrated on training images). On a GPU the model always runs in PyTorch. Default: the
     # fastest that leaves the features unchanged (docs/performance.md, "The frozen forward on the CPU").

@@ -52,7 +52,7 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
 
 def frozen_part(backbone: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
     """The frozen part at `depth` on normalised input: pooled features at depth 0, else the input
-    of block[-depth]. CXRClassifier.frozen_forward runs it; frozen_fast.py exports it."""
+    of block[-depth]. CXRClassifier.frozen_forward runs it; frozen_runtime.py exports it."""
     if depth == 0:
         return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
     x = backbone.bn1(backbone.conv_stem(x))

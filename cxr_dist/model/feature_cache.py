@@ -239,7 +239,7 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: ShardIndex, train_sp
 
 class FastFrozen:
     """Runs a cache build (or any work through `model`'s frozen part: the final evaluation) with the
-    frozen part through `model.frozen_backend` (frozen_fast.py) when it is not "eager" and the
+    frozen part through `model.frozen_backend` (frozen_runtime.py) when it is not "eager" and the
     device is the CPU. The runner is built (or its export loaded from `cache_dir`) once, and only
     if some work has to be done."""
 

@@ -40,7 +40,7 @@ def write_model_card(cfg: Config, index: ShardIndex | None, evaluation: dict, ru
     """Write RUN_DIR/MODEL_CARD.md atomically and return its path.
 
     `index`: the shard index (index.load_index; None when unavailable), `evaluation`: the content
-    of evaluation.json (final.py), `temperature` / `calibration`: the fitted temperature and
+    of evaluation.json (train/end_of_run.py), `temperature` / `calibration`: the fitted temperature and
     calibrate.calibration_report on val (either, both or neither), `ood`: the OOD flag, e.g.
     {"quantile": 0.99, "threshold": 12.3}. `evaluation_calibrated`: whether evaluation.json's
     probabilities already had the temperature applied (its threshold is then on calibrated ones).
