@@ -98,7 +98,8 @@ class CXRPyfunc(mlflow.pyfunc.PythonModel):
             raise _bad("\n".join(errors))
         rows = self.product.predict(films)
         return pd.DataFrame([{k: v for k, v in r.items() if k != "views"} for r in rows],
-                            columns=[c.name for c in OUTPUT_SCHEMA.inputs])
+                            columns=[c.name for c in OUTPUT_SCHEMA.inputs
+                                     if self.product.model.uses_text or not c.name.startswith("text")])
 
 
 def film_bytes(value) -> bytes:
