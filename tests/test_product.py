@@ -142,12 +142,14 @@ def test_the_model_is_registered_and_the_alias_follows_the_best_metric(product_r
     first = float(tags["val/source_mean_auroc"])
     uri = [t["value"] for t in api(server, "runs/get", run_id=product_run["run_id"])["run"]["data"]["tags"]
            if t["key"] == "model_uri.model"][0]
-    # Two more versions of the same model from another run: a worse one, then a better one.
+    # Two more versions of the same model from another run, validated on the same data (the
+    # alias's own data_key): a worse one, then a better one.
+    data_key = tags["data_key"]
     cfg = TrackingConfig(uri=server, experiment=f"register-{uuid.uuid4().hex[:6]}")
     with make_tracker(cfg, True, product_run["tmp"] / "register") as tracker:
-        worse = tracker.register(uri, name, "best", "source_mean_auroc", first - 0.1)
+        worse = tracker.register(uri, name, "best", "source_mean_auroc", first - 0.1, data_key=data_key)
         assert api(server, "registered-models/alias", name=name, alias="best")["model_version"]["version"] == alias["version"]
-        better = tracker.register(uri, name, "best", "source_mean_auroc", first + 0.01)
+        better = tracker.register(uri, name, "best", "source_mean_auroc", first + 0.01, data_key=data_key)
     now = api(server, "registered-models/alias", name=name, alias="best")["model_version"]["version"]
     assert int(worse) > int(alias["version"]) and now == better
 
