@@ -24,6 +24,7 @@ image+text model can take a report text without a new API; image-only models ign
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ from ..eval.ood import check_not_constant, features_and_logits
 from ..model.checkpoint import load_model_state
 from ..model.classifier import CXRClassifier, build_model, inference_device
 from .readout import Readout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +88,10 @@ class Product:
         model.load_state_dict(state)
         device = device or inference_device()
         model.to(device).eval()
+        if model_config.kind != "image" and data.allow_label_leakage:  # the opt-in is said again at every load
+            log.warning("LABEL LEAKAGE: %s reads %s, from which its label was derived (trained with "
+                        "data.allow_label_leakage = true): its probabilities measure the leak, not the film",
+                        checkpoint, ", ".join(data.text_fields))
         readout = Readout.from_checkpoint(checkpoint, meta, calibrated=calibrated, threshold=threshold)
         return cls(model=model, data=data, model_config=model_config,
                    views=views or int(meta["config"]["train"].get("tta_views", 1)), readout=readout,
@@ -147,11 +154,12 @@ class Product:
         return text, cut
 
     @torch.no_grad()
-    def raw(self, films: list[Film]) -> tuple[np.ndarray, np.ndarray]:
+    def raw(self, films: list[Film], text: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The network alone: P(abnormal) per film (float64, the mean over the views) and the
         features its head read for the plain view (float32, N x D: the pooled image feature, with
         the text embedding beside it for an image+text model)."""
-        text, _ = self.text_input(films)
+        if text is None:  # predict() hands in the text input it has already built
+            text, _ = self.text_input(films)
         plain = eval_transform(self.data.input_size)
         augment = train_transform(self.data.input_size, self.data.shift_augment)
         keys = [sample_key(f.name) for f in films]
@@ -173,8 +181,8 @@ class Product:
         films = [f if isinstance(f, Film) else Film(*f) for f in films]
         if not films:
             return []
-        _, cut = self.text_input(films)
-        probs, feats = self.raw(films)
+        text, cut = self.text_input(films)
+        probs, feats = self.raw(films, text)
         got = self.outputs(probs, feats)
         out = []
         for i in range(len(films)):
