@@ -194,6 +194,17 @@ def test_prepare_marks_its_folders_and_adopts_an_older_prepares(tmp_path):
         write_shards(cfg, empty)
 
 
+def test_a_folder_another_task_is_claiming_is_ours(tmp_path):
+    """An array's tasks start at once on one folder: one may look while another is writing the marker
+    (only atomic_write's temp name is there yet). CI caught that race; this is it, without timing."""
+    data = _iu(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".{MARKER}.tmp-0123abcd").write_bytes(b"cxr-dist prepare made")
+    write_part(DataConfig(data_dir=str(data), **BASE), out, 0, 2)
+    assert (out / MARKER).is_file()
+
+
 # ----------------------------------------------------------------------------- the repository
 
 

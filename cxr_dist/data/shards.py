@@ -121,7 +121,10 @@ def _check_out_dir(out: Path, data_paths: list[str]) -> None:
         raise DataError(f"shards folder {out} is a dataset folder; choose another --out")
     if out.is_dir():
         entries = sorted(p.name for p in out.iterdir())
-        if entries and MARKER not in entries and not _made_by_old_prepare(out):
+        # Another task of the same array may be writing the marker right now (atomic_write's temp
+        # name, `.<MARKER>.tmp-<hex>`): that folder is being claimed by prepare, not a user's.
+        marked = any(name == MARKER or name.startswith(f".{MARKER}.tmp-") for name in entries)
+        if entries and not marked and not _made_by_old_prepare(out):
             shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
             raise DataError(
                 f"shards folder {out} is not empty and cxr-dist prepare did not make it (no {MARKER} file; it "
