@@ -53,6 +53,14 @@ class SourceConfig:
     # Text fields this source's label was derived from (a model that reads them at prediction time
     # reads its label); () = the format's own: iu -> findings, impression; the others carry no text.
     label_text_fields: tuple[str, ...] = ()
+    # Findings (data.findings): "RAW=finding" entries that map this source's raw labels (an IU MeSH
+    # term, an NIH label, a folder's class name, a csv column) to findings of the vocabulary, added to
+    # and overriding the format's shipped mapping (data/findings.py, docs/findings.md).
+    # "RAW=" maps RAW to nothing. A finding the source does not annotate is masked, never negative.
+    findings_map: tuple[str, ...] = ()
+    # csv finding columns (CheXpert style): what -1 (uncertain) and a blank cell become: "mask", "0" or "1".
+    uncertain: str = "mask"
+    blank: str = "mask"
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,10 @@ class DataConfig:
     allow_label_leakage: bool = False
     # The report sections that model.report_supervision aligns the image model with (training only).
     report_fields: tuple[str, ...] = ("findings", "impression")
+    # The findings vocabulary the shards carry next to the normal/abnormal label (baked in by prepare):
+    # () = none (the binary label only); ("nih14",) = NIH ChestX-ray14's 14 findings; or the names of
+    # the findings (data/findings.py lists them). "any_finding" is always added.
+    findings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
