@@ -128,3 +128,52 @@ def make_folder_dataset(root: str | Path, n_patients: int = 24, size: int = 56, 
             name = f"person{p}_bacteria_{k}.jpeg" if abnormal else f"IM-{p:04d}-000{k}.jpeg"
             Image.fromarray(arr).save(folder / name, quality=92)
     return root
+
+
+NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+              "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
+NIH_LABELS = ["No Finding", "Cardiomegaly", "Effusion|Atelectasis", "No Finding", "Infiltration|Mass|Nodule",
+              "Pneumothorax", "Hernia"]
+
+
+def nih_labels_of(p: int, k: int) -> str:
+    """The `Finding Labels` of generated NIH patient p's k-th film (make_nih_dataset)."""
+    return NIH_LABELS[(p + k) % len(NIH_LABELS)]
+
+
+def make_nih_dataset(root: str | Path, n_patients: int = 12, size: int = 48, seed: int = 2) -> Path:
+    """A ChestX-ray14-like folder under ``root``: ``Data_Entry_2017.csv`` and ``images/`` (PNG).
+
+    Patient p has 1-2 films ``{p:08d}_{k:03d}.png`` (k = follow-up), labelled nih_labels_of(p, k),
+    PA for even p, AP for odd; the table also lists one film without an image (``missing_image``).
+    """
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(1, n_patients + 1):
+        for k in range(1 + p % 2):
+            labels = nih_labels_of(p, k)
+            name = f"{p:08d}_{k:03d}.png"
+            rows.append([name, labels, k, p, 50, "F", "PA" if p % 2 == 0 else "AP", size, size, 0.14, 0.14])
+            arr = np.clip(_image(rng, size, labels != "No Finding").astype(np.int16) - 20, 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / "images" / name)
+    rows.append([f"{n_patients + 1:08d}_000.png", "Cardiomegaly", 0, n_patients + 1, 60, "M", "PA", size, size, 0.1, 0.1])
+    _write_csv(root / "Data_Entry_2017.csv", NIH_HEADER, rows)
+    return root
+
+
+def make_csv_dataset(root: str | Path, rows: list[dict], size: int = 48, seed: int = 3) -> Path:
+    """A csv-format source: ``root/list.csv`` with `rows` (dicts; their keys are the columns, in the
+    first row's order) and a generated PNG at each row's relative ``path`` (label "1" or "abnormal":
+    the bright disc). Returns the CSV's path."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for r in rows:
+        path = root / r["path"]
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_image(rng, size, str(r["label"]).lower() in ("1", "abnormal"))).save(path)
+    header = list(rows[0])
+    _write_csv(root / "list.csv", header, [[r.get(c, "") for c in header] for r in rows])
+    return root / "list.csv"

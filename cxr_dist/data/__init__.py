@@ -2,6 +2,8 @@
 shards with index.json -> batches for one rank.
 
     sources/      one reader per collection format (iu, nih, folder, csv) -> rows of one schema
+    findings      the findings vocabulary: each source's raw labels -> per-finding targets, masked
+                  where the source does not annotate a finding (docs/findings.md)
     split         patient-level, stratified, seeded train/val/test and k folds
     dicom, preprocess   reading a film the one way every path reads it
     shards, prepare     films -> shards + index.json (`cxr-dist prepare`)

@@ -13,6 +13,11 @@ Version 2 (multi-source) adds, per split, `sources: {name: {total, labels, views
 source), and the top-level `sources` list. A version-1 index (one IU source, written before
 sources existed) is still read, here and only here: all its shards belong to the source "iu" and
 views are unknown.
+
+Shards prepared with data.findings (docs/findings.md) add, still version 2 (older readers ignore
+them): the top-level `findings` (the vocabulary, in order), per source `findings: {annotated,
+findings_map, uncertain, blank}`, and per split and per split's source `findings: {name:
+{positive, negative, masked}}`. Without them `index.findings` is ().
 """
 from __future__ import annotations
 
@@ -24,10 +29,18 @@ from typing import NamedTuple
 
 from ..config import ConfigError, DataConfig
 from ..errors import DataError
+from .findings import ANY_FINDING
 
 INDEX_FORMAT = "cxr-dist-shards"
 INDEX_VERSION = 2
 LEGACY_SOURCE = "iu"  # the source of every sample of a version-1 index
+
+
+class FindingCounts(NamedTuple):
+    """One finding's samples in a split (or one source of it): labelled 1, labelled 0, masked."""
+    positive: int
+    negative: int
+    masked: int
 
 
 class Shard(NamedTuple):
@@ -47,6 +60,7 @@ class Counts:
     patients: int | None = None
     uids: int | None = None
     views: dict[str, tuple[int, int]] = field(default_factory=dict)
+    findings: dict[str, FindingCounts] = field(default_factory=dict)  # {} without a vocabulary
 
 
 @dataclass(frozen=True)
@@ -61,13 +75,16 @@ class Split:
     sources: dict[str, Counts]
     patients: int | None = None
     uids: int | None = None
+    findings: dict[str, FindingCounts] = field(default_factory=dict)  # {} without a vocabulary
 
 
 @dataclass(frozen=True)
 class SourceInfo:
     """One source the shards were prepared from (`[[data.sources]]`); a version-1 index has one,
     "iu". `text_fields`: the text fields its samples carry; `label_text_fields`: those its label
-    was derived from (empty for shards prepared before text fields existed)."""
+    was derived from (empty for shards prepared before text fields existed). `annotated_findings`:
+    the findings of the vocabulary this source labels (any_finding aside, which every source labels);
+    `uncertain`, `blank`: its policies; `findings_map`: its overrides (empty without a vocabulary)."""
     name: str
     format: str = "iu"
     role: str = "train"
@@ -75,6 +92,10 @@ class SourceInfo:
     path: str = ""
     text_fields: tuple[str, ...] = ()
     label_text_fields: tuple[str, ...] = ()
+    annotated_findings: tuple[str, ...] = ()
+    findings_map: tuple[str, ...] = ()
+    uncertain: str = "mask"
+    blank: str = "mask"
 
 
 @dataclass(frozen=True)
@@ -99,7 +120,8 @@ class ShardIndex:
     are sorted; the index `shards.write_shards` returns keeps the order it wrote them in);
     `sources`: the sources the shards hold; `prepared`: the settings they were prepared with;
     `checksum`: the shards' content hash ("" when not recorded); `totals`, `skipped` (counts by
-    reason) and `no_indexing_counts`: what `prepare` reports.
+    reason) and `no_indexing_counts`: what `prepare` reports; `findings`: the findings vocabulary
+    the samples carry targets for, in order ("any_finding" last; () for shards without one).
     """
     root: str
     version: int
@@ -111,6 +133,7 @@ class ShardIndex:
     totals: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     no_indexing_counts: dict = field(default_factory=dict)
+    findings: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ reading
 
@@ -146,7 +169,8 @@ class ShardIndex:
         sources = tuple(SourceInfo(name=s["name"], format=s.get("format", "iu"), role=s.get("role", "train"),
                                    weight=float(s.get("weight", 1.0)), path=s.get("path", ""),
                                    text_fields=tuple(s.get("text_fields", ())),
-                                   label_text_fields=tuple(s.get("label_text_fields", ())))
+                                   label_text_fields=tuple(s.get("label_text_fields", ())),
+                                   **_source_findings(s.get("findings") or {}))
                         for s in raw.get("sources") or ())
         if not sources:  # version 1: one IU source, the data folder
             sources = (SourceInfo(name=LEGACY_SOURCE, path=raw.get("data_dir", "")),)
@@ -154,7 +178,8 @@ class ShardIndex:
         return cls(root=root, version=version, splits=splits, sources=sources, prepared=prepared,
                    checksum=raw.get("checksum", ""), data_dir=raw.get("data_dir", ""),
                    totals=dict(raw.get("totals", {})), skipped=dict(raw.get("skipped", {})),
-                   no_indexing_counts=dict(raw.get("no_indexing_counts", {})))
+                   no_indexing_counts=dict(raw.get("no_indexing_counts", {})),
+                   findings=tuple(raw.get("findings") or ()))
 
     # ------------------------------------------------------------------ splits
 
@@ -232,6 +257,25 @@ class ShardIndex:
             raise ConfigError(f"{where} does not match how the shards in {self.root} were prepared: {'; '.join(wrong)}. "
                               "Use the shards' settings (--data.image_size ... as prepared) or prepare again with yours")
 
+    def finding_counts(self, name: str, source: str | None = None) -> dict[str, FindingCounts]:
+        """{finding: FindingCounts} of split `name` (of one `source` of it), in vocabulary order;
+        {} for shards without a findings vocabulary."""
+        split = self.split(name)
+        if source is None:
+            return dict(split.findings)
+        counts = split.sources.get(source)
+        return dict(counts.findings) if counts is not None else {}
+
+    def annotated(self, source: str) -> tuple[str, ...]:
+        """The findings of the vocabulary that `source` labels, any_finding included (last); () for
+        shards without a vocabulary. The others are masked in every sample of the source."""
+        if not self.findings:
+            return ()
+        info = next((s for s in self.sources if s.name == source), None)
+        if info is None:
+            raise DataError(f"source {source!r} is not in {self.root} (has: {', '.join(s.name for s in self.sources)})")
+        return tuple(f for f in self.findings if f in info.annotated_findings or f == ANY_FINDING)
+
     @property
     def has_views(self) -> bool:
         """Whether the index records each sample's view (version 2)."""
@@ -269,14 +313,29 @@ def _split(name: str, raw: dict, root: str) -> Split:
     shards = tuple(Shard(str(Path(root) / s["file"]), int(s["count"]), s.get("source", LEGACY_SOURCE))
                    for s in raw.get("shards", ()))
     return Split(name=name, total=int(raw.get("total", 0)), labels=counts, shards=shards, sources=sources,
-                 patients=raw.get("patients"), uids=raw.get("uids"))
+                 patients=raw.get("patients"), uids=raw.get("uids"), findings=_finding_counts(raw))
 
 
 def _counts(raw: dict) -> Counts:
     labels = raw.get("labels") or {}
     return Counts(total=int(raw.get("total", 0)), normal=int(labels.get("normal", 0)),
                   abnormal=int(labels.get("abnormal", 0)), patients=raw.get("patients"), uids=raw.get("uids"),
-                  views={view: (int(c["normal"]), int(c["abnormal"])) for view, c in (raw.get("views") or {}).items()})
+                  views={view: (int(c["normal"]), int(c["abnormal"])) for view, c in (raw.get("views") or {}).items()},
+                  findings=_finding_counts(raw))
+
+
+def _finding_counts(raw: dict) -> dict[str, FindingCounts]:
+    """A split's (or a split's source's) `findings` counts; {} when the index has none."""
+    return {name: FindingCounts(int(c["positive"]), int(c["negative"]), int(c["masked"]))
+            for name, c in (raw.get("findings") or {}).items()}
+
+
+def _source_findings(raw: dict) -> dict:
+    """SourceInfo's findings fields from a source's `findings` entry (absent: the defaults)."""
+    if not raw:
+        return {}
+    return {"annotated_findings": tuple(raw.get("annotated", ())), "findings_map": tuple(raw.get("findings_map", ())),
+            "uncertain": raw.get("uncertain", "mask"), "blank": raw.get("blank", "mask")}
 
 
 def train_val_splits(data_cfg: DataConfig) -> tuple[list[str], str]:

@@ -98,6 +98,10 @@ def summary(index: ShardIndex, seconds: float) -> str:
                              f"normal {c.normal:>5}  abnormal {c.abnormal:>5}")
     skipped = ", ".join(f"{k} {v}" for k, v in index.skipped.items()) or "none"
     lines.append(f"  skipped: {skipped} (details in skipped.jsonl)")
+    if index.findings:  # docs/findings.md
+        annotated = ", ".join(f"{s.name} {len(s.annotated_findings)}" for s in index.sources)
+        lines.append(f"  findings: {', '.join(index.findings)}; annotated per source: {annotated} "
+                     "(+ any_finding); counts per split in index.json")
     ni = index.no_indexing_counts
     lines.append(f"  'No Indexing': {ni['images']} images of {ni['uids']} uids -> {ni['treatment']}")
     lines.append(f"  checksum {index.checksum}")

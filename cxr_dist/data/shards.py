@@ -6,7 +6,9 @@ small JPEGs. Output, all in OUT:
     {split}-{i:05d}.tar   samples: __key__, jpg (grayscale, q95, longest side image_size), cls, json;
                           one source per shard; splits train/val/test (or fold0..), external
     index.json            per split: shards [{file, count, sha256, source}], total, labels, and per
-                          source its counts by view x label; skipped; checksum (index.py)
+                          source its counts by view x label; skipped; checksum (index.py); with
+                          data.findings, the vocabulary and per split (and source) each finding's
+                          positive / negative / masked counts
     skipped.jsonl         one line per input row that is not in any shard, with its reason
     .cxr-dist-shards      the marker that says prepare made this folder (`_check_out_dir`)
 
@@ -42,6 +44,7 @@ from ..errors import DataError
 from ..fileio import write_bytes_atomic as atomic_write
 from .index import INDEX_FORMAT, INDEX_VERSION, ShardIndex, has_shard_index
 from ..log import progress
+from . import findings as fnd
 from .sources.iu import label_of
 from .preprocess import ConstantImageError, shard_film
 from .sources import ERROR_REASONS, label_text_fields, read_sources
@@ -187,10 +190,12 @@ def _uid(row: dict, prefixed: bool) -> str:
     return f"{row['source']}__{row['study']}"
 
 
-def _sample(row: dict, jpg: bytes, fold: int | None, prefixed: bool) -> dict:
+def _sample(row: dict, jpg: bytes, fold: int | None, prefixed: bool, targets: dict[str, int] | None = None) -> dict:
     # Rows of several sources share one table: a column another source has is NaN here.
     meta = {k: row[k] for k in META_FIELDS if isinstance(row.get(k), str)}
     meta.update(label=int(row["label"]), uid=_uid(row, prefixed), split=row["split"], fold=fold)
+    if targets is not None:  # data.findings: the annotated findings only (a missing one is masked)
+        meta["finding_targets"] = targets
     # The source's text fields (IU: its report's sections), for image+text models.
     text = {k[len(TEXT_PREFIX):]: row[k] for k in row if k.startswith(TEXT_PREFIX) and isinstance(row[k], str)}
     if text:
@@ -237,6 +242,7 @@ def write_shards(data_cfg: DataConfig, out_dir: str | Path, single_split: str | 
 def _read_table(data_cfg: DataConfig, out: Path) -> tuple[list, pd.DataFrame, list[dict]]:
     """(sources, the table of usable rows, the rows skipped while reading): cheap, no image decoded."""
     sources = sources_of(data_cfg)
+    fnd.check(data_cfg)  # data.findings and the sources' findings settings, before any work
     _check_out_dir(out, [s.path for s in sources])
     df, skipped = read_sources(data_cfg)
     return sources, df, skipped
@@ -255,6 +261,9 @@ def _write_output(data_cfg: DataConfig, out: Path, sources: list, df: pd.DataFra
     ok = np.array([err is None for err in errors], dtype=bool)
     prefixed = bool(data_cfg.sources)
     records = df.to_dict("records")
+    vocab = fnd.vocabulary(data_cfg.findings)
+    # Per row (by jpg_index), None without data.findings: then nothing below changes a byte.
+    targets, finding_info = fnd.sample_targets(vocab, sources, records) if vocab else ([None] * len(records), {})
     for err, rec in zip(errors, records):
         if err is not None:
             skipped.append({"source": rec["source"], "patient": rec["patient"], "uid": _uid(rec, prefixed),
@@ -298,22 +307,32 @@ def _write_output(data_cfg: DataConfig, out: Path, sources: list, df: pd.DataFra
                 file = f"{name}-{i:05d}.tar"
                 rows = rows_s[start:start + size]
                 start, i = start + size, i + 1
-                samples = [_sample(r, jpg_of(r["jpg_index"]), fold, bool(data_cfg.sources)) for r in rows]
+                samples = [_sample(r, jpg_of(r["jpg_index"]), fold, bool(data_cfg.sources), targets[r["jpg_index"]])
+                           for r in rows]
                 data = _tar_bytes(samples)
                 atomic_write(out / file, data)
                 written.add(file)
                 shards.append({"file": file, "count": size, "sha256": hashlib.sha256(data).hexdigest(),
                                "source": source})
-                lines += [f"{r['key']}\t{name}\t{file}\t{r['label']}\t{hashlib.sha256(s['jpg']).hexdigest()}\n"
+                lines += [f"{r['key']}\t{name}\t{file}\t{r['label']}\t{hashlib.sha256(s['jpg']).hexdigest()}"
+                          + (f"\t{json.dumps(targets[r['jpg_index']], sort_keys=True)}" if vocab else "") + "\n"
                           for r, s in zip(rows, samples)]
         splits[name] = {**_counts(part), "shards": shards,
                         "sources": {src: {**_counts(g), "views": _view_counts(g)}
                                     for src, g in part.groupby("source", sort=False)}}
+        if vocab:
+            splits[name]["findings"] = fnd.counts((targets[i] for i in part["jpg_index"]), vocab)
+            for src, g in part.groupby("source", sort=False):
+                splits[name]["sources"][src]["findings"] = fnd.counts((targets[i] for i in g["jpg_index"]), vocab)
 
     skipped.sort(key=lambda s: (s.get("source", ""), s["reason"], s["filename"], str(s.get("patient", ""))))
     atomic_write(out / "skipped.jsonl",
                  "".join(json.dumps(s, sort_keys=True, ensure_ascii=False) + "\n" for s in skipped).encode())
     index = _index(data_cfg, sources, df, splits, counts, n_rows, n_err, skipped, sorted(lines))
+    if vocab:  # the vocabulary, and what each source annotates and how (docs/findings.md)
+        index["findings"] = list(vocab)
+        for entry in index["sources"]:
+            entry["findings"] = finding_info[entry["name"]]
     atomic_write(out / "index.json", (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
     for p in out.iterdir():  # shards of an earlier, larger run (ours: the folder check passed)
         if SHARD_RE.match(p.name) and p.name not in written:

@@ -21,6 +21,11 @@ and a batch carries its JPEG files (``jpeg``, ``jpeg_sizes``: device_input.pack_
 ``image``; ``device_input.DeviceInput`` decodes and augments it on the training device. Same
 samples in the same order as the PIL path (shuffling draws from its own RNG).
 
+Findings (docs/findings.md): when the index has a findings vocabulary (``index.findings``), every
+batch also carries ``findings`` (float32 ``B x F``, 1.0 / 0.0 in vocabulary order) and
+``findings_mask`` (bool ``B x F``, True where the sample's source annotates the finding; a masked
+entry's value is 0.0 and means nothing).
+
 Eval stream (``eval_loader``): every sample of the split exactly once across all ranks and
 workers, in a fixed order, no augmentation; the last batch of a worker may be short and ranks
 may get different numbers of batches.
@@ -85,12 +90,15 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
     yield from buf
 
 
-def _collate(items: list[tuple[torch.Tensor | bytes, int, str, str, str, str]]) -> Batch:
+def _collate(items: list[tuple]) -> Batch:
     if isinstance(items[0][0], bytes):  # on_device: the files, packed into one tensor
         data, sizes = pack_jpegs([x[0] for x in items])
         pixels = {"jpeg": data, "jpeg_sizes": sizes}
     else:
         pixels = {"image": torch.stack([x[0] for x in items])}
+    if len(items[0]) > 6:  # a findings vocabulary: (values, annotated) per sample
+        pixels["findings"] = torch.tensor([x[6][0] for x in items], dtype=torch.float32)
+        pixels["findings_mask"] = torch.tensor([x[6][1] for x in items], dtype=torch.bool)
     return {
         **pixels,
         "label": torch.tensor([x[1] for x in items], dtype=torch.int64),
@@ -116,7 +124,8 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, shards: list[Shard], cfg: DataConfig, rank: int, world: int,
                  workers: int, train: bool, seed: int, batches_per_epoch: int, augment: bool | None = None,
-                 keyed: bool = False, weights: dict[str, float] | None = None, on_device: bool = False) -> None:
+                 keyed: bool = False, weights: dict[str, float] | None = None, on_device: bool = False,
+                 findings: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.shards, self.rank, self.world, self.workers = shards, rank, world, max(1, workers)
         self.batch_size, self.buffer, self.train, self.seed = cfg.batch_size, cfg.shuffle_buffer, train, seed
@@ -132,6 +141,7 @@ class _ShardStream(IterableDataset):
         # on any number of processes). Otherwise one stream per (rank, worker), cheaper to seed.
         self.keyed = keyed
         self.on_device = on_device  # yield the JPEG bytes: decoded and augmented by device_input
+        self.findings = tuple(findings)  # the index's vocabulary: batches carry findings + findings_mask
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -141,9 +151,12 @@ class _ShardStream(IterableDataset):
         slots = range(self.rank * self.workers, (self.rank + 1) * self.workers)
         return sum(-(-_slot_count(self.shards, n_slots, s) // self.batch_size) for s in slots)
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor | bytes, int, str, str, str, str]:
+    def _decode(self, sample: dict) -> tuple:
         meta = json.loads(sample["json"])
         tail = (int(sample["cls"]), sample["__key__"], str(meta["uid"]), *sample_source_view(meta))
+        if self.findings:  # the sample's annotated findings; a missing one is masked
+            targets = meta.get("finding_targets", {})
+            tail += (([float(targets.get(f, 0)) for f in self.findings], [f in targets for f in self.findings]),)
         if self.on_device:
             return (sample["jpg"], *tail)
         return (self._image(sample), *tail)
@@ -272,7 +285,7 @@ def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int,
     # At least one batch even for tiny data (samples then repeat within the epoch).
     batches = max(1, total // (world * data_cfg.batch_size))
     ds = _ShardStream(shards, data_cfg, rank, world, data_cfg.num_workers, True, seed, batches, weights=weights,
-                      on_device=on_device)
+                      on_device=on_device, findings=index.findings)
     return EpochLoader(ds, data_cfg.num_workers), batches
 
 
@@ -285,7 +298,7 @@ def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int, index: 
     bytes, for ``device_input.DeviceInput(..., augment=False)``.
     """
     ds = _ShardStream(index.shards([split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0,
-                      on_device=on_device)
+                      on_device=on_device, findings=index.findings)
     return EpochLoader(ds, data_cfg.num_workers)
 
 
@@ -295,5 +308,5 @@ def views_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int,
     stream seeded by (seed, epoch): ``set_epoch(v)`` gives view v. For the frozen-compute cache;
     ``keyed``: seeded per sample, the same views on any number of ranks and workers (for TTA)."""
     ds = _ShardStream(index.shards(splits), data_cfg, rank, world, data_cfg.num_workers, False, seed, 0,
-                      augment=True, keyed=keyed)
+                      augment=True, keyed=keyed, findings=index.findings)
     return EpochLoader(ds, data_cfg.num_workers)

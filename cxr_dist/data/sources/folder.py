@@ -14,7 +14,9 @@ files that are not images (.DS_Store, README ...). A class or subset folder may 
 The patient comes from src.patient_regex, matched (re.match) against the file name: its named
 group ``patient``, else its first group, else the whole match. Without a regex every image is its
 own patient (the file stem), which is only right when the collection has one image per patient.
-The layout has no studies: study = patient. ``findings`` is the class folder name.
+The layout has no studies: study = patient. ``findings`` is the class folder name, and so is the
+one raw label in ``finding_values`` (the findings vocabulary, data/findings.py: a class maps to the
+findings it names; a source annotates only the findings its classes map to).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import pandas as pd
 
 from ...config import SourceConfig
 from ...errors import DataError
+from ..findings import FINDING_VALUES, encode_values
 from .common import drop_duplicate_keys, first_few, is_image, labels_of, normalize_view, safe_key
 
 SUBSETS = ("train", "test", "val")
@@ -117,6 +120,7 @@ def read(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:
         "report": "",
         "filename": [str(r) for r in rels],
         "subset": [p[0] for p in places],  # type: ignore[index]
+        FINDING_VALUES: classes.map(lambda c: encode_values({c: "1"})),
     })
     df["study"] = df["patient"]
     return drop_duplicate_keys(df, src)

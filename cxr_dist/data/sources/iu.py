@@ -23,7 +23,9 @@ patient id: the uid (one study) is both the patient and the study. Column names 
 - ``findings``: the ``Problems`` field (what the label is read from), like the other formats'
   findings; ``report``: the report's findings + " " + impression text;
 - IU's own columns kept: ``uid``, ``projection``, ``problems``, ``impression``, and
-  ``report_findings`` (the report's findings text, build_manifest's ``findings`` column).
+  ``report_findings`` (the report's findings text, build_manifest's ``findings`` column);
+- ``finding_values``: the report's MeSH terms (``Problems`` when the copy has no MeSH column) for
+  the findings vocabulary (data/findings.py), "" for a ``No Indexing`` report (findings unknown).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import pandas as pd
 
 from ...config import SourceConfig
 from ...errors import DataError
+from ..findings import FINDING_VALUES, encode_values
 from .common import RASTER_EXTENSIONS, read_table, sample_key, skip
 
 REPORTS_CSV = "indiana_reports.csv"
@@ -48,7 +51,7 @@ LABEL_TEXT_FIELDS = ("findings", "impression")
 PROJECTION_COLUMNS = ("uid", "filename", "projection")
 
 MANIFEST_COLUMNS = ["key", "path", "filename", "uid", "projection", "label", "problems", "findings", "impression",
-                    "indication", "comparison"]
+                    "indication", "comparison", "mesh"]
 
 KAGGLE_HINT = (
     "expected the Kaggle layout of the dataset raddar/chest-xrays-indiana-university "
@@ -143,6 +146,7 @@ def build_manifest(data_dir: str | Path, no_indexing: str = "drop") -> tuple[pd.
             "projection": rec["projection"].strip(), "label": label,
             "problems": report["Problems"], "findings": report["findings"], "impression": report["impression"],
             "indication": report.get("indication", ""), "comparison": report.get("comparison", ""),
+            "mesh": report.get("MeSH", ""),
         })
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     if df.empty:
@@ -165,6 +169,17 @@ def _reason_counts(skipped: list[dict]) -> dict[str, int]:
 _VIEWS = {"frontal": "FRONTAL", "lateral": "LATERAL"}  # IU records no PA/AP
 
 
+def term_values(mesh: str, problems: str) -> dict[str, str] | None:
+    """A report's terms as raw finding labels {term: "1"}: its MeSH terms with their qualifiers
+    ("Opacity/lung/base/left"), or its Problems when MeSH is empty; {} for a normal report (nothing
+    found), None for 'No Indexing' (not indexed: findings unknown)."""
+    if label_of(problems) is None:
+        return None
+    text = mesh if str(mesh).strip() else problems
+    terms = [t.strip() for t in str(text).split(";") if t.strip()]
+    return {t: "1" for t in terms if label_of(t) != 0}
+
+
 def read(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:
     """Rows of the IU folder src.path (see the module docstring) and the skipped projection rows."""
     df, skipped = build_manifest(src.path, src.no_indexing)
@@ -176,7 +191,8 @@ def read(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:
     df["report"] = (df["report_findings"].str.strip() + " " + df["impression"].str.strip()).str.strip()
     for field in TEXT_FIELDS:  # the report's sections as text fields (the module docstring)
         df[f"text_{field}"] = df["report_findings" if field == "findings" else field].fillna("").str.strip()
-    df = df.drop(columns=["indication", "comparison"])
+    df[FINDING_VALUES] = [encode_values(term_values(mesh, problems)) for mesh, problems in zip(df["mesh"], df["problems"])]
+    df = df.drop(columns=["indication", "comparison", "mesh"])
     # The common fields first, then build_manifest's own (uid stays for split/shards).
     out = [{**skip(src, s["filename"], s["uid"], s["reason"], s["detail"]), **s} for s in skipped]
     return df, out

@@ -10,8 +10,10 @@ Images are matched by ``Image Index`` (file name) across all of those folders. L
 Finding`` -> 0; otherwise ``Finding Labels`` is a "|"-separated list of the 14 ChestX-ray14
 findings -> 1 (``findings`` keeps the list). NIH labels every image, so there is no conflict
 check. patient = ``Patient ID`` (text as written), study = ``{patient}_{Follow-up #}``, view from
-``View Position`` (PA/AP). Rows of the table without an image are skipped as ``missing_image``:
-using a subset of the 42 GB collection is normal, and the skip list says how much of it is there.
+``View Position`` (PA/AP). ``finding_values`` keeps the labels for the findings vocabulary
+(data/findings.py; "No Finding" lists none). Rows of the table without an image are skipped as
+``missing_image``: using a subset of the 42 GB collection is normal, and the skip list says how
+much of it is there.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pandas as pd
 
 from ...config import SourceConfig
 from ...errors import DataError
+from ..findings import FINDING_VALUES, encode_values
 from .common import drop_duplicate_keys, drop_missing, first_few, is_image, read_table, safe_key, views_of
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
@@ -82,6 +85,11 @@ def _labels(values: pd.Series, table: Path) -> tuple[pd.Series, pd.Series]:
     return values.map(labels), values.map(findings)
 
 
+def _values(findings: str) -> str:
+    """The row's labels as raw finding values (findings.encode_values): {label: "1"}, {} for No Finding."""
+    return encode_values({} if findings == NO_FINDING else {n: "1" for n in findings.split("|")})
+
+
 def read(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:
     """Rows of the NIH folder src.path (see the module docstring) and the skipped table rows."""
     root = Path(src.path)
@@ -106,6 +114,7 @@ def read(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:
         "findings": findings,
         "report": "",  # ChestX-ray14 ships no reports
         "filename": names,
+        FINDING_VALUES: findings.map({v: _values(v) for v in pd.unique(findings)}),
     })
     df, skipped = drop_missing(df, src, f"{root} (images/, images_*/images/)", present=df["path"] != "")
     df, dups = drop_duplicate_keys(df, src)

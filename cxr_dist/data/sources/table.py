@@ -11,6 +11,11 @@ Columns (any other column is refused, so a typo does not silently lose informati
     view       optional; PA, AP, LATERAL, FRONTAL or empty (empty -> src.view)
     findings   optional; free text
     report     optional; free text
+    FINDING    optional finding columns, CheXpert style: a column named like a finding or a CheXpert
+               column ("Cardiomegaly", "Pleural Effusion", "pleural_thickening", ...), or any column
+               that src.findings_map names; cells 1 (present), 0 (absent), -1 (uncertain) or blank
+               (also 1.0, 0.0, -1.0); src.uncertain and src.blank say what -1 and blank become
+               (the findings vocabulary, data/findings.py; kept in the row column finding_values)
 
 A path listed twice (same key) is skipped after its first row (duplicate_key); a path that is
 not a file is skipped as missing_image.
@@ -24,11 +29,12 @@ import pandas as pd
 
 from ...config import SourceConfig
 from ...errors import DataError
+from ..findings import FINDING_VALUES, cell_value, encode_values, source_mapping
 from .common import drop_duplicate_keys, drop_missing, first_few, labels_of, read_table, safe_key, skip, views_of
 
 REQUIRED = ("path", "label", "patient")
 OPTIONAL = ("view", "findings", "study", "report")
-HINT = "See docs/sources.md (format \"csv\")"
+HINT = "See docs/sources.md (format \"csv\"); finding columns: docs/findings.md"
 
 
 def _key_path(text: str, base: Path) -> str:
@@ -52,10 +58,28 @@ def _conflicts(df: pd.DataFrame, src: SourceConfig) -> tuple[pd.DataFrame, list[
     return df[n_labels <= 1], skipped
 
 
+def _finding_values(raw: pd.DataFrame, columns: list[str], table: Path) -> pd.Series:
+    """Each row's finding columns as raw finding values (findings.encode_values); DataError listing
+    the cells that are not 1, 0, -1 or blank."""
+    cells = {c: raw[c].map(cell_value) for c in columns}
+    bad = sorted({f"{c}={v!r}" for c in columns for v in raw[c][cells[c].isna()]})
+    if bad:
+        raise DataError(f"{table}: finding column value(s) {first_few(bad, 10)}; expected 1 (present), 0 (absent), "
+                        f"-1 (uncertain) or blank (also 1.0, 0.0, -1.0)")
+    return pd.Series([encode_values(dict(zip(columns, vals))) for vals in zip(*(cells[c] for c in columns))]
+                     if columns else [encode_values({})] * len(raw), index=raw.index, dtype=object)
+
+
 def read(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:
     """Rows of the CSV file src.path (see the module docstring) and the skipped ones."""
     table = Path(src.path)
-    raw = read_table(table, REQUIRED, OPTIONAL, hint=HINT)
+    mapping = source_mapping(src)
+    try:  # the header only, for the finding columns (read_table reports a file it cannot read)
+        header = [str(c).strip() for c in pd.read_csv(table, nrows=0).columns]
+    except Exception:
+        header = []
+    finding_cols = [c for c in header if c not in REQUIRED + OPTIONAL and mapping.knows(c)]
+    raw = read_table(table, REQUIRED, OPTIONAL + tuple(finding_cols), hint=HINT)
     base = table.parent
     raw = raw.apply(lambda c: c.str.strip())
     empty = raw.index[(raw["path"] == "") | (raw["patient"] == "")]
@@ -78,6 +102,7 @@ def read(src: SourceConfig) -> tuple[pd.DataFrame, list[dict]]:
         "findings": raw["findings"] if "findings" in raw else "",
         "report": raw["report"] if "report" in raw else "",
         "filename": raw["path"],
+        FINDING_VALUES: _finding_values(raw, finding_cols, table),
     })
     df, skipped = drop_duplicate_keys(df, src)
     df, conflicts = _conflicts(df, src)
