@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 SHARDS="${1:-out/shards}"
 shift || true
 OUT="${OUT:-out/bench_cache}"
-COMMON=(--config configs/iu_xray_cached.toml --data.shards_dir "$SHARDS" --data.input_size 128
+COMMON=(--config configs/iu_xray_cached.toml --data.shards_dir "$SHARDS" --loader.input_size 128
         --train.phases.0.epochs 3 --train.phases.1.epochs 3 --tracking.uri "sqlite:///$PWD/$OUT/mlflow.db"
         --tracking.experiment bench-cache)
 SEEDS="${SEEDS:-42}"

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from cxr_dist.config import DataConfig, replace
+from cxr_dist.config import DataConfig, LoaderConfig, replace
 from cxr_dist.data.index import load_index
 from cxr_dist.data.sources.iu import build_manifest
 from cxr_dist.data.shards import encode_all, write_shards
@@ -109,10 +109,9 @@ def _run(tmp: Path) -> int:
 
     load0 = os.getloadavg()[0]  # other jobs on the machine skew the numbers: print the load with them
     shards = args.shards or str(tmp / "shards")
-    cfg = DataConfig(data_dir=args.data, shards_dir=shards, input_size=args.input_size, batch_size=args.batch_size,
-                     num_workers=args.workers, prepare_workers=2)
+    cfg = LoaderConfig(input_size=args.input_size, batch_size=args.batch_size, num_workers=args.workers)
     if not args.shards:
-        write_shards(cfg, shards)
+        write_shards(DataConfig(data_dir=args.data, shards_dir=shards, prepare_workers=2), shards)
     index = load_index(shards)
     df, _ = build_manifest(args.data, "drop")
     rows = []

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cxr_dist.config import FROZEN_BACKENDS, DataConfig, ModelConfig
+from cxr_dist.config import FROZEN_BACKENDS, LoaderConfig, ModelConfig
 from cxr_dist.data.index import load_index
 from cxr_dist.model.frozen_runtime import FrozenPart, build_runner, calibration_batches
 from cxr_dist.model.classifier import build_model
@@ -71,8 +71,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
 
-    data = DataConfig(shards_dir=args.shards, input_size=args.input_size, batch_size=args.batch_size,
-                      num_workers=0)
+    data = LoaderConfig(input_size=args.input_size, batch_size=args.batch_size, num_workers=0)
     index = load_index(args.shards)
     batches, n = [], 0
     for b in eval_loader(data, args.split, 0, 1, index):

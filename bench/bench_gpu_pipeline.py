@@ -11,8 +11,8 @@ head, random weights, phase 1: head only), batch and precision:
 - "step": `--steps` optimizer steps on uint8 images already on the device, as bench/bench_gpu.py
   times them (the goal's denominator);
 - "workers": one epoch of the real `train.train_epoch` over `stream.train_loader` (PIL decode and
-  augmentation in `--workers` DataLoader workers: data.decode_on = workers);
-- "device": the same epoch with data.decode_on = device (workers read the tars; decode_jpeg and
+  augmentation in `--workers` DataLoader workers: loader.decode_on = workers);
+- "device": the same epoch with loader.decode_on = device (workers read the tars; decode_jpeg and
   the batched augmentation of device_input.py run on the GPU);
 - "input only": the same two loaders without the model (which side sets the pace).
 One warm-up epoch of each first; then median [min-max] over `--repeats`. It also checks the eval
@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import torch
 
-from cxr_dist.config import Config, DataConfig, ModelConfig, PhaseConfig, TrainConfig
+from cxr_dist.config import Config, DataConfig, LoaderConfig, ModelConfig, PhaseConfig, TrainConfig
 from cxr_dist.data.device_input import DeviceInput
 from cxr_dist.data.index import load_index
 from cxr_dist.data.mixing import SampleWeightedLoss
@@ -76,10 +76,10 @@ class _Autocast(torch.nn.Module):
 class Bench:
     def __init__(self, args, shards: Path) -> None:
         self.args, self.device = args, torch.device(args.device)
-        self.data = DataConfig(shards_dir=str(shards), image_size=args.image_size, input_size=args.input_size,
-                               batch_size=args.batch_size, num_workers=args.workers)
+        self.data = LoaderConfig(input_size=args.input_size, batch_size=args.batch_size, num_workers=args.workers)
         self.index = load_index(str(shards))
-        self.cfg = Config(data=self.data, train=TrainConfig(seed=0))
+        self.cfg = Config(data=DataConfig(shards_dir=str(shards), image_size=args.image_size), loader=self.data,
+                          train=TrainConfig(seed=0))
         torch.manual_seed(0)
         self.model = build_model(ModelConfig(backbone="tf_efficientnet_lite1", pretrained=False)).to(self.device)
         self.model.set_phase(0)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cxr_dist.model.checkpoint import amend_checkpoint, save_checkpoint
-from cxr_dist.config import Config, DataConfig, ModelConfig, from_dict, to_dict
+from cxr_dist.config import Config, LoaderConfig, ModelConfig, section, to_dict
 from cxr_dist.product.export import export_onnx, load_model, temperature_of
 from cxr_dist.model.classifier import build_model
 
@@ -44,7 +44,7 @@ def cpu_model() -> str:
 
 
 def lite1_checkpoint(folder: Path, input_size: int) -> Path:
-    cfg = Config(data=DataConfig(input_size=input_size),
+    cfg = Config(loader=LoaderConfig(input_size=input_size),
                  model=ModelConfig(backbone="tf_efficientnet_lite1", weights="lite1-package"))
     run = folder / "run"
     save_checkpoint(run, "best", build_model(cfg.model).state_dict(), {}, {"config": to_dict(cfg)})
@@ -91,7 +91,7 @@ def main() -> None:
             exports[name] = (path.stat().st_size, time.perf_counter() - start)
         model, meta = load_model(ckpt)
         temperature = temperature_of(meta)
-        size = from_dict(DataConfig, meta["config"]["data"]).input_size
+        size = section(meta["config"], LoaderConfig).input_size
         backbone = meta["config"]["model"]["backbone"]
 
         def torch_run(x: torch.Tensor):

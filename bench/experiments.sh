@@ -17,7 +17,7 @@ CACHE_DIR="${CACHE_DIR:-out/runs/iu_xray_cached/cache}"
 # Each variant: a config, then overrides (the same phase 1, so the same cache).
 declare -A VARIANT=(
     # phase 2 at a tenth of the learning rates, light weight decay: does phase 2 stop overfitting?
-    [gentle]="configs/iu_xray_cached.toml --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-5 --train.weight_decay 1e-4"
+    [gentle]="configs/iu_xray_cached.toml --train.phases.1.lr 1e-4 --train.phases.1.backbone_lr 1e-5 --optimizer.weight_decay 1e-4"
     # the default schedule, but unfrozen blocks keep their ImageNet BatchNorm statistics
     [bnfrozen]="configs/iu_xray_cached.toml --model.freeze_bn_stats true"
     # phase 2 unfreezes all of the last two stages (6 blocks of Lite1) at lr 1e-4, for 10 epochs

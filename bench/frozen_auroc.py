@@ -50,22 +50,22 @@ def main() -> None:
     # The network's own probabilities (uncalibrated: a temperature would not move an AUROC).
     product = Product.load(args.run, calibrated=False, views=1, device=cpu)
     model = product.model
-    data = replace(product.data, shards_dir=args.shards, num_workers=1)
+    loader = replace(product.loader, num_workers=1)
     index = load_index(args.shards)
     print(f"{args.run}: {args.split} split of {args.shards}, {torch.get_num_threads()} threads")
 
     t0 = time.time()
-    base = predict_split(model, data, args.split, index, device=cpu)
+    base = predict_split(model, loader, args.split, index, device=cpu)
     print(f"eager      AUROC {compute_metrics(base['probs'], base['labels'])['auroc']:.4f} "
           f"({len(base['keys'])} images, {time.time() - t0:.0f} s)")
     base_levels = levels(base)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="frozen-auroc-"))
     for backend in args.backends.split(","):
-        calib = calibration_batches(data, args.calibration_split, index) if backend == "int8" else None
-        runner = build_runner(model, backend, model.depth, data.input_size, work, calibration=calib)
+        calib = calibration_batches(loader, args.calibration_split, index) if backend == "int8" else None
+        runner = build_runner(model, backend, model.depth, loader.input_size, work, calibration=calib)
         t0 = time.time()
         with attached(model, runner):
-            preds = predict_split(model, data, args.split, index, device=cpu)
+            preds = predict_split(model, loader, args.split, index, device=cpu)
         assert preds["keys"] == base["keys"]
         other = levels(preds)
         auroc = compute_metrics(preds["probs"], preds["labels"])["auroc"]

@@ -13,7 +13,7 @@
 # schedule and the four all16 seeds), BENCH (0: skip bench_gpu.py), ENSEMBLE (runs whose mean
 # probability is scored as an ensemble when two or more finished; default the four all16 seeds).
 # docs/results.md's table (one H200, before all16 evaluated with 8 views, hence the override):
-#   RUNS="default deep6 all16 all16-s43 all16-s44" bash bench/gpu_experiments.sh DATA --train.tta_views 1
+#   RUNS="default deep6 all16 all16-s43 all16-s44" bash bench/gpu_experiments.sh DATA --product.tta_views 1
 #   RUNS="all16-s45 all16-bnstats all16-bnstats-s43" BENCH=0 RUN_LIMIT=265 ...   (same machine)
 set -uo pipefail  # no -e: one failed run must not stop the others or the summary
 cd "$(dirname "$0")/.."
@@ -60,7 +60,7 @@ for name in "${names[@]}"; do
     # shellcheck disable=SC2086  # the variant's overrides are meant to split into words
     OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$RUN_LIMIT" "$PY" -m cxr_dist.train --config "$config" \
         --data.shards_dir "$SHARDS" --train.run_dir "$OUT/runs/$name" --train.cache_views 0 \
-        --train.mixed_precision bf16 --data.num_workers "$WORKERS" --model.weights "$WEIGHTS" \
+        --train.mixed_precision bf16 --loader.num_workers "$WORKERS" --model.weights "$WEIGHTS" \
         --tracking.enabled false $overrides "$@" > "$OUT/runs/$name.log" 2>&1 &
 done
 wait
@@ -84,7 +84,7 @@ if latest is None:
     sys.exit(f"{run.name}: no checkpoint (stopped in its first epoch)")
 meta = json.loads((latest / "meta.json").read_text())
 (run / "history.json").write_text(json.dumps(meta["progress"]["history"]))
-# test, and val for the threshold, over the run's train.tta_views: the three reports training writes
+# test, and val for the threshold, over the run's product.tta_views: the three reports training writes
 views = str(meta["config"]["train"].get("tta_views", 1))
 at_val = json.loads(subprocess.run([sys.executable, "-m", "cxr_dist.eval.evaluate", "--checkpoint", str(run), "--shards",
                                     shards, "--split", "test", "--threshold", "val", "--tta", views, "--predictions",

@@ -29,7 +29,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from cxr_dist.config import DataConfig, ModelConfig
+from cxr_dist.config import LoaderConfig, ModelConfig
 from cxr_dist.data.index import ShardIndex, load_index
 from cxr_dist.data.sources.iu import build_manifest
 from cxr_dist.eval.metrics import study_level
@@ -48,7 +48,7 @@ def extract(index: ShardIndex, input_size: int, batch_size: int) -> dict[str, np
     """Pooled stage outputs + pre-logits of every image of every split, one forward pass each."""
     model = build_model(ModelConfig(backbone="tf_efficientnet_lite1", weights="lite1-package")).eval()
     bb = model.backbone
-    data = DataConfig(shards_dir=index.root, input_size=input_size, batch_size=batch_size, num_workers=2)
+    data = LoaderConfig(input_size=input_size, batch_size=batch_size, num_workers=2)
     out: dict[str, list] = {"stages": [], "prelogits": [], "label": [], "key": [], "uid": [], "split": []}
     for split in SPLITS:
         start, n = time.perf_counter(), 0

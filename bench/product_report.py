@@ -53,17 +53,18 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.monotonic()
     product = Product.load(args.run, calibrated=False, device=torch.device("cpu"))
-    data = replace(product.data, shards_dir=args.shards, num_workers=1)
+    data = replace(product.data, shards_dir=args.shards)
+    loader = replace(product.loader, num_workers=1)
     index = load_index(args.shards)
     train_splits, val_split = train_val_splits(data)
     fit_index = ood_fit_index(index, train_splits)
-    fit = predict_split(product.model, data, OOD_FIT_SPLIT, fit_index, with_features=True)
-    preds = {name: predict_split(product.model, data, split, index, with_features=True)
+    fit = predict_split(product.model, loader, OOD_FIT_SPLIT, fit_index, with_features=True)
+    preds = {name: predict_split(product.model, loader, split, index, with_features=True)
              for name, split in (("val", val_split), ("test", "test"))}
     if args.external_limit and index.has_samples("external"):
         # Whole shards of the external split, in order, up to the limit (as end_of_run.py samples training films).
         ext = ood_fit_index(index, ["external"], args.external_limit)
-        preds["external"] = predict_split(product.model, data, OOD_FIT_SPLIT, ext, with_features=True)
+        preds["external"] = predict_split(product.model, loader, OOD_FIT_SPLIT, ext, with_features=True)
     val = preds["val"]
     temperature = fit_temperature(val["probs"], val["labels"])
     density = FeatureDensity.fit(fit["features"])
@@ -81,12 +82,12 @@ def main() -> None:
                                               calibration_report(p["probs"], p["labels"], temperature).items()}
     from sklearn.datasets import load_sample_images
 
-    plain = eval_transform(data.input_size)
+    plain = eval_transform(loader.input_size)
     photos = []
     for i, arr in enumerate(load_sample_images().images):
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG")
-        photos.append(plain(read_film(buf.getvalue(), f"photo{i}.jpg", data)))
+        photos.append(plain(read_film(buf.getvalue(), f"photo{i}.jpg", data, loader)))
     h, logits = features_and_logits(product.model, torch.stack(photos))
     # This report's own parts (fitted above, as the end of training fits them), applied as a product applies them.
     got = Readout(temperature=temperature, density=density, ood_threshold=threshold).apply(
@@ -97,7 +98,7 @@ def main() -> None:
     blank = io.BytesIO()
     Image.new("L", (512, 512), 255).save(blank, format="PNG")
     try:
-        read_film(blank.getvalue(), "blank.png", data)
+        read_film(blank.getvalue(), "blank.png", data, loader)
         out["blank_image"] = "accepted (unexpected)"
     except DataError as e:
         out["blank_image"] = f"refused: {e}"

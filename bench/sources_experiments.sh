@@ -13,7 +13,7 @@
 #   iu_kermany       both train, half and half                               configs/iu_kermany.toml
 #   kermany_only     Kermany trains; IU is external                            configs/kermany_iu_external.toml
 #   iu_only_equalize iu_only with histogram equalisation of every film          --data.intensity equalize
-#   iu_only_shift    iu_only with the augmentation aimed at the shift between sources  --data.shift_augment true
+#   iu_only_shift    iu_only with the augmentation aimed at the shift between sources  --loader.shift_augment true
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/sources}"
@@ -27,7 +27,7 @@ spec() {  # run name -> "config|shards name|overrides"
         iu_kermany) echo "configs/iu_kermany.toml|iu_kermany|" ;;
         kermany_only) echo "configs/kermany_iu_external.toml|kermany_iu_ext|" ;;
         iu_only_equalize) echo "configs/iu_kermany_external.toml|iu_kermany_ext_eq|--data.intensity equalize" ;;
-        iu_only_shift) echo "configs/iu_kermany_external.toml|iu_kermany_ext|--data.shift_augment true" ;;
+        iu_only_shift) echo "configs/iu_kermany_external.toml|iu_kermany_ext|--loader.shift_augment true" ;;
         *) echo "unknown run $1" >&2; exit 2 ;;
     esac
 }

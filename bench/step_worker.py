@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cxr_dist import dist
-from cxr_dist.config import ModelConfig, PhaseConfig, TrainConfig, DataConfig
+from cxr_dist.config import LoaderConfig, ModelConfig, OptimizerConfig, PhaseConfig, TrainConfig
 from cxr_dist.model.classifier import build_model, param_groups
 
 
@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--cached", action="store_true", help="train on precomputed frozen features")
     args = ap.parse_args()
 
-    accelerator = dist.make_accelerator(TrainConfig(), DataConfig(batch_size=args.batch_size))
+    accelerator = dist.make_accelerator(TrainConfig(), OptimizerConfig(), LoaderConfig(batch_size=args.batch_size))
     torch.manual_seed(0)
     raw = build_model(ModelConfig(backbone="tf_efficientnet_lite1", pretrained=False))
     phase = PhaseConfig(epochs=1, unfreeze_blocks=args.phase - 1)

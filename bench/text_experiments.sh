@@ -32,7 +32,7 @@ for name in $RUNS; do
         image_text) run image_text ;;                                        # + indication, comparison
         report_sup) run report_sup --model.kind image --model.report_supervision 0.5 ;;
         text) run text --model.kind text ;;
-        leak) run leak --data.text_fields '["findings", "impression"]' --data.allow_label_leakage true ;;
+        leak) run leak --loader.text_fields '["findings", "impression"]' --loader.allow_label_leakage true ;;
         *) echo "unknown run $name" >&2; exit 2 ;;
     esac
 done

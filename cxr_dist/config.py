@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
@@ -65,21 +68,41 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """`[data]`: the collections, and what `prepare` bakes into the shards. Training checks the
+    baked settings against the shards' index (ShardIndex.check_read_settings) before any work."""
+
     data_dir: str = ""  # Kaggle-layout IU folder; the one-source shorthand for [[data.sources]] (format "iu")
     # Several collections at once (configs/iu_kermany.toml); empty -> data_dir as one IU source.
     sources: tuple[SourceConfig, ...] = ()
     shards_dir: str = "shards"  # written by `prepare`, read by training and evaluation
     image_size: int = 256  # longest side of the images stored in the shards (aspect ratio kept)
-    input_size: int = 240  # side of the square the model sees (EfficientNet-B1's native size)
     val_frac: float = 0.15  # share of uids in the validation split
     test_frac: float = 0.15  # share of uids in the held-out test split
     k_folds: int = 0  # >0: the non-test uids are cut into k folds (shard splits fold0..fold{k-1})
-    fold: int = 0  # with k_folds > 0: which fold is validation, the others are training
+    fold: int = 0  # with k_folds > 0: which fold is validation, the others are training (chosen when read)
     seed: int = 42  # seeds the uid split; same inputs + seed -> same splits and shards
     no_indexing: str = "drop"  # 'No Indexing' reports carry no label: "drop" them or call them "abnormal"
     samples_per_shard: int = 256  # shard size; several shards per split let ranks/workers share work
     max_skip_frac: float = 0.05  # prepare fails if more than this share of images is unreadable/missing
     prepare_workers: int = 2  # processes that decode and resize images in `prepare`
+    # How prepare fits a film into image_size: "letterbox" keeps the aspect ratio (padded to a
+    # square by the transforms), "squash" stretches it to a square (the original experiment).
+    resize: str = "letterbox"
+    # Per-image intensity normalisation in prepare/evaluate/predict (preprocess.py):
+    # "none", "percentile" (window 0.5-99.5th percentile to 0-255) or "equalize" (histogram).
+    intensity: str = "none"
+    # The findings vocabulary the shards carry next to the normal/abnormal label (baked in by prepare):
+    # () = none (the binary label only); ("nih14",) = NIH ChestX-ray14's 14 findings; or the names of
+    # the findings (data/findings.py lists them). "any_finding" is always added.
+    findings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """`[loader]`: how training, evaluation and the product read the shards and films (nothing
+    here is baked into the shards: change it without preparing again)."""
+
+    input_size: int = 240  # side of the square the model sees (EfficientNet-B1's native size)
     batch_size: int = 32  # per process
     num_workers: int = 2  # dataloader workers per process
     shuffle_buffer: int = 500  # samples held for shuffling in the train stream
@@ -87,12 +110,6 @@ class DataConfig:
     # Augmentation aimed at the shift between sources, on top of `augment`: zoom/crop, gamma,
     # contrast, blur and noise (transforms.py; docs/results.md measures it).
     shift_augment: bool = False
-    # How prepare fits a film into image_size: "letterbox" keeps the aspect ratio (padded to a
-    # square by the transforms), "squash" stretches it to a square (the original experiment).
-    resize: str = "letterbox"
-    # Per-image intensity normalisation in prepare/evaluate/predict (preprocess.py):
-    # "none", "percentile" (window 0.5-99.5th percentile to 0-255) or "equalize" (histogram).
-    intensity: str = "none"
     # Training loss weights that balance view x label within each source, so the view cannot
     # stand in for the label (e.g. AP films mostly abnormal); false: label only.
     balance_views: bool = False
@@ -110,10 +127,6 @@ class DataConfig:
     allow_label_leakage: bool = False
     # The report sections that model.report_supervision aligns the image model with (training only).
     report_fields: tuple[str, ...] = ("findings", "impression")
-    # The findings vocabulary the shards carry next to the normal/abnormal label (baked in by prepare):
-    # () = none (the binary label only); ("nih14",) = NIH ChestX-ray14's 14 findings; or the names of
-    # the findings (data/findings.py lists them). "any_finding" is always added.
-    findings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,13 +190,50 @@ def _default_phases() -> tuple[PhaseConfig, ...]:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """`[train]`: the loop: its phases, precision, seed, run folder and frozen-compute cache."""
+
     phases: tuple[PhaseConfig, ...] = field(default_factory=_default_phases)
-    weight_decay: float = 0.0
     class_weighted_loss: bool = True  # weights from the training split's label counts (index.json)
+    # With shards that carry findings (data.findings): the weight of the findings head's masked BCE
+    # (one sigmoid per finding, a positive weight per finding) next to the abnormal head's loss;
+    # 0 trains the abnormal head alone (the binary model) on the same shards.
+    findings_weight: float = 1.0
+    mixed_precision: str = ""  # "", "no", "bf16", "fp16"; "" leaves it to `accelerate launch`
+    seed: int = 42
+    run_dir: str = "runs/default"  # checkpoints, resolved config, metrics; resumed when it holds a checkpoint
+    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    cache_views: int = 0  # >0: compute the frozen part once over this many augmented views per image
+    cache_dir: str = ""  # where caches are kept and reused; "" -> run_dir/cache. Share it between runs.
+    log_every: int = 10  # steps between progress-bar postfix updates
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(p.epochs for p in self.phases)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """`[optimizer]`: Adam's settings besides the learning rates (those are per phase)."""
+
+    weight_decay: float = 0.0
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """`[schedule]`: ReduceLROnPlateau within a phase."""
+
     plateau_metric: str = "loss"  # validation metric that ReduceLROnPlateau watches
     plateau_mode: str = "min"
     plateau_factor: float = 0.5
     plateau_patience: int = 3
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """`[selection]`: which epoch's weights are the run's "best" checkpoint, and early stopping."""
+
     # Validation metric that selects the "best" checkpoint and drives early stopping:
     # "source_mean_auroc" (mean AUROC over the training sources; with one source, its AUROC),
     # or any validation metric (auroc, loss, f1, source/NAME/auroc, view/PA/auroc ...).
@@ -192,18 +242,16 @@ class TrainConfig:
     # >0: a phase ends early when best_metric has not improved for this many epochs of the phase
     # (the next phase starts from the weights of the last epoch). 0: every phase runs all its epochs.
     early_stop_patience: int = 0
-    mixed_precision: str = ""  # "", "no", "bf16", "fp16"; "" leaves it to `accelerate launch`
-    grad_accum_steps: int = 1
-    clip_grad_norm: float = 1.0  # 0 disables clipping
-    seed: int = 42
-    run_dir: str = "runs/default"  # checkpoints, resolved config, metrics; resumed when it holds a checkpoint
-    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
-    cache_views: int = 0  # >0: compute the frozen part once over this many augmented views per image
-    cache_dir: str = ""  # where caches are kept and reused; "" -> run_dir/cache. Share it between runs.
-    log_every: int = 10  # steps between progress-bar postfix updates
+
+
+@dataclass(frozen=True)
+class ProductConfig:
+    """`[product]`: what the end of a run fits into the trained product, and how it is shown."""
+
     # Views per image in the final evaluation of the best checkpoint (evaluation.json,
-    # predictions.csv): 1 = the plain view; N > 1 averages it with N-1 views drawn with the training
-    # augmentation (test-time augmentation; N times the cost). Per-epoch validation stays 1 view.
+    # predictions.csv) and the product's default: 1 = the plain view; N > 1 averages it with N-1
+    # views drawn with the training augmentation (test-time augmentation; N times the cost).
+    # Per-epoch validation stays 1 view.
     tta_views: int = 1
     # After training: fit a temperature on the validation split (calibrate.py) and store it in the
     # best checkpoint; predict/evaluate/the served model then return calibrated probabilities.
@@ -213,10 +261,6 @@ class TrainConfig:
     ood_quantile: float = 0.99
     # Grad-CAM overlays of this many fixed test images are logged to MLflow at the end of a run.
     cam_images: int = 4
-
-    @property
-    def total_epochs(self) -> int:
-        return sum(p.epochs for p in self.phases)
 
 
 @dataclass(frozen=True)
@@ -239,9 +283,59 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    product: ProductConfig = field(default_factory=ProductConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------- old keys
+
+# Settings that moved to a section of their own (same field name): old section -> {field: new section}.
+# Old config files, overrides and checkpoints keep loading; files and overrides get a deprecation message.
+MOVED: dict[str, dict[str, str]] = {
+    "data": {f.name: "loader" for f in dataclasses.fields(LoaderConfig)},
+    "train": {**{f.name: "optimizer" for f in dataclasses.fields(OptimizerConfig)},
+              **{f.name: "schedule" for f in dataclasses.fields(ScheduleConfig)},
+              **{f.name: "selection" for f in dataclasses.fields(SelectionConfig)},
+              **{f.name: "product" for f in dataclasses.fields(ProductConfig)}},
+}
+
+
+def moved_key(dotted: str) -> str | None:
+    """The new name of an old dotted key ("data.batch_size" -> "loader.batch_size"), else None."""
+    section, _, rest = dotted.partition(".")
+    field_name = rest.split(".")[0]
+    new = MOVED.get(section, {}).get(field_name)
+    return f"{new}.{rest}" if new else None
+
+
+def upgrade(raw: dict, where: str = "", warn: bool = True) -> dict:
+    """A config tree (a TOML file's, a checkpoint's) with the moved keys in their new sections; a
+    key given under both names is an error. `warn`: log a deprecation message naming each move."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    moves = []
+    for old_section, fields in MOVED.items():
+        section = out.get(old_section)
+        if not isinstance(section, dict):
+            continue
+        for name in [k for k in section if k in fields]:
+            target = out.setdefault(fields[name], {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{where or 'config'}: [{fields[name]}] must be a table")
+            if name in target:
+                raise ConfigError(f"{where or 'config'}: {old_section}.{name} and {fields[name]}.{name} are the same "
+                                  f"setting; give only {fields[name]}.{name}")
+            target[name] = section.pop(name)
+            moves.append(f"{old_section}.{name} -> {fields[name]}.{name}")
+    if moves and warn:
+        log.warning("%s uses old config keys (they still work, and will be removed): %s",
+                             where or "the config", ", ".join(moves))
+    return out
 
 
 # ----------------------------------------------------------------------------- building
@@ -386,9 +480,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    raw = upgrade(raw, str(path)) if path else raw
     defaults = to_dict(Config())
     # Phases given in the file replace the default list; overrides index into the result.
     for key, value in parse_overrides(overrides or []):
+        if moved_key(key):
+            log.warning("--%s is an old name (it still works, and will be removed): use --%s",
+                                 key, moved_key(key))
+            key = moved_key(key)
         merged_defaults = _merge(defaults, raw)
         _set_dotted(raw, key, value, merged_defaults)
     cfg = _build(Config, raw)
@@ -434,30 +533,32 @@ def validate(cfg: Config) -> None:
         ok = lambda v: (v > low if lo_open else v >= low) and (v < 1 if hi_open else v <= 1)  # noqa: E731
         return ok, f"in {'(' if lo_open else '['}{low:g}, 1{')' if hi_open else ']'}"
 
-    d, t, m = cfg.data, cfg.train, cfg.model
+    d, ld, t, m = cfg.data, cfg.loader, cfg.train, cfg.model
+    opt, sch, sel, prod = cfg.optimizer, cfg.schedule, cfg.selection, cfg.product
     positive = (lambda v: v > 0, "> 0")
     # The range of every numeric field (a float is also checked to be finite, above all).
     ranges: list[tuple[str, Any, tuple]] = [
         # 32: the backbones downsample by 32; a smaller film holds nothing to classify
-        ("data.image_size", d.image_size, at_least(32)), ("data.input_size", d.input_size, at_least(32)),
+        ("data.image_size", d.image_size, at_least(32)), ("loader.input_size", ld.input_size, at_least(32)),
         ("data.val_frac", d.val_frac, unit()), ("data.test_frac", d.test_frac, unit()),
         ("data.k_folds", d.k_folds, at_least(0)), ("data.fold", d.fold, at_least(0)),
         ("data.seed", d.seed, at_least(0)),  # numpy's generators refuse negative seeds
         ("data.samples_per_shard", d.samples_per_shard, at_least(1)),
         ("data.max_skip_frac", d.max_skip_frac, unit(hi_open=False)),
-        ("data.prepare_workers", d.prepare_workers, at_least(1)), ("data.batch_size", d.batch_size, at_least(1)),
-        ("data.num_workers", d.num_workers, at_least(0)), ("data.shuffle_buffer", d.shuffle_buffer, at_least(0)),
+        ("data.prepare_workers", d.prepare_workers, at_least(1)), ("loader.batch_size", ld.batch_size, at_least(1)),
+        ("loader.num_workers", ld.num_workers, at_least(0)), ("loader.shuffle_buffer", ld.shuffle_buffer, at_least(0)),
         ("model.hidden", m.hidden, at_least(1)), ("model.dropout", m.dropout, unit()),
         ("model.num_classes", m.num_classes, (lambda v: v == 2, "2 (normal, abnormal)")),
-        ("train.weight_decay", t.weight_decay, at_least(0)),
-        ("train.plateau_factor", t.plateau_factor, unit(lo_open=True)),  # the LR is multiplied by it
-        ("train.plateau_patience", t.plateau_patience, at_least(0)),
-        ("train.early_stop_patience", t.early_stop_patience, at_least(0)),
-        ("train.grad_accum_steps", t.grad_accum_steps, at_least(1)),
-        ("train.clip_grad_norm", t.clip_grad_norm, at_least(0)), ("train.seed", t.seed, at_least(0)),
+        ("optimizer.weight_decay", opt.weight_decay, at_least(0)),
+        ("optimizer.grad_accum_steps", opt.grad_accum_steps, at_least(1)),
+        ("optimizer.clip_grad_norm", opt.clip_grad_norm, at_least(0)),
+        ("schedule.plateau_factor", sch.plateau_factor, unit(lo_open=True)),  # the LR is multiplied by it
+        ("schedule.plateau_patience", sch.plateau_patience, at_least(0)),
+        ("selection.early_stop_patience", sel.early_stop_patience, at_least(0)),
+        ("train.seed", t.seed, at_least(0)), ("train.findings_weight", t.findings_weight, at_least(0)),
         ("train.cache_views", t.cache_views, at_least(0)), ("train.log_every", t.log_every, at_least(1)),
-        ("train.tta_views", t.tta_views, at_least(1)),
-        ("train.ood_quantile", t.ood_quantile, unit(low=0.5)), ("train.cam_images", t.cam_images, at_least(0)),
+        ("product.tta_views", prod.tta_views, at_least(1)),
+        ("product.ood_quantile", prod.ood_quantile, unit(low=0.5)), ("product.cam_images", prod.cam_images, at_least(0)),
     ]
     # Fields of the text model (getattr: a model section without them has nothing to check).
     for name, rule in (("max_tokens", at_least(1)), ("modality_dropout", unit()), ("report_supervision", at_least(0))):
@@ -485,27 +586,26 @@ def validate(cfg: Config) -> None:
         problems.append(f"data.fold must be in [0, {d.k_folds})")
     if d.no_indexing not in ("drop", "abnormal"):
         problems.append('data.no_indexing must be "drop" or "abnormal"')
-    if d.input_size > d.image_size:
-        problems.append("data.input_size cannot exceed data.image_size (stored images would be upscaled)")
+    if ld.input_size > d.image_size:
+        problems.append("loader.input_size cannot exceed data.image_size (stored images would be upscaled)")
     if not t.phases:
         problems.append("train.phases must list at least one phase")
     if t.mixed_precision not in ("", "no", "bf16", "fp16"):
         problems.append('train.mixed_precision must be "", "no", "bf16" or "fp16"')
-    if t.plateau_mode not in ("min", "max"):
-        problems.append('train.plateau_mode must be "min" or "max"')
+    if sch.plateau_mode not in ("min", "max"):
+        problems.append('schedule.plateau_mode must be "min" or "max"')
     for tag in cfg.tracking.tags:
         if "=" not in tag:
             problems.append(f'tracking.tags entries look like "key=value", got {tag!r}')
     problems += _source_problems(d)
-    for name in ("best_metric", "plateau_metric"):
-        metric = getattr(t, name)
+    for name, metric in (("selection.best_metric", sel.best_metric), ("schedule.plateau_metric", sch.plateau_metric)):
         if not _is_val_metric(metric, [s.name for s in sources_of(d)]):
-            problems.append(f"train.{name} = {metric!r} is not a validation metric: one of "
-                            f"{', '.join(VAL_METRICS)}, source/<source name>/auroc or view/<{'|'.join(VIEW_NAMES)}>/auroc")
-    if t.best_mode not in ("", "min", "max"):
-        problems.append('train.best_mode must be "", "min" or "max"')
-    if d.decode_on not in ("auto", "workers", "device"):
-        problems.append('data.decode_on must be "auto", "workers" or "device"')
+            problems.append(f"{name} = {metric!r} is not a validation metric: one of "
+                            f"{', '.join(VAL_METRICS)}, source/<source name>/auroc, view/<{'|'.join(VIEW_NAMES)}>/auroc or finding/<finding>/auroc")
+    if sel.best_mode not in ("", "min", "max"):
+        problems.append('selection.best_mode must be "", "min" or "max"')
+    if ld.decode_on not in ("auto", "workers", "device"):
+        problems.append('loader.decode_on must be "auto", "workers" or "device"')
     if m.frozen_backend not in FROZEN_BACKENDS:
         problems.append(f"model.frozen_backend must be one of {', '.join(FROZEN_BACKENDS)}, not {m.frozen_backend!r}")
     for name, allowed in (("kind", ("image", "text", "image+text")), ("text_pooling", ("mean", "cls", "last")),
@@ -519,7 +619,7 @@ def validate(cfg: Config) -> None:
 # Validation metrics an epoch reports (metrics.compute_metrics + metrics.breakdown) that can pick
 # the best checkpoint or drive ReduceLROnPlateau; checked when the config loads, not after an epoch.
 VAL_METRICS = ("loss", "accuracy", "precision", "recall", "specificity", "f1", "balanced_accuracy", "auroc",
-               "auprc", "source_mean_auroc")
+               "auprc", "source_mean_auroc", "findings_macro_auroc")
 FROZEN_BACKENDS = ("eager", "channels_last", "onnxruntime", "openvino", "int8")
 VIEW_NAMES = ("PA", "AP", "LATERAL", "FRONTAL", "unknown")
 
@@ -527,7 +627,8 @@ VIEW_NAMES = ("PA", "AP", "LATERAL", "FRONTAL", "unknown")
 def _is_val_metric(name: str, sources: list[str]) -> bool:
     parts = name.split("/")
     if len(parts) == 3 and parts[2] == "auroc":
-        return (parts[0] == "source" and parts[1] in sources) or (parts[0] == "view" and parts[1] in VIEW_NAMES)
+        return ((parts[0] == "source" and parts[1] in sources) or (parts[0] == "view" and parts[1] in VIEW_NAMES)
+                or parts[0] == "finding")  # a finding's name is checked against the shards when training starts
     return name in VAL_METRICS
 
 
@@ -580,8 +681,16 @@ def train_sources(data: DataConfig) -> list[str]:
 
 
 def from_dict(cls: type, raw: dict) -> Any:
-    """Build one config section (or the whole Config) from plain dicts, e.g. a checkpoint's copy."""
+    """Build one config section (or the whole Config) from plain dicts, e.g. a checkpoint's copy
+    (for a whole checkpoint config, `section` reads the old layouts too)."""
     return _build(cls, raw, "" if cls is Config else cls.__name__.removesuffix("Config").lower())
+
+
+def section(raw_config: dict, cls: type) -> Any:
+    """One section of a saved whole config (a checkpoint's meta["config"], any version): the old
+    keys are moved first, quietly (the run that wrote them is not the user's to fix)."""
+    name = cls.__name__.removesuffix("Config").lower()
+    return from_dict(cls, upgrade(raw_config, warn=False).get(name, {}))
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -17,7 +17,7 @@ import torch.distributed as tdist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
-from .config import DataConfig, TrainConfig
+from .config import LoaderConfig, OptimizerConfig, TrainConfig
 
 PREEMPT_FILE = "PREEMPT"  # created in run_dir by the batch script when SLURM signals preemption
 # Written in run_dir by the main process once a preemption checkpoint is complete: "requeue me".
@@ -30,14 +30,14 @@ def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def make_accelerator(train: TrainConfig, data: DataConfig) -> Accelerator:
+def make_accelerator(train: TrainConfig, optimizer: OptimizerConfig, loader: LoaderConfig) -> Accelerator:
     """An Accelerator that really is distributed on CPU-only machines too.
 
     Traps handled (see docs/architecture.md): without `cpu=True` a CPU-only `--multi_gpu` launch
     gives N unsynchronised rank-0 runs; with DeepSpeed, `cpu=True` silently disables DeepSpeed, so
     a gloo process group is created first instead.
     """
-    kwargs: dict[str, Any] = {"gradient_accumulation_steps": train.grad_accum_steps}
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": optimizer.grad_accum_steps}
     if train.mixed_precision:
         kwargs["mixed_precision"] = train.mixed_precision
     if using_deepspeed():
@@ -53,10 +53,10 @@ def make_accelerator(train: TrainConfig, data: DataConfig) -> Accelerator:
         # We do not pass our WebDataset loader to prepare() (it would be split twice), so
         # DeepSpeed's "auto" batch size and clipping are filled in from the config here.
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = data.batch_size
-        ds["train_batch_size"] = data.batch_size * accelerator.num_processes * train.grad_accum_steps
+        ds["train_micro_batch_size_per_gpu"] = loader.batch_size
+        ds["train_batch_size"] = loader.batch_size * accelerator.num_processes * optimizer.grad_accum_steps
         if ds.get("gradient_clipping", "auto") == "auto":
-            ds["gradient_clipping"] = train.clip_grad_norm
+            ds["gradient_clipping"] = optimizer.clip_grad_norm
     return accelerator
 
 

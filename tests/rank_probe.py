@@ -22,7 +22,7 @@ def main() -> int:
     ap.add_argument("--config")
     args, overrides = ap.parse_known_args()
     cfg = load_config(args.config, overrides)
-    accelerator = dist.make_accelerator(cfg.train, cfg.data)
+    accelerator = dist.make_accelerator(cfg.train, cfg.optimizer, cfg.loader)
     with make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir) as tracker:
         finished, model = train(cfg, accelerator, tracker, load_index(cfg.data.shards_dir))
         if not finished:

@@ -18,7 +18,7 @@ import pytest
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--train.mixed_precision", "no", "--data.input_size", "32", "--data.batch_size", "8",
+TINY = ["--train.mixed_precision", "no", "--loader.input_size", "32", "--loader.batch_size", "8",
         "--train.phases.0.epochs", "1"]
 
 

@@ -17,7 +17,7 @@ from tests.test_train import assert_same_state, params_of, probe
 
 @pytest.fixture(scope="module")
 def setup(tiny_shards):
-    cfg = load_config(TINY, ["--data.shards_dir", str(tiny_shards), "--data.num_workers", "0"])
+    cfg = load_config(TINY, ["--data.shards_dir", str(tiny_shards), "--loader.num_workers", "0"])
     torch.manual_seed(0)
     model = build_model(ModelConfig(pretrained=False))
     model.set_phase(1)
@@ -26,8 +26,8 @@ def setup(tiny_shards):
 
 def test_unaugmented_cache_equals_the_normal_frozen_forward(setup):
     cfg, model, index = setup
-    cache = build_cache(model, cfg.data, ["val"], 0, 1, 1, 0, torch.device("cpu"), augment=False, show=False, index=index)
-    images = torch.cat([b["image"] for b in eval_loader(cfg.data, "val", 0, 1, index)])
+    cache = build_cache(model, cfg.loader, ["val"], 0, 1, 1, 0, torch.device("cpu"), augment=False, show=False, index=index)
+    images = torch.cat([b["image"] for b in eval_loader(cfg.loader, "val", 0, 1, index)])
     direct = model.frozen_forward(images)
     torch.testing.assert_close(cache.feats[0].float(), direct, atol=2e-2, rtol=1e-2)  # stored in fp16
     # Carried to phase 1 (head only), it equals phase 1's own frozen forward.
@@ -39,7 +39,7 @@ def test_unaugmented_cache_equals_the_normal_frozen_forward(setup):
 
 def test_views_differ_and_cover_every_sample_once_per_rank(setup):
     cfg, model, index = setup
-    parts = [build_cache(model, cfg.data, ["train"], r, 2, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
+    parts = [build_cache(model, cfg.loader, ["train"], r, 2, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
              for r in (0, 1)]
     keys = parts[0].keys + parts[1].keys
     assert sorted(keys) == sorted(set(keys)) and len(keys) == index.split("train").total
@@ -48,7 +48,7 @@ def test_views_differ_and_cover_every_sample_once_per_rank(setup):
 
 def test_cached_batches_fixed_count_full_coverage_and_seeded(setup):
     cfg, model, index = setup
-    cache = build_cache(model, cfg.data, ["train"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
+    cache = build_cache(model, cfg.loader, ["train"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
     n = len(cache.keys)
     loader = CachedBatches(cache, batch_size=8, n_batches=n // 8 + 2, seed=1, rank=0)
     loader.set_epoch(3)
@@ -91,7 +91,7 @@ def test_disk_cache_round_trip_names_and_damage(setup, tmp_path):
 
     def build():
         built.append(1)
-        return build_cache(model, cfg.data, ["val"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
+        return build_cache(model, cfg.loader, ["val"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
 
     path = tmp_path / cache_name("val-r0", {"views": 2})
     first = cached_on_disk(path, build, print)

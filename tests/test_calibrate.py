@@ -141,8 +141,8 @@ def test_calibration_report_is_plain_json_numbers(logistic):
     ([0.2, 0.9, 0.7], [1, 1, 1], "both classes"),
     ([0.2, 0.9], [0, 1, 1], "differ in length"),
     ([0.2, 0.9], [0, 2], "labels must be"),
-    ([0.2, math.nan], [0, 1], "finite probabilities"),
-    ([0.2, 1.5], [0, 1], "finite probabilities"),
+    ([0.2, math.nan], [0, 1], "NaN or infinity"),
+    ([0.2, 1.5], [0, 1], r"probabilities in \[0, 1\]"),
 ])
 def test_fit_refuses_bad_input(probs, labels, message):
     with pytest.raises(ValueError, match=message) as err:

@@ -56,7 +56,7 @@ def test_python_m_user_error_is_one_line_exit_2(tmp_path, module, args, prog, wo
 
 @pytest.mark.parametrize("command,args,words", [
     ("train", ["--config", "{tmp}/none.toml"], "does not exist"),
-    ("train", ["--data.batch_size", "many"], "data.batch_size"),
+    ("train", ["--loader.batch_size", "many"], "loader.batch_size"),
     ("evaluate", ["--checkpoint", "{tmp}/none", "--shards", "{tmp}", "--tta", "0"], "--tta"),
 ])
 def test_cxr_dist_user_error_is_one_line_exit_2(tmp_path, command, args, words):

@@ -60,7 +60,7 @@ def test_compare_shows_differing_params_and_best_metrics(mlflow_server: str, tmp
     assert main(["--experiment", exp, "--tracking-uri", mlflow_server]) == 0
     out = capsys.readouterr().out
     assert "train.lr" in out and "0.001" in out and "0.01" in out
-    assert "data.batch_size" not in out and "model.backbone" not in out  # identical: hidden
+    assert "loader.batch_size" not in out and "model.backbone" not in out  # identical: hidden
     assert "best val/auroc" in out and "test/auroc" in out
     assert "0.8100" in out and "0.6800" in out and "0.7700" in out
     assert "best_test/auroc" in out and "0.7900" in out and "best_test/ece" not in out

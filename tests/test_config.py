@@ -19,9 +19,9 @@ def test_defaults_are_the_original_experiment():
 
 def test_precedence_cli_over_file_over_defaults(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[train]\nseed = 7\nrun_dir = "r"\n[data]\nbatch_size = 8\n')
-    cfg = load_config(f, ["--train.seed", "9", "--data.num_workers=0"])
-    assert (cfg.train.seed, cfg.train.run_dir, cfg.data.batch_size, cfg.data.num_workers) == (9, "r", 8, 0)
+    f.write_text('[train]\nseed = 7\nrun_dir = "r"\n[loader]\nbatch_size = 8\n')
+    cfg = load_config(f, ["--train.seed", "9", "--loader.num_workers=0"])
+    assert (cfg.train.seed, cfg.train.run_dir, cfg.loader.batch_size, cfg.loader.num_workers) == (9, "r", 8, 0)
     assert cfg.data.image_size == 256  # untouched default
 
 
@@ -48,13 +48,13 @@ def test_list_override_parses_toml():
     "overrides, message",
     [
         (["--train.nope", "1"], "unknown config key(s) train.nope"),
-        (["--data.batch_size", "big"], "data.batch_size: expected an integer"),
+        (["--loader.batch_size", "big"], "loader.batch_size: expected an integer"),
         (["--data.val_frac", "0.6", "--data.test_frac", "0.5"], "sum to less than 1"),
         (["--data.k_folds", "3", "--data.fold", "3"], "data.fold must be in [0, 3)"),
         (["--train.mixed_precision", "fp8"], "train.mixed_precision"),
-        (["--data.input_size", "512"], "cannot exceed data.image_size"),
+        (["--loader.input_size", "512"], "cannot exceed data.image_size"),
         (["--train.seed"], "has no value"),
-        (["--train.tta_views", "0"], "train.tta_views must be >= 1"),
+        (["--product.tta_views", "0"], "product.tta_views must be >= 1"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
@@ -86,10 +86,10 @@ def test_shipped_configs_load(path):
 
 @pytest.mark.parametrize("override, message", [
     (["--train.log_every", "0"], "train.log_every must be >= 1"),  # divided by zero at the first step
-    (["--train.best_metric", "aurco"], "train.best_metric = 'aurco' is not a validation metric"),
-    (["--train.plateau_metric", "los"], "train.plateau_metric = 'los' is not a validation metric"),
-    (["--train.best_metric", "source/kermany/auroc"], "is not a validation metric"),  # no such source
-    (["--train.best_mode", "up"], 'train.best_mode must be "", "min" or "max"'),
+    (["--selection.best_metric", "aurco"], "selection.best_metric = 'aurco' is not a validation metric"),
+    (["--schedule.plateau_metric", "los"], "schedule.plateau_metric = 'los' is not a validation metric"),
+    (["--selection.best_metric", "source/kermany/auroc"], "is not a validation metric"),  # no such source
+    (["--selection.best_mode", "up"], 'selection.best_mode must be "", "min" or "max"'),
 ])
 def test_training_settings_are_checked_when_the_config_loads(override, message):
     """These failed only after a whole epoch (or divided by zero at the first step)."""
@@ -105,8 +105,8 @@ def test_best_metric_mode_follows_the_metric():
     assert improved(0.4, 0.5, "min") and not improved(0.6, 0.5, "min") and improved(0.6, 0.5, "max")
     assert improved(0.1, float("-inf"), "min")  # nothing yet: any defined value is the best so far
     assert not improved(float("nan"), float("-inf"), "max")
-    cfg = load_config(TINY, ["--train.best_metric", "view/LATERAL/auroc"])
-    assert cfg.train.best_metric == "view/LATERAL/auroc"
+    cfg = load_config(TINY, ["--selection.best_metric", "view/LATERAL/auroc"])
+    assert cfg.selection.best_metric == "view/LATERAL/auroc"
 
 
 # ----------------------------------------------------------------------------- every number checked
@@ -145,11 +145,11 @@ def test_every_number_is_range_checked(path, name, tp):
 @pytest.mark.parametrize("override, message", [
     (["--train.phases.0.lr", "nan"], "train.phases[0].lr must be a finite number, not nan"),
     (["--train.phases.1.backbone_lr", "inf"], "train.phases[1].backbone_lr must be a finite number, not inf"),
-    (["--train.weight_decay", "-0.01"], "train.weight_decay must be >= 0"),
-    (["--train.plateau_factor", "5"], "train.plateau_factor must be in (0, 1)"),
-    (["--train.plateau_factor", "0"], "train.plateau_factor must be in (0, 1)"),
+    (["--optimizer.weight_decay", "-0.01"], "optimizer.weight_decay must be >= 0"),
+    (["--schedule.plateau_factor", "5"], "schedule.plateau_factor must be in (0, 1)"),
+    (["--schedule.plateau_factor", "0"], "schedule.plateau_factor must be in (0, 1)"),
     (["--model.dropout", "2.0"], "model.dropout must be in [0, 1)"),
-    (["--data.input_size", "0"], "data.input_size must be >= 32"),
+    (["--loader.input_size", "0"], "loader.input_size must be >= 32"),
     (["--model.hidden", "0"], "model.hidden must be >= 1"),
     (["--model.modality_dropout", "1.0"], "model.modality_dropout must be in [0, 1)"),
     (["--model.max_tokens", "0"], "model.max_tokens must be >= 1"),
@@ -174,7 +174,7 @@ def test_nan_in_a_file_and_in_a_source_weight(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(f)
     text = str(e.value)
-    for name in ("train.weight_decay", "data.sources[0].weight", "train.phases[0].lr"):
+    for name in ("optimizer.weight_decay", "data.sources[0].weight", "train.phases[0].lr"):
         assert f"{name} must be a finite number" in text, text
     assert "weight must be > 0" not in text  # one message per problem
 
@@ -233,3 +233,71 @@ def test_help_and_examples_show_overrides_that_exist():
         parse_overrides(["train.seed"])
     assert "--train.lr " not in str(e.value)
     load_config(None, ["--train.phases.0.lr", "3e-4", "--data.shards_dir", "S"])  # the example loads
+
+
+# ----------------------------------------------------------------------------- sections by concern
+
+
+def test_every_field_lives_in_one_section_and_moved_names_exist():
+    """The sections split the settings: no field name appears in two of them (an old key moves to
+    exactly one place), and every entry of MOVED names a field of its new section."""
+    import dataclasses
+
+    from cxr_dist.config import MOVED
+
+    sections = {f.name: {g.name for g in dataclasses.fields(f.type if not isinstance(f.type, str) else
+                                                              type(getattr(Config(), f.name)))}
+                for f in dataclasses.fields(Config)}
+    for old, fields in MOVED.items():
+        for name, new in fields.items():
+            assert name in sections[new] and name not in sections[old], (old, name, new)
+    baked = {"image_size", "resize", "intensity", "seed", "val_frac", "test_frac", "k_folds", "no_indexing",
+             "samples_per_shard", "findings"}
+    assert baked <= sections["data"]  # what prepare bakes in stays in [data]
+    assert {"batch_size", "input_size", "text_fields", "decode_on"} <= sections["loader"]
+
+
+def test_old_keys_load_into_their_sections_with_a_deprecation_message(tmp_path, caplog):
+    f = tmp_path / "old.toml"
+    f.write_text('[data]\nimage_size = 128\ninput_size = 96\nbatch_size = 8\ntext_fields = ["indication"]\n'
+                 '[train]\nseed = 3\nbest_metric = "auroc"\nweight_decay = 0.01\nplateau_patience = 5\n'
+                 'tta_views = 4\nearly_stop_patience = 2\n')
+    with caplog.at_level("WARNING", logger="cxr_dist.config"):
+        cfg = load_config(f, ["--data.num_workers", "0", "--train.cam_images", "0"])
+    assert (cfg.data.image_size, cfg.loader.input_size, cfg.loader.batch_size, cfg.loader.num_workers) == (128, 96, 8, 0)
+    assert cfg.loader.text_fields == ("indication",) and cfg.train.seed == 3
+    assert (cfg.selection.best_metric, cfg.selection.early_stop_patience) == ("auroc", 2)
+    assert (cfg.optimizer.weight_decay, cfg.schedule.plateau_patience) == (0.01, 5)
+    assert (cfg.product.tta_views, cfg.product.cam_images) == (4, 0)
+    said = caplog.text
+    assert "data.batch_size -> loader.batch_size" in said and "train.best_metric -> selection.best_metric" in said
+    assert "--data.num_workers is an old name" in said and "--loader.num_workers" in said
+    # The same config in the new layout loads to the same Config, and says nothing.
+    caplog.clear()
+    new = tmp_path / "new.toml"
+    new.write_text(dump_toml(cfg))
+    with caplog.at_level("WARNING", logger="cxr_dist.config"):
+        assert load_config(new) == cfg
+    assert "old" not in caplog.text
+
+
+def test_an_old_and_a_new_key_for_one_setting_is_refused(tmp_path):
+    f = tmp_path / "both.toml"
+    f.write_text("[data]\nbatch_size = 8\n[loader]\nbatch_size = 16\n")
+    with pytest.raises(ConfigError, match="data.batch_size and loader.batch_size are the same setting"):
+        load_config(f)
+
+
+def test_a_checkpoint_of_the_old_layout_reads_section_by_section():
+    """A checkpoint's meta["config"] from before the sections: `section` finds each setting."""
+    from cxr_dist.config import LoaderConfig, ProductConfig, SelectionConfig, DataConfig, section, to_dict
+
+    old = to_dict(Config())
+    for name in ("loader", "optimizer", "schedule", "selection", "product"):
+        moved = old.pop(name)
+        (old["data"] if name == "loader" else old["train"]).update(moved)
+    old["data"].update(input_size=96, text_fields=["indication"])
+    old["train"].update(tta_views=5, best_metric="auroc")
+    assert section(old, LoaderConfig) == LoaderConfig(input_size=96, text_fields=("indication",))
+    assert section(old, ProductConfig).tta_views == 5 and section(old, SelectionConfig).best_metric == "auroc"
+    assert section(old, DataConfig) == DataConfig()

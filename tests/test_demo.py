@@ -112,7 +112,7 @@ def test_run_sh_without_argument_runs_the_demo(tmp_path):
     env.pop("CONFIG", None)
     # 1 + 1 epochs on 128 px inputs: the whole job in ~2-3 min on a busy 2-core CPU (start-up, the
     # frozen-compute cache and the two evaluations cost more than the epochs)
-    overrides = ["--train.phases.0.epochs", "1", "--train.phases.1.epochs", "1", "--data.input_size", "128"]
+    overrides = ["--train.phases.0.epochs", "1", "--train.phases.1.epochs", "1", "--loader.input_size", "128"]
     proc = subprocess.run([str(ROOT / "run.sh"), "--", *overrides], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

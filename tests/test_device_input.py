@@ -1,4 +1,4 @@
-"""The input pipeline on the device (data.decode_on = device), on the CPU: the same code path a GPU
+"""The input pipeline on the device (loader.decode_on = device), on the CPU: the same code path a GPU
 runs, checked against the PIL path of the data workers (transforms.py)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from cxr_dist.data import device_input as di
-from cxr_dist.config import DataConfig
+from cxr_dist.config import DataConfig, LoaderConfig
 from cxr_dist.errors import DataError
 from cxr_dist.data.index import ShardIndex, load_index
 from cxr_dist.data.preprocess import decode_film
@@ -25,18 +25,24 @@ from tests.datagen import _image, make_dataset
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory) -> DataConfig:
+def prepared(tmp_path_factory) -> DataConfig:
     root = tmp_path_factory.mktemp("iu")
     data = make_dataset(root / "data", n_uids=24)  # portrait images: the letterbox pads them
-    c = DataConfig(data_dir=str(data), shards_dir=str(root / "shards"), image_size=40, input_size=32,
-                   samples_per_shard=7, prepare_workers=1, batch_size=4, num_workers=1, shuffle_buffer=16)
+    c = DataConfig(data_dir=str(data), shards_dir=str(root / "shards"), image_size=40, samples_per_shard=7,
+                   prepare_workers=1)
     write_shards(c, c.shards_dir)
     return c
 
 
 @pytest.fixture(scope="module")
-def index(cfg) -> ShardIndex:
-    return load_index(cfg.shards_dir)
+def cfg() -> LoaderConfig:
+    """How the tests read the shards (4 per batch, 1 worker(s))."""
+    return LoaderConfig(input_size=32, batch_size=4, num_workers=1, shuffle_buffer=16)
+
+
+@pytest.fixture(scope="module")
+def index(prepared) -> ShardIndex:
+    return load_index(prepared.shards_dir)
 
 
 def _jpeg(arr: np.ndarray) -> bytes:
@@ -50,7 +56,7 @@ def _xray(size: int, seed: int = 0) -> np.ndarray:
 
 
 def test_auto_decodes_on_the_device_only_with_a_gpu():
-    auto = DataConfig()
+    auto = LoaderConfig()
     assert di.decode_where(auto, torch.device("cpu")) == "workers"  # a CPU machine keeps the PIL workers
     assert di.decode_where(auto, "cuda:0") == "device"
     assert di.decode_where(replace(auto, decode_on="device"), "cpu") == "device"
@@ -134,7 +140,7 @@ def test_augmentation_is_seeded_by_seed_epoch_rank_and_step(cfg, index):
         other = di.DeviceInput(cfg, "cpu", seed=seed, rank=rank)(raw, epoch=epoch, step=step)["image"]
         assert not torch.equal(other, base), (seed, rank, epoch, step)
     plain = di.DeviceInput(replace(cfg, augment=False), "cpu")(raw, epoch=2, step=5)["image"]
-    assert not torch.equal(plain, base)  # augment=True really augments; data.augment=false does not
+    assert not torch.equal(plain, base)  # augment=True really augments; loader.augment=false does not
 
 
 def _stats(images: torch.Tensor, plain: torch.Tensor) -> dict[str, float]:
@@ -204,10 +210,10 @@ def test_batches_ahead_equal_batches_one_by_one(cfg, index):
 
 @pytest.mark.slow
 def test_training_run_with_decode_on_device(tiny_shards, tmp_path):
-    """The real entry point, one process, data.decode_on = device on the CPU: both phases train."""
+    """The real entry point, one process, loader.decode_on = device on the CPU: both phases train."""
     run_dir = tmp_path / "run"
     res = run_cmd([str(_python()), "-m", "cxr_dist.train",
-                   *tiny_overrides(tiny_shards, run_dir, "--data.decode_on", "device", "--tracking.enabled", "false",
+                   *tiny_overrides(tiny_shards, run_dir, "--loader.decode_on", "device", "--tracking.enabled", "false",
                                    "--train.phases.0.epochs", "1", "--train.phases.1.epochs", "1")], cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "training images decoded and augmented on cpu" in res.stdout

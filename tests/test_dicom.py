@@ -545,7 +545,7 @@ def test_predict_reads_a_dicom_as_its_png(tmp_path, capsys):
     film = films(1)[0][1]
     dcm = write_dicom(tmp_path / "film.dcm", (4095 - to12(film)).astype(np.uint16), "MONOCHROME1", 12, syntax=RLE)
     flat = png(tmp_path / "film.png", film)
-    assert np.array_equal(np.asarray(predict.load_image(dcm, cfg.data)), np.asarray(predict.load_image(flat, cfg.data)))
+    assert np.array_equal(np.asarray(predict.load_image(dcm, cfg.data, cfg.loader)), np.asarray(predict.load_image(flat, cfg.data, cfg.loader)))
     assert cli.main(["predict", "--checkpoint", str(run), "--json", str(dcm), str(flat)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["image"] for r in rows] == [str(dcm), str(flat)]

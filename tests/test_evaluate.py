@@ -20,7 +20,7 @@ def trained(tiny_shards, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("eval")
     run_dir = tmp / "run"
     res = run_cmd([CLI, "train", *tiny_overrides(tiny_shards, run_dir, "--train.mixed_precision", "bf16",
-                                                 "--train.grad_accum_steps", "2")], cwd=tmp)
+                                                 "--optimizer.grad_accum_steps", "2")], cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run_dir
 
@@ -31,7 +31,7 @@ def second(tiny_shards, tmp_path_factory) -> Path:
     second member of an ensemble."""
     tmp = tmp_path_factory.mktemp("eval2")
     res = run_cmd([CLI, "train", *tiny_overrides(tiny_shards, tmp / "run", "--train.seed", "7",
-                                                 "--train.tta_views", "2")], cwd=tmp)
+                                                 "--product.tta_views", "2")], cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return tmp / "run"
 
@@ -145,7 +145,7 @@ def test_tta_gives_the_same_answer_on_two_processes(tiny_shards, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "rank 1/2 done" in res.stdout
     two = _csv(tmp_path / "two.csv")["test"]
-    data = replace(load_config(str(TINY), []).data, shards_dir=str(tiny_shards))
+    data = load_config(str(TINY), []).loader
     index = load_index(tiny_shards)
     one, plain = (predict_split(Brightness(), data, "test", index, views) for views in (3, 1))
     assert two["keys"] == one["keys"] == plain["keys"]
@@ -263,19 +263,19 @@ def test_predict_prints_a_probability_per_image(trained, tiny_data):
 
 
 def test_predict_split_decodes_on_the_device_like_the_workers(trained, tiny_shards):
-    """data.decode_on = "device" (device_input.py, the GPU input pipeline) runs on the CPU as the
+    """loader.decode_on = "device" (device_input.py, the GPU input pipeline) runs on the CPU as the
     same code path: evaluation gives the same probabilities as the workers' PIL decode."""
     import torch
 
     from cxr_dist.model.checkpoint import load_model_state
-    from cxr_dist.config import DataConfig, ModelConfig, from_dict, replace
+    from cxr_dist.config import LoaderConfig, ModelConfig, from_dict, replace, section
     from cxr_dist.eval.evaluate import predict_split
     from cxr_dist.model.classifier import build_model
 
     state, meta = load_model_state(trained, tag="best")
     model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
     model.load_state_dict(state)
-    data = replace(from_dict(DataConfig, meta["config"]["data"]), shards_dir=str(tiny_shards))
+    data = section(meta["config"], LoaderConfig)
     cpu = torch.device("cpu")
     index = load_index(tiny_shards)
     workers = predict_split(model, replace(data, decode_on="workers"), "test", index, device=cpu)
@@ -285,7 +285,7 @@ def test_predict_split_decodes_on_the_device_like_the_workers(trained, tiny_shar
 
 
 def test_predict_with_views_and_a_threshold(trained, second, tiny_data):
-    """--tta averages augmented views (reproducibly); the default is the run's own train.tta_views;
+    """--tta averages augmented views (reproducibly); the default is the run's own product.tta_views;
     --threshold adds the label the threshold gives."""
     images = sorted((tiny_data / "images").rglob("*.png"))[:4]
 
@@ -297,7 +297,7 @@ def test_predict_with_views_and_a_threshold(trained, second, tiny_data):
     plain, tta, again = rows(trained), rows(trained, "--tta", "3"), rows(trained, "--tta", "3")
     assert [r["views"] for r in tta] == [3] * 4 and tta == again
     assert [r["prob_abnormal"] for r in tta] != [r["prob_abnormal"] for r in plain]
-    assert [r["views"] for r in rows(second)] == [2] * 4  # trained with train.tta_views = 2
+    assert [r["views"] for r in rows(second)] == [2] * 4  # trained with product.tta_views = 2
     probs = [r["prob_abnormal"] for r in plain]
     middle = (min(probs) + max(probs)) / 2
     labelled = rows(trained, "--threshold", str(middle))
@@ -328,14 +328,14 @@ def test_predict_split_on_the_gpu_matches_the_cpu(trained, tiny_shards):
     import torch
 
     from cxr_dist.model.checkpoint import load_model_state
-    from cxr_dist.config import DataConfig, ModelConfig, from_dict, replace
+    from cxr_dist.config import LoaderConfig, ModelConfig, from_dict, replace, section
     from cxr_dist.eval.evaluate import predict_split
     from cxr_dist.model.classifier import build_model
 
     state, meta = load_model_state(trained, tag="best")
     model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
     model.load_state_dict(state)
-    data = replace(from_dict(DataConfig, meta["config"]["data"]), shards_dir=str(tiny_shards))
+    data = section(meta["config"], LoaderConfig)
     index = load_index(tiny_shards)
     cpu = predict_split(model, data, "test", index, 2, device=torch.device("cpu"))
     gpu = predict_split(model, data, "test", index, 2)  # the default: the GPU

@@ -23,7 +23,7 @@ import torch
 
 from cxr_dist.model.checkpoint import amend_checkpoint, load_model_state, save_checkpoint
 from cxr_dist.cli import main as cli_main
-from cxr_dist.config import Config, DataConfig, ModelConfig, from_dict, replace, to_dict
+from cxr_dist.config import Config, DataConfig, LoaderConfig, ModelConfig, from_dict, replace, section, to_dict
 from cxr_dist.product.export import export_onnx, metadata, opset_of, check_parity
 from cxr_dist.model.classifier import build_model
 from cxr_dist.product.predict import load_image
@@ -38,7 +38,7 @@ S = 64  # input_size: small for speed; stored films of 80 px so the resize path 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    cfg = Config(data=DataConfig(image_size=80, input_size=S),
+    cfg = Config(data=DataConfig(image_size=80), loader=LoaderConfig(input_size=S),
                  model=ModelConfig(backbone="tf_efficientnet_lite1", weights="lite1-package"))
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -79,13 +79,13 @@ def torch_model(run_dir: Path):
     state, meta = load_model_state(run_dir, tag="best")
     model = build_model(replace(from_dict(ModelConfig, meta["config"]["model"]), pretrained=False, weights=""))
     model.load_state_dict(state)
-    return model.eval(), from_dict(DataConfig, meta["config"]["data"])
+    return model.eval(), (section(meta["config"], DataConfig), section(meta["config"], LoaderConfig))
 
 
-def _films(paths: list[Path], data: DataConfig) -> torch.Tensor:
+def _films(paths: list[Path], settings: tuple[DataConfig, LoaderConfig]) -> torch.Tensor:
     """Files -> the uint8 N x 1 x S x S batch predict gives the model."""
-    plain = eval_transform(data.input_size)
-    return torch.stack([plain(load_image(p, data)) for p in paths])
+    plain = eval_transform(settings[1].input_size)
+    return torch.stack([plain(load_image(p, *settings)) for p in paths])
 
 
 @torch.no_grad()

@@ -13,8 +13,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from cxr_dist import config
-from cxr_dist.config import ConfigError, DataConfig, SourceConfig
+from cxr_dist.config import ConfigError, DataConfig, LoaderConfig, SourceConfig
 from cxr_dist.data import findings as F
 from cxr_dist.data.index import FindingCounts, ShardIndex, load_index
 from cxr_dist.data.shards import merge_parts, write_part, write_shards
@@ -25,8 +24,6 @@ from cxr_dist.errors import DataError
 from tests.datagen import (KERMANY_REGEX, make_csv_dataset, make_dataset, make_folder_dataset, make_nih_dataset,
                            nih_labels_of, problems_of)
 
-# The loaders' settings: [loader] since the config's sections were split (DataConfig before).
-LoaderConfig = getattr(config, "LoaderConfig", DataConfig)
 NIH14 = F.NIH14
 VOCAB = F.vocabulary(("nih14",))
 BASE = dict(image_size=48, samples_per_shard=9, prepare_workers=1, max_skip_frac=0.2)

@@ -26,11 +26,11 @@ def index(tiny_shards):
 
 @pytest.fixture(scope="module")
 def setup(tiny_shards, index, tmp_path_factory):
-    cfg = load_config(TINY, ["--data.shards_dir", str(tiny_shards), "--data.num_workers", "0",
-                             "--data.input_size", str(SIZE), "--model.backbone", "tf_efficientnet_lite1",
+    cfg = load_config(TINY, ["--data.shards_dir", str(tiny_shards), "--loader.num_workers", "0",
+                             "--loader.input_size", str(SIZE), "--model.backbone", "tf_efficientnet_lite1",
                              "--model.weights", "lite1-package"])
     model = build_model(cfg.model).eval()  # real ImageNet weights: realistic activation ranges
-    images = torch.cat([b["image"] for b in eval_loader(cfg.data, "val", 0, 1, index)])
+    images = torch.cat([b["image"] for b in eval_loader(cfg.loader, "val", 0, 1, index)])
     return cfg, model, images, tmp_path_factory.mktemp("exports")
 
 
@@ -51,7 +51,7 @@ def test_int8_stays_close_and_needs_calibration(setup, index):
     cfg, model, images, work = setup
     with pytest.raises(ConfigError, match="calibration"):
         build_runner(model, "int8", 0, SIZE, work)
-    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.data, "train", index))
+    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.loader, "train", index))
     want, got = model.frozen_forward(images), runner(images)
     cos = torch.nn.functional.cosine_similarity(got, want)
     assert cos.min() > 0.97, cos
@@ -82,7 +82,7 @@ def test_export_is_kept_and_reused(setup, tmp_path):
 
 def test_runner_is_used_only_at_its_depth_on_the_cpu_and_detached_after(setup, index):
     cfg, model, images, work = setup
-    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.data, "train", index))
+    runner = build_runner(model, "int8", 0, SIZE, work, calibration=calibration_batches(cfg.loader, "train", index))
     eager = model.frozen_forward(images)
     with attached(model, runner):
         torch.testing.assert_close(model.frozen_forward(images), runner(images))  # through the runner
@@ -107,8 +107,8 @@ def test_cache_through_a_backend_equals_the_eager_cache(setup, index, tmp_path):
     acc = Accelerator(cpu=True)
     caches = {}
     for backend in ("eager", "openvino", "int8"):
-        c = load_config(TINY, ["--data.shards_dir", cfg.data.shards_dir, "--data.num_workers", "0",
-                               "--data.input_size", str(SIZE), "--model.backbone", "tf_efficientnet_lite1",
+        c = load_config(TINY, ["--data.shards_dir", cfg.data.shards_dir, "--loader.num_workers", "0",
+                               "--loader.input_size", str(SIZE), "--model.backbone", "tf_efficientnet_lite1",
                                "--model.weights", "lite1-package", "--model.frozen_backend", backend,
                                "--train.cache_views", "1", "--train.cache_dir", str(work),
                                "--train.run_dir", str(tmp_path / "run")])
@@ -154,7 +154,7 @@ def test_int8_recipe_cannot_saturate_without_vnni(setup, index, saturates):
     cfg, model, images, work = setup
     fp32 = _exported(FrozenPart(model, 0), 0, SIZE, work, lambda s: None)
     norm = build_runner(model, "channels_last", 0, SIZE, work).normalize
-    path = _quantized(fp32, [norm(b).numpy() for b in calibration_batches(cfg.data, "train", index)], lambda s: None,
+    path = _quantized(fp32, [norm(b).numpy() for b in calibration_batches(cfg.loader, "train", index)], lambda s: None,
                       saturates=saturates)
     assert ("int8w7" in path.name) == saturates
     graph = onnx.load(str(path)).graph

@@ -20,7 +20,7 @@ from cxr_dist.errors import DataError
 from tests.conftest import VENV_BIN, _env
 from tests.datagen import KERMANY_REGEX, make_dataset, make_folder_dataset
 
-BASE = dict(image_size=40, input_size=32, samples_per_shard=7, prepare_workers=1, max_skip_frac=0.2)
+BASE = dict(image_size=40, samples_per_shard=7, prepare_workers=1, max_skip_frac=0.2)
 IMAGES = Path("images") / "images_normalized"
 NORMAL_A, NORMAL_B = "10_IM-0010-1001.dcm.png", "13_IM-0013-1001.dcm.png"  # uids 10 and 13: normal, grayscale
 ABNORMAL = "1_IM-0001-1001.dcm.png"  # uid 1: abnormal
@@ -99,7 +99,7 @@ def test_copies_with_different_labels_are_refused(tmp_path):
     assert not (out / "index.json").exists()
     # The command: a message and exit 2, no traceback.
     r = subprocess.run([str(VENV_BIN / "cxr-dist"), "prepare", "--data", str(data), "--out", str(tmp_path / "o2"),
-                        "--data.image_size", "40", "--data.input_size", "32", "--data.max_skip_frac", "0.2"],
+                        "--data.image_size", "40", "--loader.input_size", "32", "--data.max_skip_frac", "0.2"],
                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "different labels" in r.stderr and "Traceback" not in r.stderr
 

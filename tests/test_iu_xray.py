@@ -30,7 +30,7 @@ def test_prepare_shared_iu_xray(tmp_path):
         pytest.skip(f"shared IU X-ray data not found at {data} (set CXR_SHARED_DATA to its folder)")
     out = tmp_path / "shards"
     # 128 px keeps it quick; the counts do not depend on the size.
-    cfg = DataConfig(data_dir=str(data), shards_dir=str(out), image_size=128, input_size=128)
+    cfg = DataConfig(data_dir=str(data), shards_dir=str(out), image_size=128)
     index = write_shards(cfg, out)
     t = index.totals
     assert t["rows"] == 6311 and t["samples"] + t["skipped"] == 6311

@@ -220,7 +220,7 @@ def test_params_are_the_flattened_config_and_the_environment(mlflow_server: str,
     assert params["train.phases.0.name"] == "head" and params["train.phases.1.name"] == "finetune"
     assert (params["train.phases.0.epochs"], params["train.phases.1.epochs"]) == ("2", "1")
     assert params["train.phases.0.lr"] == "0.001" and params["train.phases.1.unfreeze_blocks"] == "1"
-    assert params["data.batch_size"] == "8" and params["model.backbone"] == "efficientnet_b1"
+    assert params["loader.batch_size"] == "8" and params["model.backbone"] == "efficientnet_b1"
     assert params["tracking.uri"] == mlflow_server
     assert params["world_size"] == "2"
     assert params["mixed_precision"] == "no"
@@ -453,7 +453,7 @@ def test_compare_shows_the_param_that_differs(local_store: dict) -> None:
     assert lines[0].startswith("experiment cxr-dist-tiny: 2 run(s)")
     header = lines[1].split()
     assert "train.phases.0.lr" in header and "train.run_dir" in header
-    assert "train.phases.1.lr" not in header and "data.batch_size" not in header  # same in both
+    assert "train.phases.1.lr" not in header and "loader.batch_size" not in header  # same in both
     col = header.index("train.phases.0.lr")
     rows = {line.split()[0]: line.split() for line in lines[3:]}
     assert rows["lr_1e-3"][col] == "0.001" and rows["lr_5e-4"][col] == "0.0005"

@@ -283,7 +283,7 @@ def _source_share(data: DataConfig, index: ShardIndex, weights, epochs: int) -> 
             batches = list(loader)
             assert len(batches) == n == len(loader)
             for b in batches:
-                assert len(b["key"]) == data.batch_size == len(b["source"]) == b["image"].shape[0]
+                assert len(b["key"]) == loader.batch_size == len(b["source"]) == b["image"].shape[0]
                 assert all(k.startswith(s + "__") for k, s in zip(b["key"], b["source"]))
                 counts.update(b["source"])
             n_rank += len(batches)
@@ -528,15 +528,15 @@ def test_check_metrics_refuses_before_any_work(tmp_path):
         check_metrics(cfg, one_class, "val")
     assert isinstance(e.value, UserError)
     with pytest.raises(ConfigError, match=r"train\.plateau_metric"):
-        check_metrics(_cfg(tmp_path, "--train.best_metric", "loss", "--train.plateau_metric", "auroc"),
+        check_metrics(_cfg(tmp_path, "--selection.best_metric", "loss", "--schedule.plateau_metric", "auroc"),
                       one_class, "val")
-    check_metrics(_cfg(tmp_path, "--train.best_metric", "loss"), one_class, "val")  # loss: fine
+    check_metrics(_cfg(tmp_path, "--selection.best_metric", "loss"), one_class, "val")  # loss: fine
     check_metrics(cfg, both, "val")
-    check_metrics(_cfg(tmp_path, "--train.best_metric", "source/kermany/auroc"), both, "val")
+    check_metrics(_cfg(tmp_path, "--selection.best_metric", "source/kermany/auroc"), both, "val")
     with pytest.raises(ConfigError, match=r"train\.best_metric = 'source/ext/auroc'.*not trained on"):
-        check_metrics(_cfg(tmp_path, "--train.best_metric", "source/ext/auroc"), both, "val")
+        check_metrics(_cfg(tmp_path, "--selection.best_metric", "source/ext/auroc"), both, "val")
     with pytest.raises(ConfigError, match=r"source/nope/auroc"):
-        check_metrics(_cfg(tmp_path, "--train.plateau_metric", "source/nope/auroc", "--train.plateau_mode", "max"),
+        check_metrics(_cfg(tmp_path, "--schedule.plateau_metric", "source/nope/auroc", "--schedule.plateau_mode", "max"),
                       both, "val")
     # train() checks first: nothing is read, built or written (the accelerator is never touched).
     from cxr_dist.train.loop import train
@@ -554,11 +554,11 @@ def test_check_metrics_refuses_a_metric_that_validation_never_reports(multi, tmp
     index = load_index(multi[1])  # val views: FRONTAL, LATERAL (iu), "" -> "unknown" (kermany)
     for name in ("view/FRONTAL/auroc", "view/unknown/auroc", "source/kermany/auroc", "source_mean_auroc",
                  "auroc", "loss", "f1", "balanced_accuracy"):
-        check_metrics(_cfg(tmp_path, "--train.best_metric", name), index, "val")
-    for field, name in (("best_metric", "view/PA/auroc"), ("best_metric", "aucroc"),
-                        ("plateau_metric", "view/AP/auroc")):
-        with pytest.raises(ConfigError, match=re.escape(f"train.{field}")):
-            check_metrics(_cfg(tmp_path, f"--train.{field}", name), index, "val")
+        check_metrics(_cfg(tmp_path, "--selection.best_metric", name), index, "val")
+    for field, name in (("selection.best_metric", "view/PA/auroc"), ("selection.best_metric", "aucroc"),
+                        ("schedule.plateau_metric", "view/AP/auroc")):
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            check_metrics(_cfg(tmp_path, f"--{field}", name), index, "val")
 
 
 @pytest.mark.parametrize("edit,field", [
@@ -572,8 +572,8 @@ def test_check_metrics_refuses_a_metric_that_validation_never_reports(multi, tmp
     (lambda c: c["data"].update(data_dir="/some/iu"), "data.data_dir"),
     (lambda c: c["data"].update(intensity="clahe"), "data.intensity"),
     (lambda c: c["data"].update(resize="crop"), "data.resize"),
-    (lambda c: c["train"].update(best_mode="up"), "train.best_mode"),
-    (lambda c: c["train"].update(early_stop_patience=-1), "train.early_stop_patience"),
+    (lambda c: c["train"].update(best_mode="up"), "selection.best_mode"),
+    (lambda c: c["train"].update(early_stop_patience=-1), "selection.early_stop_patience"),
     (lambda c: c["data"]["sources"][0].update(colour="x"), "data.sources[0].colour"),
 ])
 def test_config_errors_name_the_field(tmp_path, edit, field):
@@ -633,7 +633,7 @@ def test_training_steps_weight_the_loss_by_source_and_view(multi):
     assert partial is None and len(loss_fn.calls) == n
     for sources_, views in loss_fn.calls:
         assert sources_ is not None and views is not None, "train_epoch calls the loss without sources/views"
-        assert set(sources_) <= {"iu", "kermany"} and len(sources_) == cfg.data.batch_size
+        assert set(sources_) <= {"iu", "kermany"} and len(sources_) == cfg.loader.batch_size
 
 
 # ----------------------------------------------------------------------------- 7. one process, end to end
@@ -719,9 +719,9 @@ def test_best_metric_naming_an_external_source_fails_cleanly(multi, tmp_path):
     cfg, shards = multi
     run_dir = tmp_path / "never"
     res = run_cmd([sys.executable, "-m", "cxr_dist.train", "--config", str(cfg), "--data.shards_dir", str(shards),
-                   "--train.run_dir", str(run_dir), "--train.best_metric", "source/ext/auroc"], cwd=tmp_path)
+                   "--train.run_dir", str(run_dir), "--selection.best_metric", "source/ext/auroc"], cwd=tmp_path)
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "train.best_metric" in res.stderr and "Traceback" not in res.stderr
+    assert "selection.best_metric" in res.stderr and "Traceback" not in res.stderr
     assert not run_dir.exists()
 
 

@@ -17,7 +17,7 @@ from cxr_dist.data.shards import PARTS_DIR, merge_parts, part_path, write_part, 
 from tests.conftest import VENV_BIN, _env
 from tests.datagen import KERMANY_REGEX, make_dataset, make_folder_dataset
 
-BASE = dict(image_size=40, input_size=32, samples_per_shard=7, prepare_workers=1, max_skip_frac=0.2)
+BASE = dict(image_size=40, samples_per_shard=7, prepare_workers=1, max_skip_frac=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_cli_tasks_running_at_once_then_merge(data, reference, tmp_path):
     """The command line the SLURM array runs, 3 tasks as concurrent processes on one folder."""
     out = tmp_path / "out"
     common = [str(VENV_BIN / "cxr-dist"), "prepare", "--data", str(data["iu"]), "--out", str(out),
-              "--data.image_size", "40", "--data.input_size", "32", "--data.samples_per_shard", "7",
+              "--data.image_size", "40", "--loader.input_size", "32", "--data.samples_per_shard", "7",
               "--data.max_skip_frac", "0.2", "--data.prepare_workers", "1"]
     procs = [subprocess.Popen([*common, "--task", str(t), "--tasks", "3"], env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for t in range(3)]

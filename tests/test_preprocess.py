@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from cxr_dist.config import DataConfig
+from cxr_dist.config import DataConfig, LoaderConfig
 from cxr_dist.errors import DataError
 from cxr_dist.data.preprocess import decode_film, encode_film, load_film
 from cxr_dist.data.transforms import PadToSquare, RandomBlur, RandomGamma, RandomNoise, eval_transform, train_transform
@@ -295,15 +295,16 @@ def test_predict_sees_what_evaluate_sees(tmp_path, intensity, input_size):
     from cxr_dist.product.predict import load_image
     from cxr_dist.data.stream import _ShardStream
 
-    cfg = DataConfig(image_size=256, input_size=input_size, intensity=intensity, augment=False)
-    stream = _ShardStream([], cfg, 0, 1, 0, False, 0, 0)
+    cfg = DataConfig(image_size=256, intensity=intensity)
+    loader = LoaderConfig(input_size=input_size, augment=False)
+    stream = _ShardStream([], loader, 0, 1, 0, False, 0, 0)
     plain = eval_transform(input_size)
     film16 = (_chest(700, 600).astype(np.uint16) * 16)
     for path in (_save(tmp_path, "a.jpg", Image.fromarray(_chest(700, 600))), _png16(tmp_path, film16)):
         sample = {"__key__": "k", "jpg": encode_film(path, cfg.image_size, cfg.resize, cfg.intensity),
                   "cls": b"1", "json": json.dumps({"uid": "7"}).encode()}
         by_stream = stream._decode(sample)[0]
-        by_predict = plain(load_image(path, cfg))
+        by_predict = plain(load_image(path, cfg, loader))
         assert by_predict.shape == (1, input_size, input_size) and by_predict.dtype == torch.uint8
         assert torch.equal(by_predict, by_stream)
         assert torch.equal(plain(decode_film(sample["jpg"], input_size)), by_stream)

@@ -38,8 +38,8 @@ from tests.conftest import ROOT, VENV_BIN, accelerate_launch, run_cmd
 from tests.mlflow_server import api, experiment_runs, free_port, mlflow_server  # noqa: F401 - fixture
 
 DEMO_FILMS = ROOT / "demo" / "kermany"
-SCHEDULE = ["--train.phases.0.epochs", "2", "--train.phases.1.epochs", "1", "--data.input_size", "128",
-            "--train.early_stop_patience", "0", "--train.cam_images", "3"]
+SCHEDULE = ["--train.phases.0.epochs", "2", "--train.phases.1.epochs", "1", "--loader.input_size", "128",
+            "--selection.early_stop_patience", "0", "--product.cam_images", "3"]
 
 
 # --- the pieces on their own -----------------------------------------------------------------

@@ -29,7 +29,7 @@ def broken(tmp_path_factory):
 
 
 def _cfg(data_dir, **kw) -> DataConfig:
-    base = dict(data_dir=str(data_dir), image_size=48, input_size=32, samples_per_shard=9, prepare_workers=1)
+    base = dict(data_dir=str(data_dir), image_size=48, samples_per_shard=9, prepare_workers=1)
     return DataConfig(**{**base, **kw})
 
 
@@ -166,7 +166,7 @@ def test_no_indexing_abnormal_goes_into_shards(tmp_path, broken):
 def test_prepare_main_with_overrides(tmp_path, broken, capsys):
     out = tmp_path / "out"
     rc = prepare.main(["--data", str(broken), "--out", str(out), "--data.image_size", "40",
-                       "--data.input_size=32", "--data.max_skip_frac", "0.1", "--data.prepare_workers", "1"])
+                       "--loader.input_size=32", "--data.max_skip_frac", "0.1", "--data.prepare_workers", "1"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "train" in text and "no_indexing 6" in text and "corrupt_image 1" in text

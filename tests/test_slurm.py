@@ -163,7 +163,7 @@ EXPERIMENT = "cxr-dist-tiny"  # configs/tiny.toml
 def train_args(shards: Path, run_dir: Path, db: Path, *extra: str) -> list[str]:
     return ["--config", str(TINY), "--data.shards_dir", str(shards), "--train.run_dir", str(run_dir),
             "--tracking.uri", f"sqlite:///{db}", "--train.phases.0.epochs", str(EPOCHS - 1),
-            "--data.batch_size", "4", *extra]
+            "--loader.batch_size", "4", *extra]
 
 
 def mlflow_runs(db: Path, experiment: str = EXPERIMENT) -> list:
@@ -349,7 +349,7 @@ def test_preempting_one_kfold_task_requeues_only_that_task(kfold_shards, mlflow_
 
     logs, experiment = tmp_path / "logs", "kfold-preempt"
     args = ["--config", str(TINY), "--data.shards_dir", str(kfold_shards), "--data.k_folds", "2",
-            "--tracking.uri", mlflow_server, "--tracking.experiment", experiment, "--data.batch_size", "4"]
+            "--tracking.uri", mlflow_server, "--tracking.experiment", experiment, "--loader.batch_size", "4"]
     hold = tmp_path / "hold"  # both folds hold after epoch 1's checkpoint until released: no race
     env = held_env(hold, CXR_RUN_DIR=str(tmp_path / "runs" / "cv"))
     job = sbatch("kfold.sh", args, logs, env=env,
@@ -434,7 +434,7 @@ def test_prepare_array_writes_the_single_process_bytes(cluster, tmp_path):
 
     data = make_dataset(tmp_path / "data", n_uids=30, size=48, broken=True)
     out = tmp_path / "array"
-    args = ["--data", str(data), "--out", str(out), "--data.image_size", "40", "--data.input_size", "32",
+    args = ["--data", str(data), "--out", str(out), "--data.image_size", "40", "--loader.input_size", "32",
             "--data.samples_per_shard", "7", "--data.max_skip_frac", "0.2"]
     job = sbatch("prepare.sh", args, tmp_path / "logs", sbatch_opts=["--array=0-2", "--cpus-per-task=1"])
     records = wait_job(job, timeout=300)
@@ -448,7 +448,7 @@ def test_prepare_array_writes_the_single_process_bytes(cluster, tmp_path):
     assert sorted(re.findall(r"prepare task (\d) of 3", logs)) == ["0", "1", "2"], logs
 
     single = tmp_path / "single"
-    write_shards(DataConfig(data_dir=str(data), image_size=40, input_size=32, samples_per_shard=7,
+    write_shards(DataConfig(data_dir=str(data), image_size=40, samples_per_shard=7,
                             max_skip_frac=0.2, prepare_workers=1), single)
     want = {p.name: p.read_bytes() for p in single.iterdir()}
     got = {p.name: p.read_bytes() for p in out.iterdir()}

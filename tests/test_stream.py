@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cxr_dist.config import DataConfig
+from cxr_dist.config import DataConfig, LoaderConfig
 from cxr_dist.errors import DataError
 from cxr_dist.data.shards import write_shards
 from cxr_dist.data.index import ShardIndex, load_index
@@ -18,19 +18,25 @@ from tests.datagen import make_dataset
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory) -> DataConfig:
+def prepared(tmp_path_factory) -> DataConfig:
     root = tmp_path_factory.mktemp("iu")
     data = make_dataset(root / "data", n_uids=40)
     # 7 per shard: an odd number of uneven shards per split (train 7, val 1, test 1 here)
-    c = DataConfig(data_dir=str(data), shards_dir=str(root / "shards"), image_size=40, input_size=32,
-                   samples_per_shard=7, prepare_workers=1, batch_size=4, num_workers=2, shuffle_buffer=16)
+    c = DataConfig(data_dir=str(data), shards_dir=str(root / "shards"), image_size=40, samples_per_shard=7,
+                   prepare_workers=1)
     write_shards(c, c.shards_dir)
     return c
 
 
 @pytest.fixture(scope="module")
-def index(cfg) -> ShardIndex:
-    return load_index(cfg.shards_dir)
+def cfg() -> LoaderConfig:
+    """How the tests read the shards (4 per batch, 2 worker(s))."""
+    return LoaderConfig(input_size=32, batch_size=4, num_workers=2, shuffle_buffer=16)
+
+
+@pytest.fixture(scope="module")
+def index(prepared) -> ShardIndex:
+    return load_index(prepared.shards_dir)
 
 
 def _keys(index, split) -> list[str]:
@@ -53,7 +59,7 @@ def test_index_and_class_counts(cfg, index):
     assert n_norm + n_abn == index.split("train").total + index.split("val").total
     assert n_norm > 0 and n_abn > 0
     with pytest.raises(DataError, match="run `cxr-dist prepare"):
-        load_index(cfg.shards_dir + "-missing")
+        load_index(index.root + "-missing")
 
 
 @pytest.mark.parametrize("world,workers", [(2, 2), (1, 0), (3, 2)])

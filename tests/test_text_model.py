@@ -71,18 +71,18 @@ def test_the_guard_refuses_a_field_the_label_was_derived_from(text_data):
     index = load_index(shards)
     assert leaky_fields(index, ("indication", "findings", "impression")) == ["findings", "impression"]
     ok = _cfg(shards, "--model.kind", "image+text")
-    assert check_text_fields(ok.data, True, False, index) == []
-    leak = _cfg(shards, "--model.kind", "image+text", "--data.text_fields", '["indication", "findings"]')
+    assert check_text_fields(ok.loader, True, False, index) == []
+    leak = _cfg(shards, "--model.kind", "image+text", "--loader.text_fields", '["indication", "findings"]')
     with pytest.raises(ConfigError, match=r"reads findings, from which the label was derived.*allow_label_leakage"):
-        check_text_fields(leak.data, True, False, index)
-    allowed = _cfg(shards, "--data.text_fields", '["findings"]', "--data.allow_label_leakage", "true")
-    assert check_text_fields(allowed.data, True, False, index) == ["findings"]
+        check_text_fields(leak.loader, True, False, index)
+    allowed = _cfg(shards, "--loader.text_fields", '["findings"]', "--loader.allow_label_leakage", "true")
+    assert check_text_fields(allowed.loader, True, False, index) == ["findings"]
     # Report supervision reads findings and impression, at training time only: allowed.
-    assert check_text_fields(_cfg(shards).data, False, True, index) == []
+    assert check_text_fields(_cfg(shards).loader, False, True, index) == []
     with pytest.raises(ConfigError, match=r"text field\(s\) history are not in the shards"):
-        check_text_fields(_cfg(shards, "--data.text_fields", '["history"]').data, True, False, index)
+        check_text_fields(_cfg(shards, "--loader.text_fields", '["history"]').loader, True, False, index)
     # An image model reads no text: nothing to check.
-    assert check_text_fields(leak.data, False, False, index) == []
+    assert check_text_fields(leak.loader, False, False, index) == []
 
 
 def test_an_index_without_text_fields_says_prepare_again(text_data, tmp_path):
@@ -91,7 +91,7 @@ def test_an_index_without_text_fields_says_prepare_again(text_data, tmp_path):
     old = dataclasses.replace(index, sources=tuple(dataclasses.replace(s, text_fields=(), label_text_fields=())
                                                    for s in index.sources))
     with pytest.raises(ConfigError, match="prepare` again"):
-        check_text_fields(_cfg(shards).data, True, False, old)
+        check_text_fields(_cfg(shards).loader, True, False, old)
 
 
 def test_audit_marks_the_label_fields_and_scores_the_indication(text_data):
@@ -191,7 +191,7 @@ def test_training_refuses_the_leak_before_any_work(text_data):
     run_dir = tmp / "leak"
     res = run_cmd([sys.executable, "-m", "cxr_dist.train", *tiny_overrides(shards, run_dir),
                    "--model.kind", "image+text", "--model.text_encoder", str(bert),
-                   "--data.text_fields", '["impression"]'], cwd=tmp)
+                   "--loader.text_fields", '["impression"]'], cwd=tmp)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "impression, from which the label was derived" in res.stderr and "Traceback" not in res.stderr
     assert not run_dir.exists()

@@ -195,7 +195,7 @@ def test_preemption_on_both_nodes_resumes_on_both(two_nodes: dict, tiny_shards: 
     tmp = two_nodes["tmp"]
     hold, first, second = tmp / "hold", tmp / "record-preempted", tmp / "record-resumed"
     hold.mkdir()
-    quick = ("--tracking.enabled", "false", "--train.cam_images", "0")  # the end of the run is not under test here
+    quick = ("--tracking.enabled", "false", "--product.cam_images", "0")  # the end of the run is not under test here
     procs, run_dir, params = start_nodes(tmp, "preempted", tiny_shards,
                                          ["--hold", str(hold), "--record", str(first)], *quick)
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cxr_dist import dist
-from cxr_dist.config import TrainConfig, load_config, replace
+from cxr_dist.config import load_config
 from cxr_dist.data.index import load_index
 from cxr_dist.eval.evaluate import evaluate_split, predictions_csv
 from tests.conftest import TINY
@@ -26,9 +26,9 @@ class Brightness(torch.nn.Module):
 
 def main() -> int:
     shards, views, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    data = replace(load_config(str(TINY), []).data, shards_dir=shards)
-    accelerator = dist.make_accelerator(TrainConfig(), data)
-    result = evaluate_split(Brightness(), data, "test", accelerator, load_index(shards), with_predictions=True,
+    cfg = load_config(str(TINY), [])
+    accelerator = dist.make_accelerator(cfg.train, cfg.optimizer, cfg.loader)
+    result = evaluate_split(Brightness(), cfg.loader, "test", accelerator, load_index(shards), with_predictions=True,
                             views=views)
     if accelerator.is_main_process:
         Path(out).write_text(predictions_csv({"test": result["predictions"]}))

@@ -1,4 +1,4 @@
-"""Decode and augment batches on the training device (`data.decode_on`): the GPU input pipeline.
+"""Decode and augment batches on the training device (`loader.decode_on`): the GPU input pipeline.
 
 With the PIL path (transforms.py in the DataLoader workers) a phase-1 epoch on a GPU runs at the
 pace of the workers, not of the GPU (docs/performance.md, section 5). Here the workers only read
@@ -41,7 +41,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as nnf
 
-from ..config import DataConfig
+from ..config import LoaderConfig
 from ..errors import DataError
 from .transforms import (BLUR_P, BLUR_SIGMA, BRIGHTNESS, CONTRAST, CROP_RATIO, CROP_SCALE, DEGREES, GAMMA,
                          NOISE_P, NOISE_STD, SCALE, SHIFT_CONTRAST, TRANSLATE)
@@ -52,12 +52,12 @@ CROP_TRIES = 10  # v2.RandomResizedCrop's attempts at a box that fits
 _BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # F.gaussian_blur's kernel half-size at the largest sigma
 
 
-def decode_where(data_cfg: DataConfig, device: torch.device | str) -> str:
-    """Where training images are decoded: "workers" or "device" (`data.decode_on`; "auto" is
+def decode_where(loader: LoaderConfig, device: torch.device | str) -> str:
+    """Where training images are decoded: "workers" or "device" (`loader.decode_on`; "auto" is
     "device" when the training device is a GPU, else "workers": on a CPU the main process would
     decode alone what the workers decode in parallel)."""
-    if data_cfg.decode_on != "auto":
-        return data_cfg.decode_on
+    if loader.decode_on != "auto":
+        return loader.decode_on
     return "device" if torch.device(device).type == "cuda" else "workers"
 
 
@@ -286,14 +286,14 @@ class DeviceInput:
     """Turns a batch of JPEG bytes (``stream.train_loader(..., on_device=True)``) into the usual
     batch with ``image`` (uint8 B x 1 x S x S) on `device`; other batches pass through unchanged.
 
-    augment: the training augmentation (data.augment, data.shift_augment), seeded by
+    augment: the training augmentation (loader.augment, loader.shift_augment), seeded by
     (seed, epoch, rank, step); False: the eval transform."""
 
-    def __init__(self, data_cfg: DataConfig, device: torch.device | str, seed: int = 0, rank: int = 0,
+    def __init__(self, loader: LoaderConfig, device: torch.device | str, seed: int = 0, rank: int = 0,
                  augment: bool = True) -> None:
         self.device, self.seed, self.rank = torch.device(device), seed, rank
-        self.input_size, self.shift = data_cfg.input_size, data_cfg.shift_augment
-        self.augment = augment and data_cfg.augment
+        self.input_size, self.shift = loader.input_size, loader.shift_augment
+        self.augment = augment and loader.augment
 
     def __call__(self, batch: dict, epoch: int = 0, step: int = 0) -> dict:
         if "jpeg" not in batch:

@@ -7,7 +7,7 @@ Two separate levers, both from the config and the shard index:
   112k-image collection does not drown a 7k-image one. Equal weights give equal shares.
 - **Loss weights** (`SampleWeightedLoss`): inverse-frequency class weights computed *within each
   source* (the prevalence of "abnormal" differs between collections: 64% in IU, 74% in Kermany),
-  and with `data.balance_views` within each source's view x label cells, so that a view that is
+  and with `loader.balance_views` within each source's view x label cells, so that a view that is
   mostly abnormal in one source (portable AP films) cannot stand in for the label.
 
 With one source and no view balancing the loss is exactly the classic class-weighted cross-entropy

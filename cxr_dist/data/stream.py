@@ -16,7 +16,7 @@ iteration advances to the next epoch by itself. With several sources (a shard ho
 slot reads every source's part as its own endless shuffled stream and draws the source of each
 sample by the sources' weights (``_ShardStream._mix``).
 
-Decode on the device (``on_device=True``, data.decode_on): the workers only read and shuffle,
+Decode on the device (``on_device=True``, loader.decode_on): the workers only read and shuffle,
 and a batch carries its JPEG files (``jpeg``, ``jpeg_sizes``: device_input.pack_jpegs) instead of
 ``image``; ``device_input.DeviceInput`` decodes and augments it on the training device. Same
 samples in the same order as the PIL path (shuffling draws from its own RNG).
@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import DataConfig
+from ..config import LoaderConfig
 from .device_input import pack_jpegs
 from ..errors import DataError
 from .index import LEGACY_SOURCE, Shard, ShardIndex
@@ -122,7 +122,7 @@ def sample_source_view(meta: dict) -> tuple[str, str]:
 class _ShardStream(IterableDataset):
     """Batches of one rank; each DataLoader worker produces its own slot's batches."""
 
-    def __init__(self, shards: list[Shard], cfg: DataConfig, rank: int, world: int,
+    def __init__(self, shards: list[Shard], cfg: LoaderConfig, rank: int, world: int,
                  workers: int, train: bool, seed: int, batches_per_epoch: int, augment: bool | None = None,
                  keyed: bool = False, weights: dict[str, float] | None = None, on_device: bool = False,
                  findings: tuple[str, ...] = ()) -> None:
@@ -266,7 +266,7 @@ class EpochLoader(DataLoader):
         return super().__iter__()
 
 
-def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int,
+def train_loader(loader: LoaderConfig, splits: list[str], rank: int, world: int, seed: int,
                  index: ShardIndex, weights: dict[str, float] | None = None,
                  on_device: bool = False) -> tuple[EpochLoader, int]:
     """Augmented, shuffled training batches for ``rank`` of ``world`` from the given splits.
@@ -281,15 +281,15 @@ def train_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int,
     shards = index.shards(splits)
     total = sum(s.count for s in shards)
     if total == 0:
-        raise DataError(f"splits {splits} in {data_cfg.shards_dir} hold no samples")
+        raise DataError(f"splits {splits} in {index.root} hold no samples")
     # At least one batch even for tiny data (samples then repeat within the epoch).
-    batches = max(1, total // (world * data_cfg.batch_size))
-    ds = _ShardStream(shards, data_cfg, rank, world, data_cfg.num_workers, True, seed, batches, weights=weights,
+    batches = max(1, total // (world * loader.batch_size))
+    ds = _ShardStream(shards, loader, rank, world, loader.num_workers, True, seed, batches, weights=weights,
                       on_device=on_device, findings=index.findings)
-    return EpochLoader(ds, data_cfg.num_workers), batches
+    return EpochLoader(ds, loader.num_workers), batches
 
 
-def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int, index: ShardIndex,
+def eval_loader(loader: LoaderConfig, split: str, rank: int, world: int, index: ShardIndex,
                 on_device: bool = False) -> EpochLoader:
     """Every sample of ``split`` exactly once across all ranks and workers; no augmentation.
 
@@ -297,16 +297,16 @@ def eval_loader(data_cfg: DataConfig, split: str, rank: int, world: int, index: 
     the loop). ``len(loader)`` is this rank's number of batches. ``on_device``: batches of JPEG
     bytes, for ``device_input.DeviceInput(..., augment=False)``.
     """
-    ds = _ShardStream(index.shards([split]), data_cfg, rank, world, data_cfg.num_workers, False, 0, 0,
+    ds = _ShardStream(index.shards([split]), loader, rank, world, loader.num_workers, False, 0, 0,
                       on_device=on_device, findings=index.findings)
-    return EpochLoader(ds, data_cfg.num_workers)
+    return EpochLoader(ds, loader.num_workers)
 
 
-def views_loader(data_cfg: DataConfig, splits: list[str], rank: int, world: int, seed: int,
+def views_loader(loader: LoaderConfig, splits: list[str], rank: int, world: int, seed: int,
                  index: ShardIndex, keyed: bool = False) -> EpochLoader:
     """Every sample of ``splits`` exactly once across ranks, in a fixed order, augmented with a
     stream seeded by (seed, epoch): ``set_epoch(v)`` gives view v. For the frozen-compute cache;
     ``keyed``: seeded per sample, the same views on any number of ranks and workers (for TTA)."""
-    ds = _ShardStream(index.shards(splits), data_cfg, rank, world, data_cfg.num_workers, False, seed, 0,
+    ds = _ShardStream(index.shards(splits), loader, rank, world, loader.num_workers, False, seed, 0,
                       augment=True, keyed=keyed, findings=index.findings)
-    return EpochLoader(ds, data_cfg.num_workers)
+    return EpochLoader(ds, loader.num_workers)

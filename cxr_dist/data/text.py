@@ -3,11 +3,11 @@
 Every shard sample's json carries its source's text fields under "text" (IU: indication,
 comparison, findings, impression; shards.py), and index.json says per source which fields it has
 (`text_fields`) and from which its label was derived (`label_text_fields`, IU: findings and
-impression). A model reads the fields of `data.text_fields`, joined into one string
+impression). A model reads the fields of `loader.text_fields`, joined into one string
 ("indication: ... comparison: ..."); a sample whose source has none of them has empty text.
 
 The guard (`check_text_fields`): a field the label was derived from is refused as an input unless
-`data.allow_label_leakage` (a model reading IU's findings reads its own label: a TF-IDF model on
+`loader.allow_label_leakage` (a model reading IU's findings reads its own label: a TF-IDF model on
 them alone scores 0.99; `cxr-dist audit-text` measures each field). The report's fields may still
 shape training through report supervision (`model.report_supervision`), which prediction never reads.
 """
@@ -18,7 +18,7 @@ import logging
 import tarfile
 from collections.abc import Iterable, Iterator
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, LoaderConfig
 from .index import ShardIndex
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def sample_metas(index: ShardIndex, splits: Iterable[str]) -> Iterator[tuple[str
 
 def text_of(value: str | dict | None, fields: Iterable[str]) -> str:
     """A text given at prediction time -> the model's input text: a dict {field: text} is joined as
-    in training; a plain string is the first field's text (data.text_fields[0], e.g. the
+    in training; a plain string is the first field's text (loader.text_fields[0], e.g. the
     indication); None or empty -> "" (no text)."""
     fields = tuple(fields)
     if isinstance(value, dict):
@@ -89,35 +89,35 @@ def leaky_fields(index: ShardIndex, fields: Iterable[str]) -> list[str]:
     return [f for f in fields if f in label]
 
 
-def check_text_fields(data: DataConfig, reads_text: bool, report_supervision: bool, index: ShardIndex) -> list[str]:
+def check_text_fields(loader: LoaderConfig, reads_text: bool, report_supervision: bool, index: ShardIndex) -> list[str]:
     """Fail before any work when a text model's inputs are not in the shards or read the label.
 
-    `reads_text`: the model reads data.text_fields at prediction time (model.kind text or
-    image+text); `report_supervision`: training reads data.report_fields. Returns the input fields
-    that leak the label (non-empty only with data.allow_label_leakage, after a warning)."""
+    `reads_text`: the model reads loader.text_fields at prediction time (model.kind text or
+    image+text); `report_supervision`: training reads loader.report_fields. Returns the input fields
+    that leak the label (non-empty only with loader.allow_label_leakage, after a warning)."""
     if not (reads_text or report_supervision):
         return []
     per_source = source_text_fields(index)
     have = sorted({f for info in per_source.values() for f in info["text_fields"]})
-    wanted = (list(data.text_fields) if reads_text else []) + (list(data.report_fields) if report_supervision else [])
-    if reads_text and not data.text_fields:
-        raise ConfigError("model.kind reads text but data.text_fields is empty: name the fields to read "
-                          "(e.g. --data.text_fields '[\"indication\"]')")
+    wanted = (list(loader.text_fields) if reads_text else []) + (list(loader.report_fields) if report_supervision else [])
+    if reads_text and not loader.text_fields:
+        raise ConfigError("model.kind reads text but loader.text_fields is empty: name the fields to read "
+                          "(e.g. --loader.text_fields '[\"indication\"]')")
     missing = [f for f in wanted if f not in have]
     if missing:
         where = ", ".join(f"{s}: {', '.join(i['text_fields']) or 'none'}" for s, i in per_source.items())
         raise ConfigError(f"text field(s) {', '.join(missing)} are not in the shards {index.root} "
                           f"(text fields per source: {where}); shards prepared before text fields existed need "
                           "`cxr-dist prepare` again")
-    leaks = leaky_fields(index, data.text_fields) if reads_text else []
-    if leaks and not data.allow_label_leakage:
+    leaks = leaky_fields(index, loader.text_fields) if reads_text else []
+    if leaks and not loader.allow_label_leakage:
         raise ConfigError(
-            f"data.text_fields reads {', '.join(leaks)}, from which the label was derived: the model would read its "
+            f"loader.text_fields reads {', '.join(leaks)}, from which the label was derived: the model would read its "
             "own label at prediction time (a TF-IDF model on IU's findings alone scores 0.99; `cxr-dist audit-text` "
             "measures it). Use fields known before the film is read (indication, comparison), let the report shape "
             "training only (--model.report_supervision 0.1), or, to measure the leak on purpose, "
-            "--data.allow_label_leakage true (the run is tagged label_leakage=true)")
+            "--loader.allow_label_leakage true (the run is tagged label_leakage=true)")
     if leaks:
         log.warning("LABEL LEAKAGE: the model reads %s, from which the label was derived; its scores measure the "
-                    "leak, not the image (data.allow_label_leakage = true)", ", ".join(leaks))
+                    "leak, not the image (loader.allow_label_leakage = true)", ", ".join(leaks))
     return leaks

@@ -6,7 +6,7 @@ apparent heart size, which is itself a finding). The stream hands them PIL image
 affine on an 8-bit image is ~9x faster than the same v2 op on a tensor (which goes through
 float grid_sample), the whole train transform ~2.4x (bench/bench_transforms.py, docs/data.md).
 Normalisation to the backbone's mean/std is the model's job, not the data pipeline's.
-device_input.py does the same on batches of tensors on the training device (data.decode_on),
+device_input.py does the same on batches of tensors on the training device (loader.decode_on),
 with the ranges below.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def train_transform(input_size: int, shift: bool = False) -> v2.Compose:
     sits on the left; a mirrored image looks like dextrocardia, itself an abnormal finding, and
     mirrors the side markers). No vertical flip or large rotations for the same reason.
 
-    shift=True (data.shift_augment) adds what differs between hospitals rather than between
+    shift=True (loader.shift_augment) adds what differs between hospitals rather than between
     patients, still a plausible film and still no flips: a random crop of 75-100% of the padded
     square's area (aspect 0.9-1.1; collimation and field of view differ), gamma 0.7-1.5 (the
     detector's grey-level curve), contrast +-40% instead of +-20%, a Gaussian blur in 30% of the

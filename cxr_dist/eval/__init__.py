@@ -1,6 +1,7 @@
 """Stage 3, eval: predictions -> numbers, on one process or many.
 
     metrics    metrics from (key, prob, label), deduplicated; study pooling; intervals; breakdowns
+    per_finding a findings head's AUROC per finding (masked targets), per source and view; macro mean
     calibrate  temperature scaling, ECE, Brier score
     ood        is an input a chest film like the training ones (constant-image refusal, Mahalanobis score)
     plots      the figures of a run

@@ -24,6 +24,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
 from ..errors import CheckpointError, DataError
+from .metrics import check_predictions
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -44,16 +45,9 @@ class CalibrationError(DataError, ValueError):
 
 
 def _arrays(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(probs, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels).reshape(-1)
-    if p.shape != y.shape:
-        raise CalibrationError(f"probs and labels differ in length: {p.size} vs {y.size}")
+    p, y = check_predictions(probs, labels, CalibrationError, probabilities=True)
     if p.size == 0:
         raise CalibrationError("no predictions to calibrate on")
-    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
-        raise CalibrationError("probs must be finite probabilities in [0, 1]")
-    if not np.isin(y, (0, 1)).all():
-        raise CalibrationError(f"labels must be 0 (normal) or 1 (abnormal), got {sorted(set(y.tolist()))[:5]}")
     return p, y.astype(np.float64)
 
 
@@ -160,7 +154,7 @@ def calibration_report(probs: ArrayLike, labels: ArrayLike, temperature: float) 
 def temperature_of(meta: Mapping[str, Any]) -> float:
     """The temperature stored in a checkpoint's meta.json (``meta["calibration"]["temperature"]``);
     1.0 (the model's own probabilities) for checkpoints written before calibration existed or
-    trained with train.calibrate = false. CheckpointError if the stored value is not a positive number."""
+    trained with product.calibrate = false. CheckpointError if the stored value is not a positive number."""
     value = (meta.get("calibration") or {}).get("temperature", 1.0)
     try:
         t = float(value)

@@ -1,7 +1,7 @@
 """Evaluation as a library: distributed inference on a split and the reports of its predictions.
 
-    evaluate_split(model, cfg.data, split, accelerator, index, ...)   all ranks, gathered: training's val, end of run
-    predict_split(model, cfg.data, split, index, views, ...)    one process (GPU when present): `cxr-dist evaluate`
+    evaluate_split(model, cfg.loader, split, accelerator, index, ...)   all ranks, gathered: training's val, end of run
+    predict_split(model, cfg.loader, split, index, views, ...)    one process (GPU when present): `cxr-dist evaluate`
     report(preds, threshold)                                    image + study level, by view and source, baseline
 
 A split's predictions are a dict: `keys`, `uids`, `sources`, `views`, `labels`, `probs` (the
@@ -27,31 +27,45 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..config import DataConfig, SourceConfig, replace, train_sources
+from ..config import DataConfig, LoaderConfig, SourceConfig, replace
 from ..data.index import LEGACY_SOURCE, ShardIndex
 from ..data.stream import eval_loader, views_loader
 from ..errors import UserError
 from ..model.classifier import inference_device, logits_of
 from .metrics import (always_abnormal, auroc_interval, breakdown, compute_metrics, dedupe, group_metrics,
                       study_level, view_name)
+from .per_finding import findings_breakdown, findings_report
 
 
 @torch.no_grad()
 def infer(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
-          with_features: bool = False) -> dict:
+          with_features: bool = False, vocabulary: tuple[str, ...] = ()) -> dict:
     """This rank's predictions: keys, uids, probability of abnormal, labels, summed loss, and with
-    `with_features` the pooled features the MLP head received (for the OOD score, ood.py)."""
+    `with_features` the pooled features the MLP head received (for the OOD score, ood.py). A model
+    with a findings head adds `finding_probs` and the targets and mask of its findings: from the
+    batch (columns in the shards' `vocabulary`) or, for cached batches, its findings_table."""
     was_training = model.training
     model.eval()
+    raw = getattr(model, "module", model)  # the model inside a DDP/DeepSpeed wrapper
+    names = tuple(getattr(raw, "findings", ()))
     keys, uids, sources, views, probs, labels, feats, loss_sum = [], [], [], [], [], [], [], 0.0
+    fprobs, ftargets, fmask = [], [], []
     # The head's input is the pooled feature whatever the path (images or a frozen-compute cache):
-    # a pre-hook on it sees both. getattr(.., "module"): the model inside a DDP/DeepSpeed wrapper.
-    hook = (getattr(model, "module", model).head.register_forward_pre_hook(
+    # a pre-hook on its first layer sees both.
+    hook = (raw.head[0].register_forward_pre_hook(
         lambda _m, inputs: feats.append(inputs[0].float().cpu())) if with_features else None)
     try:
         for batch in loader:
             y = batch["label"].to(device, non_blocking=True)
-            logits = logits_of(model, batch, device).float()
+            if names:
+                logits, flogits = logits_of(model, batch, device, return_findings=True)
+                fprobs.append(torch.sigmoid(flogits.float()).cpu())
+                t, m = _finding_targets(raw, batch, vocabulary)
+                ftargets.append(t)
+                fmask.append(m)
+            else:
+                logits = logits_of(model, batch, device)
+            logits = logits.float()
             if loss_fn is not None:
                 loss_sum += loss_fn(logits, y, batch["source"], batch["view"]).item() * len(y)
             probs.append(torch.softmax(logits, 1)[:, 1].cpu())
@@ -67,9 +81,30 @@ def infer(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | N
     cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)  # noqa: E731
     out = {"keys": keys, "uids": uids, "sources": sources, "views": views, "probs": cat(probs),
            "labels": cat(labels).astype(np.int64), "loss_sum": loss_sum}
+    if names:
+        out["finding_names"] = names
+        for name, parts in (("finding_probs", fprobs), ("finding_targets", ftargets), ("finding_mask", fmask)):
+            out[name] = torch.cat(parts).numpy() if parts else np.zeros((0, len(names)))
     if with_features:
         out["features"] = torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32)
     return out
+
+
+def _finding_targets(model, batch: dict, vocabulary: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets and mask of `model.findings` for a batch: the batch's own columns (in the shards'
+    vocabulary; a finding those shards lack is masked), else the model's findings_table by key,
+    else all masked (shards without findings: the probabilities are still reported)."""
+    from ..model.findings_head import align
+
+    n = len(batch["key"])
+    if "findings" in batch:
+        return align(batch["findings"], batch["findings_mask"], vocabulary, model.findings)
+    if getattr(model, "findings_table", None) is not None:
+        return model.findings_table.lookup(list(batch["key"]))
+    return torch.zeros(n, len(model.findings)), torch.zeros(n, len(model.findings), dtype=torch.bool)
+
+
+FINDING_ARRAYS = ("finding_probs", "finding_targets", "finding_mask")
 
 
 def merge(parts: list[dict]) -> dict:
@@ -85,6 +120,12 @@ def merge(parts: list[dict]) -> dict:
     if parts and "features" in parts[0]:  # each key's row, in the deduplicated key order
         row = {k: f for p in parts for k, f in zip(p["keys"], p["features"])}
         out["features"] = np.stack([row[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+    if parts and "finding_probs" in parts[0]:
+        out["finding_names"] = parts[0]["finding_names"]
+        for name in FINDING_ARRAYS:
+            row = {k: r for p in parts for k, r in zip(p["keys"], p[name])}
+            out[name] = (np.stack([row[k] for k in keys]) if keys
+                         else np.zeros((0, len(out["finding_names"])), parts[0][name].dtype))
     return out
 
 
@@ -94,36 +135,40 @@ def average(sets: list[dict]) -> dict:
     for other in sets[1:]:
         if other["keys"] != first["keys"] or not np.array_equal(other["labels"], first["labels"]):
             raise UserError("the prediction sets to average do not cover the same images with the same labels")
-    return {**first, "probs": np.mean([p["probs"] for p in sets], axis=0)}
+    out = {**first, "probs": np.mean([p["probs"] for p in sets], axis=0)}
+    if all("finding_probs" in p for p in sets):
+        out["finding_probs"] = np.mean([p["finding_probs"] for p in sets], axis=0)
+    return out
 
 
-def view_loaders(data: DataConfig, split: str, rank: int, world: int, index: ShardIndex, views: int = 1,
+def view_loaders(loader: LoaderConfig, split: str, rank: int, world: int, index: ShardIndex, views: int = 1,
                  device: torch.device | None = None):
     """Loaders that each show this rank's share of `split` once: the plain view, then views - 1
     views with the training augmentation (test-time augmentation). Each view of an image is seeded
     by (view, image key): the same on every call, whatever the number of processes and workers.
-    The plain view is decoded on `device` when `data.decode_on` says so (device_input.py: on a
+    The plain view is decoded on `device` when `loader.decode_on` says so (device_input.py: on a
     GPU by default; bit-identical to the workers' decode on the CPU)."""
     from ..data.device_input import DeviceInput, decode_where
 
-    on_device = device is not None and decode_where(data, device) == "device"
-    plain = eval_loader(data, split, rank, world, index, on_device=on_device)
-    yield map(DeviceInput(data, device, augment=False), plain) if on_device else plain
+    on_device = device is not None and decode_where(loader, device) == "device"
+    plain = eval_loader(loader, split, rank, world, index, on_device=on_device)
+    yield map(DeviceInput(loader, device, augment=False), plain) if on_device else plain
     if views > 1:
-        loader = views_loader(replace(data, augment=True), [split], rank, world, 0, index, keyed=True)
+        augmented = views_loader(replace(loader, augment=True), [split], rank, world, 0, index, keyed=True)
         for view in range(views - 1):
-            loader.set_epoch(view)
-            yield loader
+            augmented.set_epoch(view)
+            yield augmented
 
 
-def predict_split(model: nn.Module, data: DataConfig, split: str, index: ShardIndex, views: int = 1,
+def predict_split(model: nn.Module, loader: LoaderConfig, split: str, index: ShardIndex, views: int = 1,
                   device: torch.device | None = None, with_features: bool = False) -> dict:
     """One process's predictions on a whole split, averaged over `views` views, on `device`
     (default: model.inference_device(), the GPU when there is one). Moves `model` there."""
     device = device or inference_device()
     model.to(device)
-    return average([merge([infer(model, loader, device, with_features=with_features and v == 0)])
-                    for v, loader in enumerate(view_loaders(data, split, 0, 1, index, views, device))])
+    return average([merge([infer(model, batches, device, with_features=with_features and v == 0,
+                                 vocabulary=index.findings)])
+                    for v, batches in enumerate(view_loaders(loader, split, 0, 1, index, views, device))])
 
 
 PREDICTION_COLUMNS = ("split", "key", "uid", "label", "prob_abnormal")
@@ -174,7 +219,7 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, index: ShardIndex, loss_fn=None,
+def evaluate_split(model: nn.Module, loader: LoaderConfig, split: str, accelerator, index: ShardIndex, loss_fn=None,
                    with_predictions: bool = False, batches=None, views: int = 1, with_features: bool = False) -> dict:
     """Metrics of `model` on a shard split, computed once from all ranks' predictions.
 
@@ -187,13 +232,14 @@ def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, 
     The metrics include the per-source and per-view AUROC and `source_mean_auroc` (metrics.breakdown).
     `with_features`: the predictions also hold each image's pooled features (of the plain view).
     """
-    loaders = [batches] if batches is not None else view_loaders(data, split, accelerator.process_index,
+    loaders = [batches] if batches is not None else view_loaders(loader, split, accelerator.process_index,
                                                                  accelerator.num_processes, index, views,
                                                                  accelerator.device)
     sets = []
-    for i, loader in enumerate(loaders):
+    for i, view in enumerate(loaders):
         with accelerator.autocast():
-            mine = infer(model, loader, accelerator.device, loss_fn if i == 0 else None, with_features and i == 0)
+            mine = infer(model, view, accelerator.device, loss_fn if i == 0 else None, with_features and i == 0,
+                         index.findings)
         parts = dist.gather_objects(mine)
         if accelerator.is_main_process:
             sets.append(merge(parts))
@@ -203,7 +249,10 @@ def evaluate_split(model: nn.Module, data: DataConfig, split: str, accelerator, 
         loss = preds["loss_sum"] / max(preds["n_seen"], 1) if loss_fn is not None else None
         result = compute_metrics(preds["probs"], preds["labels"], loss=loss)
         result.update(breakdown(preds["probs"], preds["labels"], preds["sources"], preds["views"],
-                                train_sources(data)))
+                                [s.name for s in index.sources if s.role == "train"]))
+        if "finding_probs" in preds:  # finding/NAME/auroc, findings_macro_auroc
+            result.update(findings_breakdown(preds["finding_probs"], preds["finding_targets"], preds["finding_mask"],
+                                             preds["finding_names"]))
         if with_predictions:
             result["predictions"] = preds
     return dist.broadcast_object(result)
@@ -228,6 +277,9 @@ def report(preds: dict, threshold: float = 0.5) -> dict:
     out["by_source"] = group_metrics(preds["probs"], preds["labels"], preds["sources"], preds["uids"], interval=True)
     normal_means = [m["mean_prob_normal"] for m in out["by_view"].values() if m["n_normal"]]
     out["normal_prob_spread_across_views"] = float(max(normal_means) - min(normal_means)) if normal_means else None
+    if "finding_probs" in preds:
+        out["findings"] = findings_report(preds["finding_probs"], preds["finding_targets"], preds["finding_mask"],
+                                          preds["finding_names"], preds["uids"], preds["sources"], preds["views"])
     return out
 
 

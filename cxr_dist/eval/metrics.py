@@ -31,16 +31,24 @@ SCALAR_KEYS = (
 )
 
 
-def _as_arrays(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def check_predictions(probs: ArrayLike, labels: ArrayLike, error: type[Exception] = ValueError,
+                      probabilities: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(probs as float64, labels as int64), flat, or `error` when they cannot be scored together:
+    different lengths, a label that is not 0/1, a NaN or infinity; with `probabilities`, also a
+    value outside [0, 1] (a temperature is fitted on probabilities; AUROC takes any score).
+    The one check of predictions: metrics here, calibration (calibrate.py)."""
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1)
     if p.shape != y.shape:
-        raise ValueError(f"probs and labels differ in length: {p.shape[0]} vs {y.shape[0]}")
+        raise error(f"probs and labels differ in length: {p.shape[0]} vs {y.shape[0]}")
     if y.size and not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0 (normal) or 1 (abnormal), got values {sorted(set(y.tolist()))[:5]}")
+        raise error(f"labels must be 0 (normal) or 1 (abnormal), got values {sorted(set(y.tolist()))[:5]}")
     if not np.isfinite(p).all():
-        raise ValueError("probs contain NaN or infinity (did the loss diverge?)")
+        raise error("probs contain NaN or infinity (did the loss diverge?)")
+    if probabilities and ((p < 0).any() or (p > 1).any()):
+        raise error("probs must be probabilities in [0, 1]")
     return p, y.astype(np.int64)
+
 
 
 def dedupe(
@@ -53,7 +61,7 @@ def dedupe(
     compared. Two copies of a key with *different labels* mean the data is inconsistent, which is
     an error, not something to average away. Sorting makes the result independent of rank order.
     """
-    p, y = _as_arrays(probs, labels)
+    p, y = check_predictions(probs, labels)
     keys = [str(k) for k in keys]
     if len(keys) != p.shape[0]:
         raise ValueError(f"keys and probs differ in length: {len(keys)} vs {p.shape[0]}")
@@ -85,7 +93,7 @@ def compute_metrics(
     is NaN when there are no positives; ratios with an empty denominator are 0. Balanced accuracy
     averages the recall of the classes present, as scikit-learn does. Empty input raises ValueError.
     """
-    p, y = _as_arrays(probs, labels)
+    p, y = check_predictions(probs, labels)
     n = int(y.size)
     if n == 0:
         raise ValueError("compute_metrics needs at least one sample")
@@ -133,7 +141,7 @@ def balanced_threshold(probs: ArrayLike, labels: ArrayLike) -> float:
     which means the result is at least as good on these predictions as 0.5. Ties go to the
     candidate closest to 0.5. Needs both classes.
     """
-    p, y = _as_arrays(probs, labels)
+    p, y = check_predictions(probs, labels)
     if not (y == 1).any() or not (y == 0).any():
         raise ValueError("balanced_threshold needs both classes")
     fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # every observed score a candidate
@@ -185,13 +193,13 @@ def auroc_interval(
     than two separate intervals. Seeded: the same numbers every time. ``[nan, nan]`` when the
     AUROC itself is undefined (one class only).
     """
-    p, y = _as_arrays(probs, labels)
+    p, y = check_predictions(probs, labels)
     if not ((y == 1).any() and (y == 0).any()):
         return [math.nan, math.nan]
     weight = _study_draws(groups, y.size, draws, seed)
     auc = _weighted_auroc(p, y, weight)
     if baseline is not None:
-        auc = auc - _weighted_auroc(_as_arrays(baseline, y)[0], y, weight)
+        auc = auc - _weighted_auroc(check_predictions(baseline, y)[0], y, weight)
     auc = auc[np.isfinite(auc)]  # a draw without one of the classes has no AUROC
     if auc.size == 0:
         return [math.nan, math.nan]
@@ -211,7 +219,7 @@ def study_level(
     more likely to be called abnormal just because it has more views (more chances for one
     false positive), which biases specificity by study size.
     """
-    p, y = _as_arrays(probs, labels)
+    p, y = check_predictions(probs, labels)
     uids = [str(u) for u in uids]
     if len(uids) != p.shape[0]:
         raise ValueError(f"uids and probs differ in length: {len(uids)} vs {p.shape[0]}")
@@ -247,7 +255,7 @@ def curves(probs: ArrayLike, labels: ArrayLike) -> dict[str, dict[str, list[floa
     ROC threshold, infinite in scikit-learn, is replaced by the next float above the largest score
     (same meaning: nothing is predicted abnormal) so that the lists stay JSON-safe.
     """
-    p, y = _as_arrays(probs, labels)
+    p, y = check_predictions(probs, labels)
     if y.size == 0 or y.min() == y.max():
         return {"roc": {"fpr": [], "tpr": [], "thresholds": []}, "pr": {"precision": [], "recall": []}}
     fpr, tpr, thr = roc_curve(y, p)
@@ -275,7 +283,7 @@ def group_metrics(
     The means are the shortcut check: if the normal films of one view get a much higher
     probability than those of another, the model reads the view, not the disease.
     """
-    p, y = _as_arrays(probs, labels)
+    p, y = check_predictions(probs, labels)
     g = np.asarray([str(x) for x in groups])
     out: dict[str, dict[str, Any]] = {}
     for name in sorted(set(g.tolist())):
@@ -317,7 +325,7 @@ def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float
     the per-source and per-view numbers of :func:`breakdown` as they are."""
     out = {f"{prefix}{k}": float(metrics[k]) for k in SCALAR_KEYS if k in metrics}
     out.update({f"{prefix}{k}": float(v) for k, v in metrics.items()
-                if k == "source_mean_auroc" or k.startswith(("source/", "view/"))})
+                if k in ("source_mean_auroc", "findings_macro_auroc") or k.startswith(("source/", "view/", "finding/"))})
     if "auroc_ci95" in metrics:
         out[f"{prefix}auroc_ci95_low"], out[f"{prefix}auroc_ci95_high"] = map(float, metrics["auroc_ci95"])
     return out

@@ -13,7 +13,7 @@ Two checks, both before anyone reads a probability:
    Mahalanobis distance of the image's pooled backbone features (the 1280-d input of the MLP head)
    from those of the training split, with a Ledoit-Wolf shrunk covariance (1280 dimensions from
    ~1,000 images: the plain sample covariance would be singular). The flag threshold is the
-   `train.ood_quantile` quantile of the validation split's scores: by construction ~1% of
+   `product.ood_quantile` quantile of the validation split's scores: by construction ~1% of
    in-distribution films are flagged, and whatever lies further out than that is. The density's
    tensors travel in the checkpoint (extra.safetensors), its threshold in meta.json ("ood").
 

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--shards", required=True, help="a folder written by `cxr-dist prepare`")
     ap.add_argument("--fields", nargs="+", metavar="FIELD",
-                    help="also audit these fields joined, as a model with data.text_fields = FIELDS reads them")
+                    help="also audit these fields joined, as a model with loader.text_fields = FIELDS reads them")
     ap.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     args = ap.parse_args(argv)
     from ..data.index import load_index

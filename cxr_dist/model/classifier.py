@@ -76,7 +76,7 @@ class CXRClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, hidden: int, dropout: float, num_classes: int,
                  freeze_bn_stats: bool = False, kind: str = "image", text_dim: int = 0,
                  modality_dropout: float = 0.0, text_encoder: nn.Module | None = None,
-                 supervision_dim: int = 0) -> None:
+                 supervision_dim: int = 0, findings: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.backbone = backbone
         self.freeze_bn_stats = freeze_bn_stats
@@ -102,6 +102,11 @@ class CXRClassifier(nn.Module):
         # Report supervision (train.report_supervision): the head's hidden layer projected onto the
         # report's embedding; used by the training loss only, never at prediction.
         self.report_proj = nn.Linear(hidden, supervision_dim) if supervision_dim else None
+        # The findings head (issue 22, findings_head.py): one logit per finding, beside the abnormal
+        # head and reading the same hidden layer; None for a model trained without findings.
+        self.findings = tuple(findings)
+        self.findings_head = nn.Linear(hidden, len(findings)) if findings else None
+        self.findings_table = None  # a FindingsTable (plain attribute, as text_table): targets by key
         cfg = backbone.pretrained_cfg
         # Non-persistent: the checkpoint holds weights only; mean/std come from the backbone's name.
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
@@ -228,29 +233,42 @@ class CXRClassifier(nn.Module):
             parts.append(self.text_embedding(text, n))
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
-    def trainable_forward(self, h: torch.Tensor, text: dict | None = None,
-                          return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The trainable part: unfrozen blocks (if any), pooling, [text], MLP head -> logits
-        (and with `return_hidden` the head's hidden layer, projected by `report_proj` when the
-        model has one: what report supervision aligns with the report's embedding)."""
+    def trainable_forward(self, h: torch.Tensor, text: dict | None = None, return_hidden: bool = False,
+                          return_findings: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The trainable part: unfrozen blocks (if any), pooling, [text], MLP head -> logits;
+        with `return_hidden` also the head's hidden layer, projected by `report_proj` when the
+        model has one (what report supervision aligns with the report's embedding); with
+        `return_findings` also the findings head's logits (B x 0 for a model without findings)."""
         z = self.head_input(self.pooled(h) if self.uses_image else None, text, h.shape[0])
-        if not return_hidden:
-            return self.head(z)  # whole: forward hooks on the head (evaluate's features) see its input
-        hidden = self.head[:3](z)
-        logits = self.head[3:](hidden)
-        return logits, (self.report_proj(hidden) if self.report_proj is not None else hidden)
+        if not (return_hidden or return_findings):
+            return self.head(z)
+        hidden = self.head[:3](z)  # Linear -> BatchNorm -> ReLU (evaluate's features hook head[0])
+        dropped = self.head[3](hidden)
+        out = (self.head[4](dropped),)
+        if return_hidden:
+            out += (self.report_proj(hidden) if self.report_proj is not None else hidden,)
+        if return_findings:
+            out += (self.findings_head(dropped) if self.findings_head is not None else dropped[:, :0],)
+        return out
+
+    def finding_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The findings head's logits from what the MLP head reads (`z`, as ood.features_and_logits
+        returns it); B x 0 for a model without findings."""
+        hidden = self.head[:4](z)
+        return self.findings_head(hidden) if self.findings_head is not None else hidden[:, :0]
 
     def forward(self, x: torch.Tensor, cached: bool = False, text: dict | None = None,
-                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_hidden: bool = False, return_findings: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Images -> logits; with `cached=True`, x is already frozen_forward's output (the
         frozen-compute cache), and only the trainable part runs. One entry point, so DDP's
         gradient hooks see both modes. `text`: see the class docstring (kinds text, image+text).
         A text-only model never runs the backbone."""
         h = x if (cached or not self.uses_image) else self.frozen_forward(x)
-        return self.trainable_forward(h, text, return_hidden)
+        return self.trainable_forward(h, text, return_hidden, return_findings)
 
 
-def logits_of(model: nn.Module, batch: dict, device: torch.device, return_hidden: bool = False):
+def logits_of(model: nn.Module, batch: dict, device: torch.device, return_hidden: bool = False,
+              return_findings: bool = False):
     """A batch through the model: its images, or its cached frozen features (a batch of the
     frozen-compute cache has `features` instead of `image`), and for text models the text of its
     keys (the model's `text_table`). `model` may be wrapped (DDP)."""
@@ -260,6 +278,8 @@ def logits_of(model: nn.Module, batch: dict, device: torch.device, return_hidden
         extra["text"] = raw.text_table.lookup(batch["key"], device)
     if return_hidden:
         extra["return_hidden"] = True
+    if return_findings:
+        extra["return_findings"] = True
     if "features" in batch:
         return model(batch["features"].to(device, non_blocking=True), cached=True, **extra)
     return model(batch["image"].to(device, non_blocking=True), **extra)
@@ -268,7 +288,7 @@ def logits_of(model: nn.Module, batch: dict, device: torch.device, return_hidden
 # ---------------------------------------------------------------------- building
 
 
-def build_model(cfg: ModelConfig) -> CXRClassifier:
+def build_model(cfg: ModelConfig, findings: tuple[str, ...] = ()) -> CXRClassifier:
     """The classifier with its backbone weights loaded as `cfg` says (see ModelConfig.weights); for
     kinds text and image+text with its `text_encoder` (model.text_encoder: its weights are part of
     the checkpoint, so a trained product needs no download to read text)."""
@@ -299,7 +319,8 @@ def build_model(cfg: ModelConfig) -> CXRClassifier:
     return CXRClassifier(backbone, cfg.hidden, cfg.dropout, cfg.num_classes, cfg.freeze_bn_stats, kind=cfg.kind,
                          text_dim=encoder.dim if uses_text else 0, modality_dropout=cfg.modality_dropout,
                          text_encoder=encoder if uses_text else None,
-                         supervision_dim=encoder.dim if encoder is not None and cfg.report_supervision > 0 else 0)
+                         supervision_dim=encoder.dim if encoder is not None and cfg.report_supervision > 0 else 0,
+                         findings=tuple(findings))
 
 
 def offline_weights_hint(backbone: str) -> str:

@@ -35,7 +35,7 @@ from safetensors.torch import save
 
 from ..fileio import write_bytes_atomic
 from ..log import progress
-from ..config import Config, DataConfig, to_dict
+from ..config import Config, LoaderConfig, to_dict
 from .frozen_runtime import attached, build_runner, calibration_batches
 from .classifier import CXRClassifier
 from ..data.index import ShardIndex
@@ -68,7 +68,7 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def build_cache(model: CXRClassifier, data: DataConfig, splits: list[str], rank: int, world: int,
+def build_cache(model: CXRClassifier, loader: LoaderConfig, splits: list[str], rank: int, world: int,
                 views: int, seed: int, device: torch.device, augment: bool, show: bool,
                 index: ShardIndex) -> FeatureCache:
     """frozen_forward of every sample of `splits` on this rank, `views` times (augmented if
@@ -77,12 +77,12 @@ def build_cache(model: CXRClassifier, data: DataConfig, splits: list[str], rank:
     model.eval()
     per_view, labels, keys, uids = [], None, None, None
     for v in range(views):
-        loader = (views_loader(data, splits, rank, world, seed, index) if augment
-                  else eval_loader(data, splits[0], rank, world, index))
-        loader.set_epoch(v)
+        batches = (views_loader(loader, splits, rank, world, seed, index) if augment
+                   else eval_loader(loader, splits[0], rank, world, index))
+        batches.set_epoch(v)
         feats, lab, ks, us, srcs, vws = [], [], [], [], [], []
-        bar = progress(len(loader), f"caching {'+'.join(splits)} view {v + 1}/{views} (batches)", show)
-        for batch in loader:
+        bar = progress(len(batches), f"caching {'+'.join(splits)} view {v + 1}/{views} (batches)", show)
+        for batch in batches:
             bar.update(1)
             feats.append(model.frozen_forward(batch["image"].to(device)).half().cpu())
             lab.append(batch["label"])
@@ -216,7 +216,9 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: ShardIndex, train_sp
     cache_dir = Path(t.cache_dir or Path(t.run_dir) / "cache")
     # Everything the cached tensors depend on; the frozen part does not depend on the head.
     # (The text settings do not change image features: an image+text run shares the image-only cache.)
-    data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("text_fields", "allow_label_leakage", "report_fields")}
+    # (The keys are those of the one data section before [loader] split from it, so caches carry over.)
+    data = {k: v for k, v in {**to_dict(cfg.data), **to_dict(cfg.loader)}.items()
+            if k not in ("text_fields", "allow_label_leakage", "report_fields", "findings")}
     inputs = {"data": data, "checksum": index.checksum, "seed": t.seed,
               "backbone": [cfg.model.backbone, cfg.model.pretrained, cfg.model.weights],
               "depth": depth, "rank": rank, "world": world}
@@ -225,12 +227,12 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: ShardIndex, train_sp
     fast = FastFrozen(cfg, model, depth, index, train_splits[0], cache_dir, accelerator)
     train_cache = cached_on_disk(
         cache_dir / cache_name(f"train-r{rank}", {**inputs, "splits": train_splits, "views": t.cache_views}),
-        lambda: fast(lambda: build_cache(model, cfg.data, train_splits, rank, world, t.cache_views,
+        lambda: fast(lambda: build_cache(model, cfg.loader, train_splits, rank, world, t.cache_views,
                                          seed_views(t.seed), accelerator.device, augment=True, show=show,
                                          index=index)), accelerator.print)
     val_cache = cached_on_disk(
         cache_dir / cache_name(f"val-r{rank}", {**inputs, "splits": [val_split]}),
-        lambda: fast(lambda: build_cache(model, cfg.data, [val_split], rank, world, 1, 0, accelerator.device,
+        lambda: fast(lambda: build_cache(model, cfg.loader, [val_split], rank, world, 1, 0, accelerator.device,
                                          augment=False, show=show, index=index)), accelerator.print)
     accelerator.print(f"frozen-compute cache: {t.cache_views} views of {len(train_cache.keys)} training images "
                       f"on this rank, {tuple(train_cache.feats.shape[2:])} each, ready in {time.time() - t0:.0f} s")
@@ -254,9 +256,9 @@ class FastFrozen:
         if backend == "eager" or self.accelerator.device.type != "cpu":
             return build()
         if self.runner is None:
-            calib = (calibration_batches(self.cfg.data, self.calib_split, self.index)
+            calib = (calibration_batches(self.cfg.loader, self.calib_split, self.index)
                      if backend == "int8" else None)
-            self.runner = build_runner(self.model, backend, self.depth, self.cfg.data.input_size, self.cache_dir,
+            self.runner = build_runner(self.model, backend, self.depth, self.cfg.loader.input_size, self.cache_dir,
                                        calibration=calib, log=self.accelerator.print)
             self.accelerator.print(f"frozen part through {backend}: ready in {self.runner.build_s:.1f} s")
         with attached(self.model, self.runner):

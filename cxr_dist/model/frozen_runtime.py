@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import FROZEN_BACKENDS, ConfigError, DataConfig
+from ..config import FROZEN_BACKENDS, ConfigError, LoaderConfig
 from ..fileio import write_bytes_atomic
 from .classifier import CXRClassifier, frozen_part, normalize_input
 from ..data.index import ShardIndex
@@ -131,10 +131,10 @@ def attached(model: CXRClassifier, runner: FrozenRunner | None) -> Iterator[CXRC
         model.frozen_runner = before
 
 
-def calibration_batches(data: DataConfig, split: str, index: ShardIndex, n_images: int = 128) -> list[torch.Tensor]:
+def calibration_batches(loader: LoaderConfig, split: str, index: ShardIndex, n_images: int = 128) -> list[torch.Tensor]:
     """The first `n_images` images of `split` (unaugmented, the same on every rank): int8 ranges."""
     out, n = [], 0
-    for batch in eval_loader(data, split, 0, 1, index):
+    for batch in eval_loader(loader, split, 0, 1, index):
         out.append(batch["image"][: n_images - n])
         n += len(out[-1])
         if n >= n_images:

@@ -56,8 +56,9 @@ def _feature_map(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return feats
 
 
-def grad_cam(model: nn.Module, images: torch.Tensor, target: int = 1) -> torch.Tensor:
-    """Grad-CAM heat maps of `model` (a CXRClassifier) for class `target` (1 = abnormal).
+def grad_cam(model: nn.Module, images: torch.Tensor, target: int | str = 1) -> torch.Tensor:
+    """Grad-CAM heat maps of `model` (a CXRClassifier) for class `target` (1 = abnormal), or for
+    a finding of its findings head (`target` its name: the finding's logit is the score).
 
     images: uint8 (or [0, 1] float) N x 1 x S x S (or N x 3 x S x S), as `eval_transform` makes
     them; moved to the model's device. Returns float32 N x S x S in [0, 1] on the CPU (an image
@@ -77,11 +78,18 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target: int = 1) -> torch.T
         # clone makes an inference-mode input an ordinary tensor.
         with torch.inference_mode(False), torch.enable_grad():
             feats = _feature_map(model, images.to(device).clone()).detach().float().requires_grad_(True)
-            logits = model.head(model.backbone.forward_head(feats, pre_logits=True))
-            if not 0 <= target < logits.shape[1]:
-                raise ValueError(f"target={target}, but the model has {logits.shape[1]} classes")
-            others = torch.cat([logits[:, :target], logits[:, target + 1:]], dim=1)
-            score = logits[:, target] - torch.logsumexp(others, dim=1)
+            pooled = model.backbone.forward_head(feats, pre_logits=True)
+            if isinstance(target, str):  # a finding: its own logit (log-odds of its sigmoid)
+                findings = tuple(getattr(model, "findings", ()))
+                if target not in findings:
+                    raise ValueError(f"no finding {target!r} in this model (its findings: {', '.join(findings) or 'none'})")
+                score = model.finding_logits(pooled)[:, findings.index(target)]
+            else:
+                logits = model.head(pooled)
+                if not 0 <= target < logits.shape[1]:
+                    raise ValueError(f"target={target}, but the model has {logits.shape[1]} classes")
+                others = torch.cat([logits[:, :target], logits[:, target + 1:]], dim=1)
+                score = logits[:, target] - torch.logsumexp(others, dim=1)
             # Images are independent in eval mode: the gradient of the sum is each image's own.
             (grads,) = torch.autograd.grad(score.sum(), feats)
         weights = grads.mean(dim=(2, 3), keepdim=True)  # alpha_k: spatial mean of the gradient
@@ -145,7 +153,7 @@ def safe_name(name: str) -> str:
 
 
 def write_overlays(model: nn.Module, images: torch.Tensor, names: list[str], out_dir: str | Path,
-                   target: int = 1, batch_size: int = 16, taken: set[str] | None = None) -> list[Path]:
+                   target: int | str = 1, batch_size: int = 16, taken: set[str] | None = None) -> list[Path]:
     """Grad-CAM overlays of `images` (N x 1 x S x S, as for grad_cam) as `out_dir/<name>_cam.png`,
     one per image, written atomically; `out_dir` is created. Names are made safe (`safe_name`);
     two that become the same get `-2`, `-3`... appended. `taken`: the stems already written by

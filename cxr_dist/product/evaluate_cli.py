@@ -66,7 +66,7 @@ def fast_runner(product, work_dir: Path):
     backend = product.model_config.frozen_backend
     if inference_device().type != "cpu" or backend in ("eager", "int8"):
         return None
-    return build_runner(product.model, backend, product.model.depth, product.data.input_size, work_dir)
+    return build_runner(product.model, backend, product.model.depth, product.loader.input_size, work_dir)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.data:
             from ..data.shards import write_shards
 
-            data = external_source(replace(products[0].data, batch_size=args.batch_size), args.data, args.format,
-                                   args.patient_regex, args.view)
+            # Prepared with the model's findings (its head's, whatever the run's config said): an
+            # outside collection is scored on every finding its labels map to.
+            data = external_source(replace(products[0].data, findings=products[0].model.findings), args.data,
+                                   args.format, args.patient_regex, args.view)
             write_shards(data, Path(tmp), single_split=args.split)
             shards = tmp
-        datas = [replace(p.data, batch_size=args.batch_size, shards_dir=shards) for p in products]
+        datas = [replace(p.data, shards_dir=shards) for p in products]
+        loaders = [replace(p.loader, batch_size=args.batch_size) for p in products]
         index = load_index(shards)
         splits = list(dict.fromkeys([args.split] + (["val"] if threshold is None else [])))
         for path, product in zip(args.checkpoint, products):  # films read as the run read them
@@ -135,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in splits:
             split = train_val_splits(datas[0])[1] if name == "val" else name
             sets = []
-            for product, data, runner in zip(products, datas, runners):
+            for product, loader, runner in zip(products, loaders, runners):
                 with attached(product.model, runner):
-                    raw = predict_split(product.model, data, split, index, args.tta, with_features=with_features)
+                    raw = predict_split(product.model, loader, split, index, args.tta, with_features=with_features)
                 sets.append(product.readout.apply_split(raw))  # calibration per checkpoint, then the mean
             preds[name] = average(sets)
             if len(sets) > 1:  # an ensemble: these columns belong to one model each

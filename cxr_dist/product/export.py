@@ -1,7 +1,7 @@
 """`cxr-dist export --checkpoint CKPT --format onnx --out model.onnx`: a checkpoint -> one ONNX file.
 
 The graph takes exactly what `predict` gives the model: input ``image``, uint8
-``[batch, 1, S, S]`` (S = the run's data.input_size; the film read as `prepare` reads it, then
+``[batch, 1, S, S]`` (S = the run's loader.input_size; the film read as `prepare` reads it, then
 the evaluation transform), and normalises it inside, as CXRClassifier does. Outputs:
 
 - ``prob_abnormal`` float32 ``[batch]`` = softmax(logits / T)[:, 1], the calibration temperature
@@ -35,6 +35,7 @@ from ..fileio import write_bytes_atomic
 
 # torch, onnx and the model are imported inside the functions: `cxr-dist export --help` is instant.
 INPUT, OUTPUTS = "image", ("prob_abnormal", "logits")
+FINDINGS_OUTPUT = "finding_probs"  # a third output for a model with a findings head
 # The dynamo exporter writes opset 18 and up; asked for less it keeps 18 after a failed
 # down-conversion (torch 2.14: "No Adapter To Version 17 for Pad"), so older opsets go through
 # the TorchScript exporter, which writes them directly.
@@ -84,7 +85,7 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _export_proto(wrapper, example, opset: int | None):
+def _export_proto(wrapper, example, opset: int | None, outputs: tuple[str, ...] = OUTPUTS):
     """torch -> onnx.ModelProto with a dynamic batch dimension.
 
     Both exporters were tried on tf_efficientnet_lite1 (ReLU6, depthwise convs, TF "same"
@@ -101,7 +102,7 @@ def _export_proto(wrapper, example, opset: int | None):
     if opset is None or opset >= DYNAMO_MIN_OPSET:
         # An example batch of 2: torch.export specialises a dimension seen as 0 or 1 to a constant.
         program = torch.onnx.export(
-            wrapper, (example,), input_names=[INPUT], output_names=list(OUTPUTS), opset_version=opset,
+            wrapper, (example,), input_names=[INPUT], output_names=list(outputs), opset_version=opset,
             dynamic_shapes={INPUT: {0: torch.export.Dim("batch", min=1)}}, dynamo=True, verbose=False,
         )
         return program.model_proto
@@ -114,8 +115,8 @@ def _export_proto(wrapper, example, opset: int | None):
     with warnings.catch_warnings():  # its deprecation notice, and tracer notes on the static channel test
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (example,), buf, input_names=[INPUT], output_names=list(OUTPUTS), opset_version=opset,
-            dynamic_axes={name: {0: "batch"} for name in (INPUT, *OUTPUTS)}, dynamo=False,
+            wrapper, (example,), buf, input_names=[INPUT], output_names=list(outputs), opset_version=opset,
+            dynamic_axes={name: {0: "batch"} for name in (INPUT, *outputs)}, dynamo=False,
         )
     return onnx.load_from_string(buf.getvalue())
 
@@ -150,23 +151,30 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, calibrated: bool = T
         # The graph would need the tokenizer (not an ONNX op) or token ids as a second input.
         raise UserError(f"{checkpoint}: a model of kind {product.model.kind!r} reads text; ONNX export covers "
                         "image models only (serve it with `mlflow models serve`, or predict with --text)")
-    data, meta, temperature = product.data, product.meta, product.temperature
-    wrapper = CalibratedClassifier(product.model, temperature).eval()
-    example = torch.randint(0, 256, (2, 1, data.input_size, data.input_size), dtype=torch.uint8)
+    data, loader, meta, temperature = product.data, product.loader, product.meta, product.temperature
+    findings = product.model.findings
+    wrapper = CalibratedClassifier(product.model, temperature, product.readout.finding_temperatures).eval()
+    example = torch.randint(0, 256, (2, 1, loader.input_size, loader.input_size), dtype=torch.uint8)
     with torch.no_grad():
-        proto = _export_proto(wrapper, example, opset)
+        proto = _export_proto(wrapper, example, opset, OUTPUTS + (FINDINGS_OUTPUT,) * bool(findings))
     if opset is not None and opset_of(proto) != opset:
         raise UserError(f"--opset {opset}: the exporter wrote opset {opset_of(proto)} instead")
     props = {
         "cxr_dist_version": __version__, "backbone": meta["config"]["model"]["backbone"],
-        "input_size": data.input_size, "image_size": data.image_size, "resize": data.resize,
+        "input_size": loader.input_size, "image_size": data.image_size, "resize": data.resize,
         "intensity": data.intensity, "temperature": repr(temperature), "calibrated": str(calibrated).lower(),
-        "input": f"{INPUT}: uint8 [batch, 1, {data.input_size}, {data.input_size}], the eval-transformed film",
+        "input": f"{INPUT}: uint8 [batch, 1, {loader.input_size}, {loader.input_size}], the eval-transformed film",
         "outputs": "prob_abnormal: float32 [batch] = softmax(logits / temperature)[:, 1]; logits: float32 [batch, 2]",
     }
     threshold = product.threshold  # stored on the calibrated scale, mapped to the network's when uncalibrated
     if threshold is not None:
         props["threshold"] = repr(threshold)
+    if findings:  # the third output's columns, and where each is called positive
+        props["outputs"] += (f"; {FINDINGS_OUTPUT}: float32 [batch, {len(findings)}] = sigmoid(finding_logits / "
+                             "finding_temperatures), one column per finding")
+        props["findings"] = ",".join(findings)
+        props["finding_temperatures"] = ",".join(repr(t) for t in product.readout.finding_temperatures)
+        props["finding_thresholds"] = ",".join("" if t is None else repr(t) for t in product.readout.finding_thresholds)
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in props.items()})
     proto.doc_string = "cxr-dist chest X-ray normal/abnormal classifier (cxr-dist export)"
     onnx.checker.check_model(proto, full_check=True)  # full_check: shape inference too
@@ -199,22 +207,32 @@ def check_parity(onnx_path: str | Path, checkpoint: str | Path, *, calibrated: b
     import numpy as np
     import torch
 
+    from .inference import CalibratedClassifier
+
     product = _load(checkpoint, calibrated)
-    model, size, temperature = product.model, product.data.input_size, product.temperature
+    model, size, temperature = product.model, product.loader.input_size, product.temperature
     sess = onnx_session(onnx_path)
     gen = torch.Generator().manual_seed(seed)
-    dp = dl = 0.0
+    dp = dl = df = 0.0
     for n in batch_sizes:
         x = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=gen)
         with torch.no_grad():
             logits = model(x)
         p = torch.softmax(logits / temperature, dim=1)[:, 1]
         p_onnx, logits_onnx = sess.run(list(OUTPUTS), {INPUT: x.numpy()})
+        if model.findings:  # the findings' calibrated probabilities, against torch's
+            with torch.no_grad():
+                _, f_torch = CalibratedClassifier(model, temperature, product.readout.finding_temperatures)(x)[1:]
+            (f_onnx,) = sess.run([FINDINGS_OUTPUT], {INPUT: x.numpy()})
+            df = max(df, float(np.abs(f_onnx - f_torch.numpy()).max()))
         if p_onnx.shape != (n,) or logits_onnx.shape != (n, 2):
             raise AssertionError(f"batch {n}: ONNX outputs shaped {p_onnx.shape}, {logits_onnx.shape}")
         dp = max(dp, float(np.abs(p_onnx - p.numpy()).max()))
         dl = max(dl, float(np.abs(logits_onnx - logits.numpy()).max()))
-    return {"max_prob_diff": dp, "max_logit_diff": dl, "batch_sizes": list(batch_sizes), "temperature": temperature}
+    out = {"max_prob_diff": dp, "max_logit_diff": dl, "batch_sizes": list(batch_sizes), "temperature": temperature}
+    if model.findings:
+        out["max_finding_prob_diff"] = df
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

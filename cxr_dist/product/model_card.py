@@ -61,12 +61,12 @@ def model_card(cfg: Config, index: ShardIndex | None, evaluation: dict, *, tempe
     parts = [
         f"# Model card: {name}\n\nA chest X-ray classifier, normal vs abnormal, trained with cxr-dist "
         f"{__version__}. It returns the probability that a film is abnormal.\n\n**{NOT_FOR_CLINICAL_USE}**",
-        _model(cfg), _data(cfg, index), _splits(cfg, index), _performance(cfg, evaluation),
+        _model(cfg), _data(cfg, index), _splits(cfg, index), _performance(cfg, evaluation), _findings(evaluation),
         _threshold(evaluation, temperature, evaluation_calibrated), _calibration(temperature, calibration),
         _ood(ood), _intended_use(),
         "## Known limitations\n\n" + "\n".join(f"- {line}" for line in limitations(cfg, evaluation, calibration)),
     ]
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -118,7 +118,7 @@ def _weights(m) -> str:
 
 
 def _model(cfg: Config) -> str:
-    m, t, d = cfg.model, cfg.train, cfg.data
+    m, t, d, ld = cfg.model, cfg.train, cfg.data, cfg.loader
     phases = _table(["phase", "name", "epochs", "trainable backbone blocks", "head lr", "backbone lr"],
                     [[i + 1, p.name, p.epochs, p.unfreeze_blocks or "0 (head only)", f"{p.lr:g}", f"{p.backbone_lr:g}"]
                      for i, p in enumerate(t.phases)])
@@ -127,13 +127,13 @@ def _model(cfg: Config) -> str:
         f"- Backbone: `{m.backbone}` (timm); pretrained weights: {_weights(m)}.",
         f"- Head: pooled features -> Linear({m.hidden}) -> BatchNorm -> ReLU -> Dropout({m.dropout:g}) -> "
         f"Linear({m.num_classes}); softmax, the output is P(abnormal).",
-        f"- Input: one grayscale film, stored at {d.image_size} px ({d.resize}), seen at {d.input_size} x "
-        f"{d.input_size} px; intensity normalisation: {d.intensity}.",
+        f"- Input: one grayscale film, stored at {d.image_size} px ({d.resize}), seen at {ld.input_size} x "
+        f"{ld.input_size} px; intensity normalisation: {d.intensity}.",
         f"- Training: class-weighted loss: {'yes' if t.class_weighted_loss else 'no'}; view x label balancing: "
-        f"{'yes' if d.balance_views else 'no'}; the best checkpoint by val/{t.best_metric}"
-        + (f", early stopping after {t.early_stop_patience} epochs without improvement per phase"
-           if t.early_stop_patience else "")
-        + f"; evaluated over {t.tta_views} view(s) per image.",
+        f"{'yes' if ld.balance_views else 'no'}; the best checkpoint by val/{cfg.selection.best_metric}"
+        + (f", early stopping after {cfg.selection.early_stop_patience} epochs without improvement per phase"
+           if cfg.selection.early_stop_patience else "")
+        + f"; evaluated over {cfg.product.tta_views} view(s) per image.",
         "", phases,
     ])
 
@@ -227,6 +227,24 @@ def _performance(cfg: Config, evaluation: dict) -> str:
     return "\n".join(out)
 
 
+def _findings(evaluation: dict) -> str:
+    """Per finding, for a model with a findings head: AUROC [95% CI] and positives / annotated
+    images on each split, and the macro mean over the findings with enough positives."""
+    reports = {k: v["findings"] for k, v in _reports(evaluation).items() if v.get("findings")}
+    if not reports:
+        return ""
+    names = list(next(iter(reports.values()))["by_finding"])
+    rows = [[name] + [f"{_auroc(r['by_finding'][name])} ({r['by_finding'][name]['n_pos']}/{r['by_finding'][name]['n']})"
+                      if r["by_finding"][name]["n"] else "not annotated" for r in reports.values()] for name in names]
+    rows.append(["macro mean"] + [f"{_num(r['macro_auroc'])} over {len(r['macro_over'])}" for r in reports.values()])
+    minimum = next(iter(reports.values()))["min_positives"]
+    return "\n".join(["## Findings", "",
+                      "The findings head's AUROC per finding, over the images whose source annotates it "
+                      f"(positives/annotated); the macro mean averages the findings with at least {minimum} "
+                      "positive and negative images. The headline P(abnormal) is the abnormal head's.", "",
+                      _table(["finding", *reports], rows)])
+
+
 def _threshold(evaluation: dict, temperature: float | None, evaluation_calibrated: bool) -> str:
     picked = next((evaluation[k] for k in ("test_at_val_threshold", "external_at_val_threshold")
                    if isinstance(evaluation.get(k), dict)), None)
@@ -249,7 +267,7 @@ def _threshold(evaluation: dict, temperature: float | None, evaluation_calibrate
 def _calibration(temperature: float | None, calibration: dict | None) -> str:
     if not _finite(temperature):
         return ("## Calibration\n\nNot calibrated: probabilities are the model's softmax outputs "
-                "(train.calibrate = false, or a run from before calibration).")
+                "(product.calibrate = false, or a run from before calibration).")
     text = (f"## Calibration\n\nTemperature scaling: P(abnormal) = sigmoid(logit / T) with T = {temperature:.3f}, "
             "fitted on the validation split by minimising the negative log-likelihood. It changes no ranking "
             "(AUROC is unchanged), only how far the probabilities can be taken at face value.")
@@ -299,13 +317,13 @@ def limitations(cfg: Config, evaluation: dict, calibration: dict | None = None) 
     """Known limitations: those computed from evaluation.json first, then the fixed ones."""
     reports = _reports(evaluation)
     out = []
-    if cfg.model.kind != "image" and cfg.data.allow_label_leakage:  # the leak comes first, before any number
-        out.append(f"**LABEL LEAKAGE.** This model reads {', '.join(cfg.data.text_fields)} at prediction time "
-                   "with data.allow_label_leakage = true: a field the label was derived from (IU: findings, "
+    if cfg.model.kind != "image" and cfg.loader.allow_label_leakage:  # the leak comes first, before any number
+        out.append(f"**LABEL LEAKAGE.** This model reads {', '.join(cfg.loader.text_fields)} at prediction time "
+                   "with loader.allow_label_leakage = true: a field the label was derived from (IU: findings, "
                    "impression) states the label, so every score below measures the leak, not the film. "
                    "Not a model to use; see docs/text.md.")
     elif cfg.model.kind != "image":
-        out.append(f"Reads text besides the film ({', '.join(cfg.data.text_fields)}): a film without it is scored "
+        out.append(f"Reads text besides the film ({', '.join(cfg.loader.text_fields)}): a film without it is scored "
                    "from the image and a learned no-text input (modality dropout "
                    f"{cfg.model.modality_dropout}); its scores on sources without text measure that path.")
     for name, rep in reports.items():
@@ -372,7 +390,7 @@ def _fixed_limitations(cfg: Config, calibrated: bool) -> list[str]:
         "populations (children vs adults) are represented only as far as the external split goes.",
         "Normal vs abnormal only: 'abnormal' lumps findings of very different visibility and urgency; the score "
         "names no finding and localises nothing (Grad-CAM maps show where the model looked, not a lesion).",
-        f"Films are reduced to {cfg.data.input_size} px grayscale: small findings can be invisible to the model.",
+        f"Films are reduced to {cfg.loader.input_size} px grayscale: small findings can be invisible to the model.",
     ]
     if calibrated:
         out.append("The temperature was fitted on the validation split of the training sources: probabilities on "

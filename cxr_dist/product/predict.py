@@ -12,7 +12,7 @@ model, calibration, threshold and OOD statistics all come from the checkpoint (i
 
 `--uncalibrated` gives the network's own softmax probability (and maps the threshold back to that
 scale); `--threshold T` replaces the run's threshold; `--tta N` the run's test-time views
-(`train.tta_views`).
+(`product.tta_views`).
 
 A folder stands for the image files under it (any depth, by extension: .png .jpg .jpeg .webp
 .dcm, case-insensitive; hidden files skipped), in sorted path order; a DICOM file without the .dcm
@@ -41,11 +41,11 @@ DESCRIPTION = ("For each film (PNG, JPEG, WebP, DICOM; files or folders of them)
                "the exit code is then 2.")
 
 
-def load_image(path: Path, data):
+def load_image(path: Path, data, loader):
     """A file -> the grayscale PIL image the transforms get for its shard sample (inference.read_film)."""
     from .inference import read_film
 
-    return read_film(Path(path), str(path), data)
+    return read_film(Path(path), str(path), data, loader)
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
@@ -71,17 +71,21 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
 def predict_rows(checkpoint: str, images: list[str], batch_size: int = 16, views: int | None = None,
                  threshold: float | None = None, calibrated: bool = True,
                  cam_dir: str | None = None, texts: dict[str, str | dict] | None = None,
-                 text: str | dict | None = None) -> Iterator[dict]:
+                 text: str | dict | None = None, cam_target: str = "abnormal") -> Iterator[dict]:
     """One dict per input film, in order, as each batch is done: `image` (its path) and either
     `error` (why it got no prediction) or prob_abnormal, prob_uncalibrated, views, and label /
     ood_score / ood_flag when the checkpoint (or `threshold`) provides them, and `cam` (the overlay
     written into `cam_dir`; names unique across the whole command). For a model that reads text:
     `texts` maps an input path to its text (read_texts_csv), `text` is every other film's (a
     {field: text} dict or a plain string for the first field); a row then says whether the model
-    read a text (`text`) and whether it was cut at model.max_tokens (`text_truncated`)."""
+    read a text (`text`) and whether it was cut at model.max_tokens (`text_truncated`). `cam_target`:
+    what the overlays explain: "abnormal", or a finding of the model's findings head."""
     from .inference import FilmError, Product
 
     product = Product.load(checkpoint, calibrated=calibrated, views=views, threshold=threshold)
+    if cam_target != "abnormal" and cam_target not in product.model.findings:
+        raise UserError(f"--cam-target {cam_target!r}: the model's targets are abnormal"
+                        + "".join(f", {f}" for f in product.model.findings))
     items = expand_inputs(images)
     cam_names: set[str] = set()  # overlay names taken so far: no file overwrites another
     for start in range(0, len(items), batch_size):
@@ -100,10 +104,11 @@ def predict_rows(checkpoint: str, images: list[str], batch_size: int = 16, views
             from ..data.transforms import eval_transform
             from .cam import write_overlays  # matplotlib: only when asked
 
-            plain = eval_transform(product.data.input_size)  # the view Grad-CAM explains
+            plain = eval_transform(product.loader.input_size)  # the view Grad-CAM explains
             x = torch.stack([plain(f.image) for f in films]).to(product.device)
             stems = [Path(f.name).stem for f in films]
-            for result, cam in zip(results, write_overlays(product.model, x, stems, cam_dir, taken=cam_names)):
+            target = 1 if cam_target == "abnormal" else cam_target
+            for result, cam in zip(results, write_overlays(product.model, x, stems, cam_dir, target, taken=cam_names)):
                 result["cam"] = str(cam)
         good = iter(results)
         for row in rows:
@@ -178,23 +183,27 @@ def table_line(row: dict) -> str:
     text = ""
     if "text" in row:  # a model that reads text: did it get one (cut at model.max_tokens?)
         text = f"{'text, cut' if row.get('text_truncated') else 'text' if row['text'] else 'no text':<9}  "
-    return f"{row['prob_abnormal']:.4f}  {label}{ood}{text}{printable(row['image'])}"
+    found = f"findings: {', '.join(row['findings_positive']) or 'none'}  " if "findings_positive" in row else ""
+    return f"{row['prob_abnormal']:.4f}  {label}{ood}{text}{found}{printable(row['image'])}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir (e.g. runs/x/checkpoints/best) or a run dir (its best checkpoint)")
     ap.add_argument("--tta", type=int, metavar="N",
-                    help="views per image: the plain one and N-1 augmented (default: the run's train.tta_views)")
+                    help="views per image: the plain one and N-1 augmented (default: the run's product.tta_views)")
     ap.add_argument("--threshold", type=float, metavar="T",
                     help="label abnormal when prob >= T (default: the run's threshold picked on validation)")
     ap.add_argument("--uncalibrated", action="store_true", help="the network's own probability, no temperature")
     ap.add_argument("--cam", metavar="DIR", help="also write a Grad-CAM heat-map overlay PNG per image into DIR")
+    ap.add_argument("--cam-target", default="abnormal", metavar="NAME",
+                    help="what the Grad-CAM overlays explain: abnormal (default) or a finding of a model with a "
+                         "findings head (e.g. cardiomegaly)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     ap.add_argument("--text", action="append", metavar="FIELD=TEXT",
                     help="for a model that reads text (model.kind text or image+text): the text of every film, "
                          "e.g. --text 'indication=Positive TB test.' --text comparison=None. (a plain TEXT is the "
-                         "first of the run's data.text_fields); without it the model predicts from the film alone")
+                         "first of the run's loader.text_fields); without it the model predicts from the film alone")
     ap.add_argument("--csv", metavar="FILE",
                     help="films and their texts: a CSV with a column image (paths relative to the CSV) and one "
                          "column per text field (or a column text)")
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for row in predict_rows(args.checkpoint, args.images, views=args.tta, threshold=args.threshold,
                             calibrated=not args.uncalibrated, cam_dir=args.cam, texts=texts,
-                            text=parse_text(args.text)):
+                            text=parse_text(args.text), cam_target=args.cam_target):
         if "error" in row:
             failed += 1
             print(f"{PROG}: {printable(row['image'], sys.stderr)}: {row['error']}", file=sys.stderr, flush=True)

@@ -16,7 +16,11 @@ reads them back):
 - the decision threshold, meta.json "threshold"."value", picked on validation on the calibrated
   scale (mapped back to the network's own scale when loaded uncalibrated); None = no label;
 - the out-of-distribution density (ood.FeatureDensity, extra.safetensors) and its flag threshold,
-  meta.json "ood"."threshold"; None for a checkpoint from before OOD scores.
+  meta.json "ood"."threshold"; None for a checkpoint from before OOD scores;
+- for a model with a findings head, per finding a temperature (fitted on validation over the images
+  that annotate the finding) and a threshold (best balanced accuracy on validation, calibrated
+  scale; None where validation lacks a class), meta.json "findings_readout": {"names",
+  "temperature", "threshold"}.
 
 No heavy imports at module level (the command modules import this while parsing `--help`).
 """
@@ -35,6 +39,9 @@ class Readout:
     threshold: float | None = None  # on the scale of prob_abnormal; None = no label
     density: Any = None  # ood.FeatureDensity, or None: no OOD score
     ood_threshold: float | None = None  # ood_score above it: ood_flag
+    finding_names: tuple[str, ...] = ()  # the findings head's outputs, in order
+    finding_temperatures: tuple[float, ...] = ()  # per finding; () = all 1
+    finding_thresholds: tuple[float | None, ...] = ()  # per finding, calibrated scale; () = none
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, meta: dict[str, Any], *, calibrated: bool = True,
@@ -48,23 +55,41 @@ class Readout:
 
         ood = meta.get("ood") or {}
         density = FeatureDensity.from_tensors(load_extra(checkpoint, tag=tag)) if ood else None
+        fr = meta.get("findings_readout") or {}
+        temps = tuple(float(t) for t in fr.get("temperature", ())) if calibrated else ()
+        # Thresholds are stored on the calibrated scale: uncalibrated, map each back with its T.
+        f_thresholds = tuple(None if th is None else float(th if calibrated else uncalibrated_threshold(th, t))
+                             for th, t in zip(fr.get("threshold", ()), fr.get("temperature", ())))
         if threshold is None:
             threshold = (meta.get("threshold") or {}).get("value")
             if threshold is not None and not calibrated:  # stored on the calibrated scale: map it back
                 threshold = uncalibrated_threshold(threshold, temperature_of(meta))
         return cls(temperature=temperature_of(meta) if calibrated else 1.0,
                    threshold=None if threshold is None else float(threshold),
-                   density=density, ood_threshold=ood.get("threshold"))
+                   density=density, ood_threshold=ood.get("threshold"),
+                   finding_names=tuple(fr.get("names", meta.get("findings", ()))), finding_temperatures=temps,
+                   finding_thresholds=f_thresholds)
 
-    def apply(self, probs, features=None) -> dict[str, np.ndarray]:
+    def apply(self, probs, features=None, finding_probs=None) -> dict[str, np.ndarray]:
         """The network's P(abnormal) (one per input: the mean over its views) and, optionally, its
         pooled features (the plain view's, N x D) -> arrays of the product's outputs:
         `prob_abnormal` (calibrated with T, float64), `prob_uncalibrated` (`probs` as given),
         `abnormal` (bool, prob_abnormal >= threshold; only with a threshold), `ood_score` and
-        `ood_flag` (only with a density and features; the flag only with its threshold)."""
+        `ood_flag` (only with a density and features; the flag only with its threshold); with
+        `finding_probs` (N x F, the findings head's sigmoids) `finding_probs` calibrated per finding
+        and `finding_positive` (N x F bool; False where a finding has no threshold)."""
         from ..eval.calibrate import apply_temperature
 
         out = {"prob_abnormal": apply_temperature(probs, self.temperature), "prob_uncalibrated": probs}
+        if finding_probs is not None:
+            fp = np.asarray(finding_probs, dtype=np.float64)
+            temps = self.finding_temperatures or (1.0,) * fp.shape[1]
+            out["finding_probs"] = (np.stack([apply_temperature(fp[:, j], t) for j, t in enumerate(temps)], 1)
+                                    if fp.size else fp)
+            thresholds = self.finding_thresholds or (None,) * fp.shape[1]
+            out["finding_positive"] = np.stack([out["finding_probs"][:, j] >= th if th is not None
+                                                else np.zeros(len(fp), bool) for j, th in enumerate(thresholds)], 1) \
+                if fp.size else fp.astype(bool)
         if self.threshold is not None:
             out["abnormal"] = out["prob_abnormal"] >= self.threshold
         if self.density is not None and features is not None:
@@ -78,8 +103,10 @@ class Readout:
         the product gives them: `probs` calibrated (the network's own in `prob_uncalibrated`) and,
         with a density and `features`, `ood_score` / `ood_flag`. The features are dropped (large,
         and said once by the score); no label: reports pick their own threshold."""
-        got = self.apply(preds["probs"], preds.get("features"))
+        got = self.apply(preds["probs"], preds.get("features"), preds.get("finding_probs"))
         out = {k: v for k, v in preds.items() if k != "features"}
+        if "finding_probs" in got:
+            out["finding_probs"] = got["finding_probs"]
         out["prob_uncalibrated"] = got["prob_uncalibrated"]
         out["probs"] = got["prob_abnormal"]
         out.update({k: got[k] for k in ("ood_score", "ood_flag") if k in got})

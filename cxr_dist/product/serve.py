@@ -41,6 +41,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
+from ..config import LoaderConfig, section
 from ..errors import UserError
 
 INPUT_SCHEMA = Schema([ColSpec("string", "image")])
@@ -48,6 +49,25 @@ OUTPUT_SCHEMA = Schema([ColSpec("double", "prob_abnormal"), ColSpec("double", "p
                         ColSpec("string", "label", required=False), ColSpec("double", "ood_score", required=False),
                         ColSpec("boolean", "ood_flag", required=False), ColSpec("boolean", "text", required=False),
                         ColSpec("boolean", "text_truncated", required=False)])
+
+
+def output_schema(findings: tuple[str, ...] = ()) -> Schema:
+    """The answer's columns: OUTPUT_SCHEMA, and for a model with a findings head one
+    `prob_<finding>` per finding (calibrated) and `findings_positive` (the findings at or above
+    their validation thresholds, comma-separated)."""
+    if not findings:
+        return OUTPUT_SCHEMA
+    return Schema([*OUTPUT_SCHEMA.inputs, *(ColSpec("double", f"prob_{f}", required=False) for f in findings),
+                   ColSpec("string", "findings_positive", required=False)])
+
+
+def _flat(row: dict) -> dict:
+    """One Product.predict row as the served model's columns (its findings spread out)."""
+    out = {k: v for k, v in row.items() if k not in ("views", "findings", "findings_positive")}
+    out.update({f"prob_{f}": p for f, p in row.get("findings", {}).items()})
+    if "findings_positive" in row:
+        out["findings_positive"] = ",".join(row["findings_positive"])
+    return out
 
 
 def input_schema(text_fields: tuple[str, ...] = ()) -> Schema:
@@ -85,7 +105,7 @@ class CXRPyfunc(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise _bad("the request needs a column 'image' of base64-encoded films")
         films, errors = [], []
-        fields = tuple(self.product.data.text_fields) if self.product.model.uses_text else ()
+        fields = tuple(self.product.loader.text_fields) if self.product.model.uses_text else ()
         for i, row in enumerate(model_input.to_dict("records")):
             name = f"row {i}"
             try:
@@ -97,8 +117,8 @@ class CXRPyfunc(mlflow.pyfunc.PythonModel):
         if errors:  # every bad row, one line each, by its index; no probability for any row of a bad request
             raise _bad("\n".join(errors))
         rows = self.product.predict(films)
-        return pd.DataFrame([{k: v for k, v in r.items() if k != "views"} for r in rows],
-                            columns=[c.name for c in OUTPUT_SCHEMA.inputs
+        return pd.DataFrame([_flat(r) for r in rows],
+                            columns=[c.name for c in output_schema(self.product.model.findings).inputs
                                      if self.product.model.uses_text or not c.name.startswith("text")])
 
 
@@ -163,9 +183,10 @@ def log_servable(tracker, checkpoint_dir: Path, example_image: bytes | None = No
         # A model that reads text takes it in optional columns (its text fields, or `text`).
         config = json.loads((Path(checkpoint_dir) / "meta.json").read_text()).get("config", {})
         reads_text = config.get("model", {}).get("kind", "image") != "image"
-        fields = tuple(config.get("data", {}).get("text_fields", ())) if reads_text else ()
+        fields = tuple(section(config, LoaderConfig).text_fields) if reads_text else ()  # any config layout
+        findings = tuple(json.loads((Path(checkpoint_dir) / "meta.json").read_text()).get("findings", ()))
         return tracker.log_pyfunc(
             name=name, python_model=str(code), artifacts={"checkpoint": str(checkpoint_dir)},
             code_paths=[str(Path(cxr_dist.__file__).parent)],
-            signature=ModelSignature(inputs=input_schema(fields), outputs=OUTPUT_SCHEMA), input_example=example,
+            signature=ModelSignature(inputs=input_schema(fields), outputs=output_schema(findings)), input_example=example,
             pip_requirements=model_requirements())

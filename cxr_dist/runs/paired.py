@@ -10,8 +10,8 @@ from 2,000 draws of whole studies, both runs scored on every draw (metrics.auroc
 paired interval is the one that answers. An interval above 0 says the gain is not the luck of which
 studies landed in the test split; it says nothing about the luck of training (compare seeds or folds).
 
-Each row also says what the run's model reads (its config.toml: model.kind, data.text_fields) and
-marks a run that reads a field its label was derived from (data.allow_label_leakage) as LEAK: its
+Each row also says what the run's model reads (its config.toml: model.kind, loader.text_fields) and
+marks a run that reads a field its label was derived from (loader.allow_label_leakage) as LEAK: its
 gain measures the leak, not the model.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import upgrade
 from ..errors import UserError
 from ..eval.evaluate import read_predictions
 from ..eval.metrics import auroc_interval, compute_metrics, study_level
@@ -65,9 +66,9 @@ def reads(path: str) -> str:
     cfg_path = Path(path) / "config.toml"
     if not cfg_path.is_file():
         return ""
-    cfg = tomllib.loads(cfg_path.read_text())
+    cfg = upgrade(tomllib.loads(cfg_path.read_text()), warn=False)  # a run of any config layout
     kind = cfg.get("model", {}).get("kind", "image")
-    data = cfg.get("data", {})
+    data = cfg.get("loader", {})
     text = f" ({','.join(data.get('text_fields', []))})" if kind != "image" else ""
     sup = " + report supervision" if cfg.get("model", {}).get("report_supervision", 0) > 0 else ""
     leak = " LEAK" if kind != "image" and data.get("allow_label_leakage") else ""

@@ -1,7 +1,7 @@
 """What a run leaves behind after its last epoch: the best checkpoint evaluated, and its files.
 
 `finish` evaluates the best weights (RUN_DIR/checkpoints/best) on val, test and, when the shards
-have one, the external split (the sources never trained on), over `train.tta_views` views, and
+have one, the external split (the sources never trained on), over `product.tta_views` views, and
 writes into the run folder:
 
 - `evaluation.json`: per split `evaluate.report` (image level, study level, by view, by source,
@@ -13,7 +13,7 @@ writes into the run folder:
   analysis and ensembles);
 - `history.json`: one row of metrics per epoch;
 - the figures (training curves, ROC/PR and confusion matrix of test, or val without a test split,
-  the reliability diagram) and `cam/`: Grad-CAM overlays of the first `train.cam_images` test films;
+  the reliability diagram) and `cam/`: Grad-CAM overlays of the first `product.cam_images` test films;
 - `MODEL_CARD.md` (model_card.py);
 
 amends the best checkpoint with what the product needs (product/readout.py): the temperature, the
@@ -39,7 +39,7 @@ import numpy as np
 from ..model import checkpoint as ckpt
 from .. import dist
 from ..model.feature_cache import FastFrozen
-from ..eval.calibrate import calibration_report, fit_temperature
+from ..eval.calibrate import CalibrationError, apply_temperature, calibration_report, fit_temperature
 from ..config import Config, replace
 from ..eval.evaluate import evaluate_split, ood_summary, predictions_csv, report
 from ..fileio import write_bytes_atomic, write_json_atomic
@@ -64,7 +64,7 @@ def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: lis
     run_dir = Path(cfg.train.run_dir)
     if ckpt.find_checkpoint(run_dir, "best") is None:
         # No epoch ever had a defined val/<best_metric> (e.g. NaN throughout): the last weights stand in.
-        accelerator.print(f"no epoch improved val/{cfg.train.best_metric}: evaluating the latest checkpoint as best")
+        accelerator.print(f"no epoch improved val/{cfg.selection.best_metric}: evaluating the latest checkpoint as best")
         if accelerator.is_main_process:
             ckpt.copy_as(run_dir, "latest", "best")
         dist.barrier()
@@ -79,10 +79,10 @@ def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: lis
     # The frozen part through the fast CPU runtime (model.frozen_backend), as the cache was built.
     fast = FastFrozen(cfg, best, best.depth, index, train_splits[0],
                       Path(cfg.train.cache_dir or run_dir / "cache"), accelerator)
-    preds = fast(lambda: {name: evaluate_split(best, cfg.data, split, accelerator, index, with_predictions=True,
-                                               views=cfg.train.tta_views, with_features=True)["predictions"]
+    preds = fast(lambda: {name: evaluate_split(best, cfg.loader, split, accelerator, index, with_predictions=True,
+                                               views=cfg.product.tta_views, with_features=True)["predictions"]
                           for name, split in splits.items()})
-    fit = fast(lambda: evaluate_split(best, cfg.data, OOD_FIT_SPLIT, accelerator, ood_fit_index(index, train_splits),
+    fit = fast(lambda: evaluate_split(best, cfg.loader, OOD_FIT_SPLIT, accelerator, ood_fit_index(index, train_splits),
                                       with_predictions=True, with_features=True)["predictions"])
     if accelerator.is_main_process:
         best_dir = ckpt.find_checkpoint(run_dir, "best")
@@ -97,6 +97,8 @@ def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: lis
             evaluation[name]["ood"] = ood_summary(p, product["ood"]["threshold"])
         # Saved where readout.Readout.from_checkpoint reads them back (every product's loader).
         meta = {"calibration": product["calibration"], "ood": product["ood"]}
+        if product["findings_readout"]:
+            meta["findings_readout"] = product["findings_readout"]
         if threshold is not None:
             meta["threshold"] = {"value": threshold, "picked_on": "val", "rule": "best balanced accuracy",
                                  "scale": "calibrated"}
@@ -141,18 +143,43 @@ def _product(cfg: Config, preds: dict[str, dict], fit_features) -> tuple[dict, d
     Readout.apply_split, the code every loaded product applies them with."""
     val = preds["val"]
     two_classes = len(np.unique(val["labels"])) == 2
-    temperature = fit_temperature(val["probs"], val["labels"]) if cfg.train.calibrate and two_classes else 1.0
+    temperature = fit_temperature(val["probs"], val["labels"]) if cfg.product.calibrate and two_classes else 1.0
     density = FeatureDensity.fit(fit_features)
-    ood_threshold = flag_threshold(density.score(val["features"]), cfg.train.ood_quantile)
+    ood_threshold = flag_threshold(density.score(val["features"]), cfg.product.ood_quantile)
     calibration = {"temperature": temperature, "fitted_on": "val" if temperature != 1.0 else None}
     for name in ("val", "test"):
         if name in preds and len(np.unique(preds[name]["labels"])) == 2:
             calibration[name] = calibration_report(preds[name]["probs"], preds[name]["labels"], temperature)
-    ood = {"threshold": ood_threshold, "quantile": cfg.train.ood_quantile, "fit_images": int(len(fit_features)),
+    ood = {"threshold": ood_threshold, "quantile": cfg.product.ood_quantile, "fit_images": int(len(fit_features)),
            "score": "Mahalanobis distance of the pooled features (Ledoit-Wolf covariance)"}
-    readout = Readout(temperature=temperature, density=density, ood_threshold=ood_threshold)
+    findings = _finding_readout(cfg, val)
+    readout = Readout(temperature=temperature, density=density, ood_threshold=ood_threshold,
+                      **({"finding_names": tuple(findings["names"]), "finding_temperatures": tuple(findings["temperature"]),
+                          "finding_thresholds": tuple(findings["threshold"])} if findings else {}))
     out = {name: readout.apply_split(p) for name, p in preds.items()}
-    return {"calibration": calibration, "ood": ood, "readout": readout, "temperature": temperature}, out
+    return {"calibration": calibration, "ood": ood, "readout": readout, "temperature": temperature,
+            "findings_readout": findings}, out
+
+
+def _finding_readout(cfg: Config, val: dict) -> dict | None:
+    """Per finding of a findings head: a temperature fitted on val over the images that annotate
+    it, and the threshold with the best balanced accuracy there (calibrated scale); T = 1 and no
+    threshold where val lacks one of the classes. None for a model without findings."""
+    if "finding_probs" not in val:
+        return None
+    temps, thresholds = [], []
+    for j in range(len(val["finding_names"])):
+        rows = val["finding_mask"][:, j].astype(bool)
+        p, y = val["finding_probs"][rows, j], val["finding_targets"][rows, j].astype(np.int64)
+        both = len(np.unique(y)) == 2
+        try:
+            t = fit_temperature(p, y) if cfg.product.calibrate and both else 1.0
+        except CalibrationError:  # e.g. a finding separated perfectly on val: nothing to fit
+            t = 1.0
+        temps.append(float(t))
+        thresholds.append(balanced_threshold(apply_temperature(p, t), y) if both else None)
+    return {"names": list(val["finding_names"]), "temperature": temps, "threshold": thresholds,
+            "fitted_on": "val", "rule": "best balanced accuracy"}
 
 
 def _evaluation(preds: dict[str, dict], threshold: float | None) -> dict:
@@ -216,15 +243,15 @@ def _model_card(cfg: Config, index: ShardIndex, evaluation: dict, run_dir: Path,
 
 
 def _cam_overlays(cfg: Config, model: CXRClassifier, index: ShardIndex, run_dir: Path, device) -> list[Path]:
-    """Grad-CAM overlays of the first `train.cam_images` films of the test split (else val), in
+    """Grad-CAM overlays of the first `product.cam_images` films of the test split (else val), in
     shard order: the same films run after run, so runs can be compared by eye."""
     from ..product.cam import write_overlays  # restores the model's modes itself
     from ..data.stream import eval_loader
 
-    if cfg.train.cam_images == 0 or model.uses_text:  # Grad-CAM explains the image path of image models only
+    if cfg.product.cam_images == 0 or model.uses_text:  # Grad-CAM explains the image path of image models only
         return []
-    data = replace(cfg.data, num_workers=0, batch_size=cfg.train.cam_images)
-    batch = next(iter(eval_loader(data, _shown_split(cfg, index), 0, 1, index)), None)
+    loader = replace(cfg.loader, num_workers=0, batch_size=cfg.product.cam_images)
+    batch = next(iter(eval_loader(loader, _shown_split(cfg, index), 0, 1, index)), None)
     if batch is None:
         return []
     return write_overlays(model, batch["image"].to(device), list(batch["key"]), run_dir / "cam")
@@ -246,8 +273,8 @@ def _log_servable(cfg: Config, tracker, best_dir: Path, index: ShardIndex, histo
         example = tar.extractfile(member).read() if member is not None else None
     uri = log_servable(tracker, best_dir, example)
     if uri and cfg.tracking.registered_model:
-        metric = cfg.train.best_metric
-        mode = metric_mode(metric, cfg.train.best_mode)
+        metric = cfg.selection.best_metric
+        mode = metric_mode(metric, cfg.selection.best_mode)
         values = [r[f"val/{metric}"] for r in history if r.get(f"val/{metric}") is not None]
         best = (max(values) if mode == "max" else min(values)) if values else None
         tracker.register(uri, cfg.tracking.registered_model, cfg.tracking.model_alias, metric, best, mode,

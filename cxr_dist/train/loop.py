@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import signal
-import sys
 import time
 
 import numpy as np
@@ -65,28 +64,27 @@ def stop_early(history: list[dict], first_epoch: int, metric: str, mode: str, pa
 
 def check_metrics(cfg: Config, index: ShardIndex, val_split: str) -> None:
     """Fail before any work when the validation split cannot rank checkpoints: the AUROC-based
-    metrics of train.best_metric / plateau_metric are undefined on a split with one class."""
+    metrics of selection.best_metric / schedule.plateau_metric are undefined on a split with one class."""
     normal, abnormal = index.split_labels(val_split)
-    for field in ("best_metric", "plateau_metric"):
-        name = getattr(cfg.train, field)
+    watched = {"selection.best_metric": cfg.selection.best_metric, "schedule.plateau_metric": cfg.schedule.plateau_metric}
+    for field, name in watched.items():
         if "auroc" in name and min(normal, abnormal) == 0:
             raise ConfigError(
-                f"train.{field} = {name!r} needs both classes in the validation split {val_split!r}, which has "
+                f"{field} = {name!r} needs both classes in the validation split {val_split!r}, which has "
                 f"{normal} normal and {abnormal} abnormal images (AUROC is undefined): "
-                f"use a loss-based metric (--train.{field} loss) or a larger validation split")
+                f"use a loss-based metric (--{field} loss) or a larger validation split")
     sources = train_sources(cfg.data)
     # What validation will report: the sources and views of the split (a version-1 index: IU, no views).
     in_val = index.sources_in(val_split)
     views = {view_name(v) for v in index.views_in(val_split)}
-    for field in ("best_metric", "plateau_metric"):
-        name = getattr(cfg.train, field)
+    for field, name in watched.items():
         kind, _, rest = name.partition("/")
         group = rest.split("/")[0]
         if kind == "source" and group not in sources:
-            raise ConfigError(f"train.{field} = {name!r} names a source that is not trained on "
+            raise ConfigError(f"{field} = {name!r} names a source that is not trained on "
                               f"(training sources: {', '.join(sources)})")
         if (kind == "source" and group not in in_val) or (kind == "view" and index.has_views and group not in views):
-            raise ConfigError(f"train.{field} = {name!r}: the validation split {val_split!r} has no images of that "
+            raise ConfigError(f"{field} = {name!r}: the validation split {val_split!r} has no images of that "
                               f"{kind} (sources: {', '.join(in_val)}; views: {', '.join(sorted(views)) or 'not recorded'})")
 
 
@@ -109,7 +107,7 @@ def train(cfg: Config, accelerator, tracker, index: ShardIndex) -> tuple[bool, "
     })
     tracker.log_artifact(run.run_dir / "config.toml")
 
-    progress, mode, first_epoch = run.progress, metric_mode(t.best_metric, t.best_mode), 1
+    progress, mode, first_epoch = run.progress, metric_mode(cfg.selection.best_metric, cfg.selection.best_mode), 1
     for p_idx, phase in enumerate(t.phases):
         last_epoch = first_epoch + phase.epochs - 1
         if progress.epoch >= last_epoch:
@@ -119,9 +117,9 @@ def train(cfg: Config, accelerator, tracker, index: ShardIndex) -> tuple[bool, "
         accelerator.print(f"phase {p_idx + 1}/{len(t.phases)} '{phase.name}': epochs {first_epoch}-{last_epoch}, "
                           f"{count_trainable(run.model):,} trainable parameters")
         for epoch in range(max(first_epoch, progress.epoch + 1), last_epoch + 1):
-            if stop_early(progress.history, first_epoch, t.best_metric, mode, t.early_stop_patience):
+            if stop_early(progress.history, first_epoch, cfg.selection.best_metric, mode, cfg.selection.early_stop_patience):
                 accelerator.print(f"phase {p_idx + 1} '{phase.name}' stops early after epoch {epoch - 1}: "
-                                  f"val/{t.best_metric} has not improved for {t.early_stop_patience} epochs")
+                                  f"val/{cfg.selection.best_metric} has not improved for {cfg.selection.early_stop_patience} epochs")
                 break
             t0 = time.time()
             train_m, partial = train_epoch(run, epoch, resume)
@@ -132,18 +130,18 @@ def train(cfg: Config, accelerator, tracker, index: ShardIndex) -> tuple[bool, "
                     run.watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
                 accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
                 return False, run.model
-            val_m = evaluate_split(run.model, cfg.data, run.val_split, accelerator, index, run.loss_fn,
+            val_m = evaluate_split(run.model, cfg.loader, run.val_split, accelerator, index, run.loss_fn,
                                    batches=run.val_batches() if run.val_batches else None)
-            run.scheduler.step(val_m[t.plateau_metric])  # same reduced value on every rank
+            run.scheduler.step(val_m[cfg.schedule.plateau_metric])  # same reduced value on every rank
             row = {"epoch": epoch, "phase": p_idx + 1, "epoch_time_s": time.time() - t0,
-                   "images_per_s": run.batches_per_epoch * cfg.data.batch_size * run.world / (time.time() - t0),
+                   "images_per_s": run.batches_per_epoch * cfg.loader.batch_size * run.world / (time.time() - t0),
                    **scalar_metrics(train_m, "train/"), **scalar_metrics(val_m, "val/"),
                    **{f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups}}
             progress.epoch, progress.step_in_epoch = epoch, 0
             progress.history.append(row)
-            is_best = improved(val_m[t.best_metric], progress.best, mode)
+            is_best = improved(val_m[cfg.selection.best_metric], progress.best, mode)
             if is_best:
-                progress.best = val_m[t.best_metric]
+                progress.best = val_m[cfg.selection.best_metric]
             save_state(run, tag="latest", best=is_best)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             accelerator.print(summary_line(epoch, phase.name, train_m, val_m, t.total_epochs))
@@ -160,11 +158,12 @@ def train_epoch(run: Run, epoch: int, resume: dict | None = None) -> tuple[dict 
     `progress.step_in_epoch` batches are skipped (the stream is a function of the epoch, so they
     are the ones already trained on) and `resume` (this rank's RNG state and partial
     predictions at the preemption) is restored before the first new step. With `run.inputs`
-    (data.decode_on = device) batches of JPEG bytes are decoded and augmented a batch or two
+    (loader.decode_on = device) batches of JPEG bytes are decoded and augmented a batch or two
     ahead on the device, seeded by (epoch, step), so skipped batches need no decoding.
     """
     t, accelerator, model, progress = run.cfg.train, run.accelerator, run.wrapped, run.progress
     n_batches, supervise = run.batches_per_epoch, run.cfg.model.report_supervision
+    findings_w = t.findings_weight if run.findings_loss is not None else 0.0
     model.train()
     # Epoch-seeded RNG for dropout; the stream seeds its shuffling and augmentation from
     # (seed, epoch, rank, worker) itself. So a resumed run replays an epoch exactly.
@@ -192,16 +191,18 @@ def train_epoch(run: Run, epoch: int, resume: dict | None = None) -> tuple[dict 
             return None, {"probs": _cat(probs), "labels": _cat(labels), "loss_sum": loss_sum}
         y = batch["label"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
-            if supervise:  # the report shapes the hidden layer; prediction never reads it
-                logits, projected = logits_of(model, batch, accelerator.device, return_hidden=True)
-            else:
-                logits = logits_of(model, batch, accelerator.device)
+            out = logits_of(model, batch, accelerator.device, return_hidden=bool(supervise),
+                            return_findings=findings_w > 0)
+            logits, rest = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
             loss = run.loss_fn(logits.float(), y, batch["source"], batch["view"])  # per-source (and view) weights
-            if supervise:
-                loss = loss + supervise * report_loss(projected, run.reports, batch["key"])
+            if supervise:  # the report shapes the hidden layer; prediction never reads it
+                loss = loss + supervise * report_loss(rest.pop(0), run.reports, batch["key"])
+            if findings_w > 0:  # the findings head: masked BCE over what each source annotates
+                targets, mask = run.model.findings_table.lookup(list(batch["key"]), accelerator.device)
+                loss = loss + findings_w * run.findings_loss(rest.pop(0), targets, mask)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and t.clip_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+            if accelerator.sync_gradients and run.cfg.optimizer.clip_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), run.cfg.optimizer.clip_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.item() * len(y)
@@ -228,8 +229,8 @@ def run_tags(cfg: Config, leaks: list[str]) -> dict[str, str]:
     (`cxr-dist compare`): its kind, its text inputs, report supervision and the leak."""
     reads_text = cfg.model.kind != "image"
     return {"model.kind": cfg.model.kind,
-            "text_fields": ",".join(cfg.data.text_fields) if reads_text else "",
-            "report_supervision": ",".join(cfg.data.report_fields) if cfg.model.report_supervision > 0 else "",
+            "text_fields": ",".join(cfg.loader.text_fields) if reads_text else "",
+            "report_supervision": ",".join(cfg.loader.report_fields) if cfg.model.report_supervision > 0 else "",
             "label_leakage": "true" if leaks else "false"}
 
 
@@ -247,12 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     index = load_index(cfg.data.shards_dir)  # missing shards: say so before any MLflow run is opened
     index.check_read_settings(cfg.data)  # the preprocessing baked into the shards is the run's
     # Text fields missing from the shards, or reading the label: refused before any work.
-    leaks = check_text_fields(cfg.data, cfg.model.kind != "image", cfg.model.report_supervision > 0, index)
+    leaks = check_text_fields(cfg.loader, cfg.model.kind != "image", cfg.model.report_supervision > 0, index)
     if cfg.tracking.enabled:
         # On every rank, before the process group exists: all ranks stop with this message
         # instead of rank 0 returning while the others die at its first barrier.
         check_reachable(resolve_uri(cfg.tracking.uri))
-    accelerator = dist.make_accelerator(cfg.train, cfg.data)
+    accelerator = dist.make_accelerator(cfg.train, cfg.optimizer, cfg.loader)
     setup_logging(accelerator.is_main_process, accelerator.process_index)
     resuming = cfg.train.resume and latest_checkpoint(cfg.train.run_dir) is not None
     tracker = make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir, resume=resuming)

@@ -29,6 +29,7 @@ from ..data.stream import train_loader
 from ..data.text import read_texts
 from ..model.classifier import CXRClassifier, build_model, param_groups
 from ..model.feature_cache import CachedBatches, FeatureCache, cached_eval_batches, frozen_caches
+from ..model.findings_head import FindingsTable, MaskedBCE, head_findings, positive_weights
 from ..model.text_inputs import TextTable, build_table
 from .state import Progress, load_latest, optimizer_epoch, restore_state
 
@@ -61,12 +62,13 @@ class Run:
     loss_fn: torch.nn.Module
     loader: Any  # the training batches of the stream (phases with a cache replace them)
     batches_per_epoch: int
-    inputs: DeviceInput | None  # decodes and augments JPEG batches on the device (data.decode_on)
+    inputs: DeviceInput | None  # decodes and augments JPEG batches on the device (loader.decode_on)
     watch: dist.PreemptionWatch
     progress: Progress
     saved: dict | None  # the train state of the checkpoint resumed from, until its phase starts
     caches: tuple[FeatureCache, FeatureCache] | None = None  # frozen-compute cache: (train, val)
     reports: TextTable | None = None  # report supervision: report embeddings by key
+    findings_loss: MaskedBCE | None = None  # shards with findings: the findings head's loss
     # Set by start_phase: the phase's wrapped model, optimizer and scheduler.
     wrapped: Any = None
     optimizer: Any = None
@@ -93,21 +95,29 @@ class Run:
     def build(cls, cfg: Config, accelerator, tracker, index: ShardIndex) -> "Run":
         t, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
         train_splits, val_split = train_val_splits(cfg.data)
-        # Class weights within each source (and view x label cells with data.balance_views).
-        if cfg.data.balance_views and not index.has_views:
-            raise ConfigError("data.balance_views needs shards that record views: prepare them again")
-        table = loss_weight_table(index.source_view_counts(train_splits), cfg.data.balance_views)
+        # Class weights within each source (and view x label cells with loader.balance_views).
+        if cfg.loader.balance_views and not index.has_views:
+            raise ConfigError("loader.balance_views needs shards that record views: prepare them again")
+        table = loss_weight_table(index.source_view_counts(train_splits), cfg.loader.balance_views)
         loss_fn = SampleWeightedLoss(table if t.class_weighted_loss else None).to(accelerator.device)
-        # data.decode_on: decode and augment in the workers (PIL) or on the training device (the GPU's
+        # loader.decode_on: decode and augment in the workers (PIL) or on the training device (the GPU's
         # input pipeline, device_input.py); the frozen-compute cache has its own loader.
-        on_device = decode_where(cfg.data, accelerator.device) == "device" and not t.cache_views
-        loader, batches = train_loader(cfg.data, train_splits, rank, world, t.seed, index, source_weights(cfg.data),
+        on_device = decode_where(cfg.loader, accelerator.device) == "device" and not t.cache_views
+        loader, batches = train_loader(cfg.loader, train_splits, rank, world, t.seed, index, source_weights(cfg.data),
                                        on_device=on_device)
-        inputs = DeviceInput(cfg.data, accelerator.device, t.seed, rank) if on_device else None
+        inputs = DeviceInput(cfg.loader, accelerator.device, t.seed, rank) if on_device else None
         accelerator.print(f"training images decoded and augmented on {accelerator.device if on_device else 'the workers'}")
 
         seed_everything(t.seed)
-        model = build_model(cfg.model)
+        # Shards with findings (data.findings) and train.findings_weight > 0: a findings head
+        # beside the abnormal head, its targets looked up by key (the cache's batches carry none).
+        findings = head_findings(index) if t.findings_weight > 0 else ()
+        model = build_model(cfg.model, findings)
+        findings_loss = None
+        if findings:
+            model.findings_table = FindingsTable.build(index, [*train_splits, val_split], findings)
+            findings_loss = MaskedBCE(positive_weights(index, train_splits, findings)).to(accelerator.device)
+            accelerator.print(f"findings head: {', '.join(findings)}")
         caches = frozen_caches(cfg, model, index, train_splits, val_split, accelerator) if t.cache_views else None
         reports = _text_tables(cfg, model, index, train_splits, accelerator)
         progress, saved, latest = load_latest(t.run_dir, model) if t.resume else (Progress(), None, None)
@@ -116,7 +126,7 @@ class Run:
         return cls(cfg=cfg, accelerator=accelerator, tracker=tracker, index=index, train_splits=train_splits,
                    val_split=val_split, model=model, loss_fn=loss_fn, loader=loader, batches_per_epoch=batches,
                    inputs=inputs, watch=dist.PreemptionWatch(t.run_dir), progress=progress, saved=saved,
-                   caches=caches, reports=reports)
+                   caches=caches, reports=reports, findings_loss=findings_loss)
 
     def train_counts(self) -> tuple[int, int]:
         return self.index.class_counts(self.train_splits)
@@ -135,15 +145,16 @@ class Run:
         self.val_batches = None
         if self.caches is not None:  # carry the cache to this phase's split point
             train_cache, val_cache = self.caches
-            self.loader = CachedBatches(train_cache.at_depth(self.model, phase.unfreeze_blocks), self.cfg.data.batch_size,
+            self.loader = CachedBatches(train_cache.at_depth(self.model, phase.unfreeze_blocks), self.cfg.loader.batch_size,
                                         self.batches_per_epoch, t.seed, self.rank, source_weights(self.cfg.data))
             phase_val = val_cache.at_depth(self.model, phase.unfreeze_blocks)
             self.val_batches = lambda: cached_eval_batches(phase_val)
-        optimizer = torch.optim.Adam(param_groups(self.model, phase), weight_decay=t.weight_decay)
+        optimizer = torch.optim.Adam(param_groups(self.model, phase), weight_decay=self.cfg.optimizer.weight_decay)
         self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         # Not prepared: Accelerate would step it once per process (patience runs out N times faster).
+        sch = self.cfg.schedule
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode=t.plateau_mode, factor=t.plateau_factor, patience=t.plateau_patience)
+            self.optimizer, mode=sch.plateau_mode, factor=sch.plateau_factor, patience=sch.plateau_patience)
         resume = None
         # The saved optimizer belongs to the phase of the epoch the checkpoint was taken in.
         if self.saved is not None and phase_at(t.phases, optimizer_epoch(self.progress)) == p_idx:
@@ -171,10 +182,10 @@ def _text_tables(cfg: Config, model: CXRClassifier, index: ShardIndex, train_spl
     for turn in ("main", "others"):  # the main process computes, then the others load its files
         if accelerator.is_main_process == (turn == "main"):
             if model.uses_text:
-                model.text_table = build_table(read_texts(index, splits, cfg.data.text_fields), encoder,
+                model.text_table = build_table(read_texts(index, splits, cfg.loader.text_fields), encoder,
                                                cache_dir, "input", accelerator.print)
             if m.report_supervision > 0:
-                reports = build_table(read_texts(index, train_splits, cfg.data.report_fields), encoder,
+                reports = build_table(read_texts(index, train_splits, cfg.loader.report_fields), encoder,
                                       cache_dir, "report", accelerator.print)
         dist.barrier()
     return reports

@@ -29,7 +29,7 @@ class Progress:
 
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # >0 only in a checkpoint taken mid-epoch at preemption
-    best: float = -math.inf  # best value of train.best_metric on validation (non-finite: none yet)
+    best: float = -math.inf  # best value of selection.best_metric on validation (non-finite: none yet)
     history: list[dict] = field(default_factory=list)  # one row of metrics per completed epoch
 
 
@@ -72,7 +72,8 @@ def save_state(run, tag: str, best: bool = False, partial: dict | None = None) -
         opt_state = None if run.accelerator.state.deepspeed_plugin is not None else run.optimizer.state_dict()
         model_state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
         state = {"optimizer": opt_state, "scheduler": run.scheduler.state_dict(), "ranks": ranks}
-        meta = {"progress": run.progress.__dict__, "config": to_dict(run.cfg)}
+        # "findings": the findings head's outputs (a product rebuilds the same head from them).
+        meta = {"progress": run.progress.__dict__, "config": to_dict(run.cfg), "findings": list(run.model.findings)}
         ckpt.save_checkpoint(run.run_dir, tag, model_state, state, meta)
         if best:  # hard links: checkpoints are never modified in place
             ckpt.copy_as(run.run_dir, tag, "best")

@@ -45,7 +45,7 @@ REPORT_COLUMNS = ("uid", "Problems", "findings", "impression")
 # json "text"). indication and comparison are known before the film is read: legitimate inputs.
 # The label (Problems) was coded from findings and impression: a model that reads them at prediction
 # time reads its label (LABEL_TEXT_FIELDS; config.validate refuses them as inputs unless
-# data.allow_label_leakage). Copies without indication/comparison columns give empty texts.
+# loader.allow_label_leakage). Copies without indication/comparison columns give empty texts.
 TEXT_FIELDS = ("indication", "comparison", "findings", "impression")
 LABEL_TEXT_FIELDS = ("findings", "impression")
 PROJECTION_COLUMNS = ("uid", "filename", "projection")

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Findings against one flag (docs/results.md, "Findings"): the same shards (IU X-ray prepared with
+# NIH's 14 findings), seed and schedule (configs/iu_xray_cached.toml), trained as the binary model
+# (train.findings_weight 0: no findings head) and with the findings head; the paired AUROC gain of
+# the abnormal output on IU test, and the per-finding table of the findings run.
+#
+#   bash bench/findings_experiments.sh              # OUT=out/findings; RUNS="binary multi" picks runs
+#   SOURCES=iu_kermany bash bench/findings_experiments.sh   # IU + Kermany (pneumonia as a finding)
+#
+# The runs share one frozen-compute cache (OUT/cache): the frozen part is computed once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SOURCES="${SOURCES:-iu}"
+OUT="${OUT:-out/findings-$SOURCES}"
+SHARDS="${SHARDS:-$OUT/shards}"
+RUNS="${RUNS:-binary multi}"
+BIN=.venv/bin
+case "$SOURCES" in
+    iu) CFG=configs/iu_xray_cached.toml; DATA=(--data "${IU_DIR:-../shared/data/iu_xray_small}") ;;
+    iu_kermany) CFG=configs/iu_kermany.toml; DATA=() ;;
+    *) echo "SOURCES is iu or iu_kermany, not $SOURCES" >&2; exit 2 ;;
+esac
+mkdir -p "$OUT/runs"
+[ -f "$SHARDS/index.json" ] || "$BIN/cxr-dist" prepare --config "$CFG" "${DATA[@]}" --out "$SHARDS" \
+    --data.findings '["nih14"]'
+
+run() {  # NAME [overrides...]: one process on the CPU (or the GPU when there is one), timed
+    local name="$1"; shift
+    local t0=$SECONDS
+    "$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        -m cxr_dist.train --config "$CFG" --data.shards_dir "$SHARDS" --train.run_dir "$OUT/runs/$name" \
+        --train.cache_dir "$OUT/cache" --tracking.uri "sqlite:///$OUT/mlflow.db" --tracking.run_name "$name" "$@" \
+        > "$OUT/runs/$name.log" 2>&1
+    echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+}
+for name in $RUNS; do
+    case "$name" in
+        binary) run binary --train.findings_weight 0 ;;
+        multi) run multi ;;
+        *) echo "unknown run $name" >&2; exit 2 ;;
+    esac
+done
+{
+    echo "## abnormal output, paired against the binary model"
+    for split in test $([ "$SOURCES" = iu_kermany ] && echo "test --source kermany"); do
+        # shellcheck disable=SC2086
+        "$BIN/cxr-dist" compare --paired "$OUT/runs/binary" "$OUT/runs/multi" --split $split
+    done
+    echo "## per finding (multi, test)"
+    "$BIN/python" - "$OUT/runs/multi/evaluation.json" <<'EOF'
+import json, sys
+rep = json.load(open(sys.argv[1]))["test"]["findings"]
+print("| finding | AUROC [95% CI] | positives / annotated |")
+print("|---|---|---|")
+for name, m in rep["by_finding"].items():
+    ci = m.get("auroc_ci95") or [float("nan")] * 2
+    print(f"| {name} | {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {m['n_pos']} / {m['n']} |")
+print(f"| macro mean over {len(rep['macro_over'])} (>= {rep['min_positives']} positives) | {rep['macro_auroc']:.3f} | |")
+EOF
+} | tee "$OUT/results.md"
