@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from cxr_dist.model.feature_cache import CachedBatches, build_cache, cache_name, cached_on_disk, load_cache
+from cxr_dist.model.feature_cache import CacheSpec, CachedBatches, build_cache, cache_name, cached_on_disk, load_cache
 from cxr_dist.config import ModelConfig, load_config
 from cxr_dist.data.index import load_index
 from cxr_dist.model.classifier import build_model
@@ -26,7 +26,7 @@ def setup(tiny_shards):
 
 def test_unaugmented_cache_equals_the_normal_frozen_forward(setup):
     cfg, model, index = setup
-    cache = build_cache(model, cfg.loader, ["val"], 0, 1, 1, 0, torch.device("cpu"), augment=False, show=False, index=index)
+    cache = build_cache(model, cfg.loader, index, CacheSpec(["val"]), torch.device("cpu"))
     images = torch.cat([b["image"] for b in eval_loader(cfg.loader, "val", 0, 1, index)])
     direct = model.frozen_forward(images)
     torch.testing.assert_close(cache.feats[0].float(), direct, atol=2e-2, rtol=1e-2)  # stored in fp16
@@ -39,7 +39,7 @@ def test_unaugmented_cache_equals_the_normal_frozen_forward(setup):
 
 def test_views_differ_and_cover_every_sample_once_per_rank(setup):
     cfg, model, index = setup
-    parts = [build_cache(model, cfg.loader, ["train"], r, 2, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
+    parts = [build_cache(model, cfg.loader, index, CacheSpec(["train"], 2, 7, True, r, 2), torch.device("cpu"))
              for r in (0, 1)]
     keys = parts[0].keys + parts[1].keys
     assert sorted(keys) == sorted(set(keys)) and len(keys) == index.split("train").total
@@ -48,7 +48,7 @@ def test_views_differ_and_cover_every_sample_once_per_rank(setup):
 
 def test_cached_batches_fixed_count_full_coverage_and_seeded(setup):
     cfg, model, index = setup
-    cache = build_cache(model, cfg.loader, ["train"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
+    cache = build_cache(model, cfg.loader, index, CacheSpec(["train"], 2, 7, True), torch.device("cpu"))
     n = len(cache.keys)
     loader = CachedBatches(cache, batch_size=8, n_batches=n // 8 + 2, seed=1, rank=0)
     loader.set_epoch(3)
@@ -91,7 +91,7 @@ def test_disk_cache_round_trip_names_and_damage(setup, tmp_path):
 
     def build():
         built.append(1)
-        return build_cache(model, cfg.loader, ["val"], 0, 1, 2, 7, torch.device("cpu"), augment=True, show=False, index=index)
+        return build_cache(model, cfg.loader, index, CacheSpec(["val"], 2, 7, True), torch.device("cpu"))
 
     path = tmp_path / cache_name("val-r0", {"views": 2})
     first = cached_on_disk(path, build, print)

@@ -293,11 +293,11 @@ def test_predict_sees_what_evaluate_sees(tmp_path, intensity, input_size):
     """predict.load_image + eval_transform == the stream's decode + eval_transform of the file's
     shard sample (encode_film's bytes), for an 8-bit JPEG and a 16-bit PNG."""
     from cxr_dist.product.predict import load_image
-    from cxr_dist.data.stream import _ShardStream
+    from cxr_dist.data.stream import Reading, _ShardStream
 
     cfg = DataConfig(image_size=256, intensity=intensity)
     loader = LoaderConfig(input_size=input_size, augment=False)
-    stream = _ShardStream([], loader, 0, 1, 0, False, 0, 0)
+    stream = _ShardStream([], loader, 0, 1, Reading())
     plain = eval_transform(input_size)
     film16 = (_chest(700, 600).astype(np.uint16) * 16)
     for path in (_save(tmp_path, "a.jpg", Image.fromarray(_chest(700, 600))), _png16(tmp_path, film16)):

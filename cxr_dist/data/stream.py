@@ -33,6 +33,7 @@ may get different numbers of batches.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import random
 from typing import Any, Iterator
 
@@ -119,29 +120,38 @@ def sample_source_view(meta: dict) -> tuple[str, str]:
     return meta.get("source", LEGACY_SOURCE), view
 
 
-class _ShardStream(IterableDataset):
-    """Batches of one rank; each DataLoader worker produces its own slot's batches."""
+@dataclass(frozen=True)
+class Reading:
+    """How one stream reads its shards: train_loader, eval_loader and views_loader each make one."""
 
-    def __init__(self, shards: list[Shard], cfg: LoaderConfig, rank: int, world: int,
-                 workers: int, train: bool, seed: int, batches_per_epoch: int, augment: bool | None = None,
-                 keyed: bool = False, weights: dict[str, float] | None = None, on_device: bool = False,
-                 findings: tuple[str, ...] = ()) -> None:
+    train: bool = False  # shuffled, repeated, `batches_per_epoch` full batches; else every sample once
+    seed: int = 0
+    batches_per_epoch: int = 0
+    # Default: = train. Separate so that the frozen-compute cache can read every sample once *with*
+    # augmentation.
+    augment: bool | None = None
+    # Each sample's augmentation seeded by (seed, epoch, key), so a view of an image is the same
+    # whichever rank or worker reads it (test-time augmentation gives the same answer on any number
+    # of processes). Otherwise one stream per (rank, worker), cheaper to seed.
+    keyed: bool = False
+    weights: dict[str, float] | None = None  # source -> share of the training mix
+    on_device: bool = False  # yield the JPEG bytes: decoded and augmented by device_input
+    findings: tuple[str, ...] = ()  # the index's vocabulary: batches carry findings + findings_mask
+
+
+class _ShardStream(IterableDataset):
+    """Batches of one rank; each DataLoader worker (loader.num_workers) produces its own slot's batches."""
+
+    def __init__(self, shards: list[Shard], cfg: LoaderConfig, rank: int, world: int, reading: Reading) -> None:
         super().__init__()
-        self.shards, self.rank, self.world, self.workers = shards, rank, world, max(1, workers)
-        self.batch_size, self.buffer, self.train, self.seed = cfg.batch_size, cfg.shuffle_buffer, train, seed
-        # train: shuffled, repeated, fixed length; augment (default: = train) is separate so that
-        # the frozen-compute cache can read every sample once *with* augmentation.
-        self.augment = (train if augment is None else augment) and cfg.augment
+        self.shards, self.rank, self.world, self.workers = shards, rank, world, max(1, cfg.num_workers)
+        self.batch_size, self.buffer, self.train, self.seed = cfg.batch_size, cfg.shuffle_buffer, reading.train, reading.seed
+        self.augment = (reading.train if reading.augment is None else reading.augment) and cfg.augment
         self.transform = (train_transform(cfg.input_size, cfg.shift_augment) if self.augment
                           else eval_transform(cfg.input_size))
-        self.weights = weights or {}  # source -> share of the training mix
-        self.batches_per_epoch, self.input_size = batches_per_epoch, cfg.input_size
-        # keyed: each sample's augmentation seeded by (seed, epoch, key), so a view of an image is
-        # the same whichever rank or worker reads it (test-time augmentation gives the same answer
-        # on any number of processes). Otherwise one stream per (rank, worker), cheaper to seed.
-        self.keyed = keyed
-        self.on_device = on_device  # yield the JPEG bytes: decoded and augmented by device_input
-        self.findings = tuple(findings)  # the index's vocabulary: batches carry findings + findings_mask
+        self.weights = reading.weights or {}
+        self.batches_per_epoch, self.input_size = reading.batches_per_epoch, cfg.input_size
+        self.keyed, self.on_device, self.findings = reading.keyed, reading.on_device, tuple(reading.findings)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -284,8 +294,9 @@ def train_loader(loader: LoaderConfig, splits: list[str], rank: int, world: int,
         raise DataError(f"splits {splits} in {index.root} hold no samples")
     # At least one batch even for tiny data (samples then repeat within the epoch).
     batches = max(1, total // (world * loader.batch_size))
-    ds = _ShardStream(shards, loader, rank, world, loader.num_workers, True, seed, batches, weights=weights,
-                      on_device=on_device, findings=index.findings)
+    reading = Reading(train=True, seed=seed, batches_per_epoch=batches, weights=weights, on_device=on_device,
+                      findings=index.findings)
+    ds = _ShardStream(shards, loader, rank, world, reading)
     return EpochLoader(ds, loader.num_workers), batches
 
 
@@ -297,8 +308,7 @@ def eval_loader(loader: LoaderConfig, split: str, rank: int, world: int, index: 
     the loop). ``len(loader)`` is this rank's number of batches. ``on_device``: batches of JPEG
     bytes, for ``device_input.DeviceInput(..., augment=False)``.
     """
-    ds = _ShardStream(index.shards([split]), loader, rank, world, loader.num_workers, False, 0, 0,
-                      on_device=on_device, findings=index.findings)
+    ds = _ShardStream(index.shards([split]), loader, rank, world, Reading(on_device=on_device, findings=index.findings))
     return EpochLoader(ds, loader.num_workers)
 
 
@@ -307,6 +317,6 @@ def views_loader(loader: LoaderConfig, splits: list[str], rank: int, world: int,
     """Every sample of ``splits`` exactly once across ranks, in a fixed order, augmented with a
     stream seeded by (seed, epoch): ``set_epoch(v)`` gives view v. For the frozen-compute cache;
     ``keyed``: seeded per sample, the same views on any number of ranks and workers (for TTA)."""
-    ds = _ShardStream(index.shards(splits), loader, rank, world, loader.num_workers, False, seed, 0,
-                      augment=True, keyed=keyed, findings=index.findings)
+    reading = Reading(seed=seed, augment=True, keyed=keyed, findings=index.findings)
+    ds = _ShardStream(index.shards(splits), loader, rank, world, reading)
     return EpochLoader(ds, loader.num_workers)

@@ -73,17 +73,21 @@ class CXRClassifier(nn.Module):
     so an image+text model still answers, and is scored, for films that come without text.
     """
 
-    def __init__(self, backbone: nn.Module, hidden: int, dropout: float, num_classes: int,
-                 freeze_bn_stats: bool = False, kind: str = "image", text_dim: int = 0,
-                 modality_dropout: float = 0.0, text_encoder: nn.Module | None = None,
+    def __init__(self, backbone: nn.Module, cfg: ModelConfig, text_encoder: nn.Module | None = None,
                  supervision_dim: int = 0, findings: tuple[str, ...] = ()) -> None:
+        """`cfg`: the head (hidden, dropout, num_classes), freeze_bn_stats, kind, modality_dropout;
+        `text_encoder`: what a model of kind text / image+text reads with (its `dim`);
+        `supervision_dim`: the report embedding's size for report supervision (0: none);
+        `findings`: the findings head's outputs (() = no findings head)."""
         super().__init__()
+        hidden, dropout, num_classes, kind = cfg.hidden, cfg.dropout, cfg.num_classes, cfg.kind
         self.backbone = backbone
-        self.freeze_bn_stats = freeze_bn_stats
+        self.freeze_bn_stats = cfg.freeze_bn_stats
         self.kind = kind
         self.uses_image, self.uses_text = kind in ("image", "image+text"), kind in ("text", "image+text")
-        if self.uses_text and text_dim < 1:
+        if self.uses_text and text_encoder is None:
             raise ConfigError(f"model.kind = {kind!r} needs a text encoder (its embedding size)")
+        text_dim = text_encoder.dim if self.uses_text else 0
         nf = (backbone.num_features if self.uses_image else 0) + (text_dim if self.uses_text else 0)
         self.head = nn.Sequential(
             nn.Linear(nf, hidden),
@@ -96,7 +100,7 @@ class CXRClassifier(nn.Module):
             # Pooled text embeddings and pooled CNN features live on different scales.
             self.text_norm = nn.LayerNorm(text_dim)
             self.no_text = nn.Parameter(torch.zeros(text_dim))
-        self.modality_dropout = modality_dropout
+        self.modality_dropout = cfg.modality_dropout
         # A trainable text encoder (phases' unfreeze_text_layers > 0); None: embeddings come cached.
         self.text_encoder = text_encoder
         # Report supervision (train.report_supervision): the head's hidden layer projected onto the
@@ -316,9 +320,7 @@ def build_model(cfg: ModelConfig, findings: tuple[str, ...] = ()) -> CXRClassifi
     uses_text = cfg.kind != "image"
     # Report supervision with an image model: the encoder only embeds the reports for the loss
     # (text_inputs.py); the model holds just the projection of its hidden layer.
-    return CXRClassifier(backbone, cfg.hidden, cfg.dropout, cfg.num_classes, cfg.freeze_bn_stats, kind=cfg.kind,
-                         text_dim=encoder.dim if uses_text else 0, modality_dropout=cfg.modality_dropout,
-                         text_encoder=encoder if uses_text else None,
+    return CXRClassifier(backbone, cfg, encoder if uses_text else None,
                          supervision_dim=encoder.dim if encoder is not None and cfg.report_supervision > 0 else 0,
                          findings=tuple(findings))
 

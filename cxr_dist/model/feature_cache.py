@@ -67,12 +67,25 @@ class FeatureCache:
                             depth, self.sources, self.views)
 
 
+@dataclass(frozen=True)
+class CacheSpec:
+    """What one cache holds: this rank's share (of `world`) of `splits`, `views` times, augmented
+    (seeded by `seed`) or not."""
+    splits: list[str]
+    views: int = 1
+    seed: int = 0
+    augment: bool = False
+    rank: int = 0
+    world: int = 1
+
+
 @torch.no_grad()
-def build_cache(model: CXRClassifier, loader: LoaderConfig, splits: list[str], rank: int, world: int,
-                views: int, seed: int, device: torch.device, augment: bool, show: bool,
-                index: ShardIndex) -> FeatureCache:
-    """frozen_forward of every sample of `splits` on this rank, `views` times (augmented if
-    `augment`), at the model's current depth (set_phase)."""
+def build_cache(model: CXRClassifier, loader: LoaderConfig, index: ShardIndex, spec: CacheSpec,
+                device: torch.device, show: bool = False) -> FeatureCache:
+    """frozen_forward of every sample of `spec` on this rank, at the model's current depth
+    (set_phase); `show`: a progress bar (the main process)."""
+    splits, views, seed, augment, rank, world = (spec.splits, spec.views, spec.seed, spec.augment, spec.rank,
+                                                  spec.world)
     was_training = model.training
     model.eval()
     per_view, labels, keys, uids = [], None, None, None
@@ -227,13 +240,13 @@ def frozen_caches(cfg: Config, model: CXRClassifier, index: ShardIndex, train_sp
     fast = FastFrozen(cfg, model, depth, index, train_splits[0], cache_dir, accelerator)
     train_cache = cached_on_disk(
         cache_dir / cache_name(f"train-r{rank}", {**inputs, "splits": train_splits, "views": t.cache_views}),
-        lambda: fast(lambda: build_cache(model, cfg.loader, train_splits, rank, world, t.cache_views,
-                                         seed_views(t.seed), accelerator.device, augment=True, show=show,
-                                         index=index)), accelerator.print)
+        lambda: fast(lambda: build_cache(model, cfg.loader, index, CacheSpec(train_splits, t.cache_views, seed_views(t.seed),
+                                                                     True, rank, world), accelerator.device, show)),
+        accelerator.print)
     val_cache = cached_on_disk(
         cache_dir / cache_name(f"val-r{rank}", {**inputs, "splits": [val_split]}),
-        lambda: fast(lambda: build_cache(model, cfg.loader, [val_split], rank, world, 1, 0, accelerator.device,
-                                         augment=False, show=show, index=index)), accelerator.print)
+        lambda: fast(lambda: build_cache(model, cfg.loader, index, CacheSpec([val_split], rank=rank, world=world),
+                                         accelerator.device, show)), accelerator.print)
     accelerator.print(f"frozen-compute cache: {t.cache_views} views of {len(train_cache.keys)} training images "
                       f"on this rank, {tuple(train_cache.feats.shape[2:])} each, ready in {time.time() - t0:.0f} s")
     return train_cache, val_cache
