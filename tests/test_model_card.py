@@ -22,7 +22,7 @@ from cxr_dist.data.shards import write_shards
 from tests.datagen import KERMANY_REGEX, make_dataset, make_folder_dataset
 
 IU_LICENCE = "CC BY-NC-ND 4.0 (Open-i; non-commercial research use)"
-DATA = {"image_size": 48, "input_size": 32, "samples_per_shard": 16, "prepare_workers": 1}
+DATA = {"image_size": 48, "samples_per_shard": 16, "prepare_workers": 1}
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,36 @@ def test_card_is_the_same_from_evaluation_json(setup):
     evaluation["external"]["by_view"]["unknown"]["mean_prob_normal"] = float("nan")
     again = json.loads(json_bytes(evaluation))
     assert model_card(cfg, index, evaluation) == model_card(cfg, index, again)
+
+
+def test_a_leaking_text_model_says_so_before_any_number(setup):
+    """A model that reads the fields its label was derived from: the banner comes before the
+    first table of the card (and again among the limitations)."""
+    from cxr_dist.config import LoaderConfig, ModelConfig
+
+    cfg, index = setup
+    evaluation, _ = _evaluation(lateral_shift=0.0)
+    leak = replace(cfg, model=ModelConfig(kind="image+text"),
+                   loader=LoaderConfig(text_fields=("findings", "impression"), allow_label_leakage=True))
+    card = model_card(leak, index, evaluation)
+    banner = card.index("**LABEL LEAKAGE: this model reads findings, impression")
+    assert banner < card.index("## Model") < card.index("| split |")
+    assert "LABEL LEAKAGE" not in model_card(replace(leak, loader=LoaderConfig()), index, evaluation)
+
+
+def test_a_findings_model_has_its_table(setup):
+    from cxr_dist.eval.per_finding import findings_report
+
+    cfg, index = setup
+    evaluation, _ = _evaluation(lateral_shift=0.0)
+    rng = np.random.default_rng(3)
+    n = 120
+    targets = rng.integers(0, 2, (n, 2)).astype(float)
+    mask = np.ones((n, 2), bool)
+    mask[:, 1] = False  # a finding no source annotates
+    probs = np.clip(targets * 0.6 + rng.random((n, 2)) * 0.4, 0, 1)
+    evaluation["test"]["findings"] = findings_report(probs, targets, mask, ["effusion", "edema"], [str(i) for i in range(n)],
+                                                     ["iu"] * n, ["PA"] * n)
+    card = model_card(cfg, index, evaluation)
+    assert "## Findings" in card and "| effusion | " in card and "| edema | not annotated |" in card
+    assert "macro mean" in card and "## Findings" not in model_card(cfg, index, _evaluation(lateral_shift=0.0)[0])

@@ -27,7 +27,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cxr_dist.model.feature_cache import CachedBatches, FeatureCache
-from cxr_dist.config import ConfigError, DataConfig, SourceConfig, load_config
+from cxr_dist.config import ConfigError, DataConfig, LoaderConfig, SourceConfig, load_config
 from cxr_dist.errors import UserError
 from cxr_dist.data.index import ShardIndex, SourceInfo, load_index
 from cxr_dist.data.sources.iu import build_manifest
@@ -41,8 +41,8 @@ from tests.conftest import ROOT, VENV_BIN, accelerate_launch, run_cmd
 from tests.datagen import KERMANY_REGEX, make_dataset, make_folder_dataset
 
 CLI = str(VENV_BIN / "cxr-dist")
-DATA = {"image_size": 48, "input_size": 32, "batch_size": 8, "num_workers": 0, "shuffle_buffer": 32,
-        "samples_per_shard": 16, "prepare_workers": 1}
+DATA = {"image_size": 48, "samples_per_shard": 16, "prepare_workers": 1}  # [data]: baked into the shards
+LOADER = {"input_size": 32, "batch_size": 8, "num_workers": 0, "shuffle_buffer": 32}  # [loader]
 TRAIN_SPLITS = ("train", "val", "test")
 
 
@@ -73,12 +73,14 @@ def source_tables(paths: dict[str, Path], names=("iu", "kermany", "ext")) -> lis
 
 def write_config(path: Path, srcs: list[dict], shards: Path, run_dir: Path, **train_extra) -> Path:
     cfg = {
-        "data": {"sources": srcs, "shards_dir": str(shards), **DATA, "balance_views": True},
+        "data": {"sources": srcs, "shards_dir": str(shards), **DATA},
+        "loader": {**LOADER, "balance_views": True},
         "model": {"backbone": "efficientnet_b1", "pretrained": False},
         "train": {"phases": [{"name": "head", "epochs": 3, "unfreeze_blocks": 0, "lr": 1e-3},
                              {"name": "finetune", "epochs": 1, "unfreeze_blocks": 1, "lr": 1e-3,
                               "backbone_lr": 1e-3}],
-                  "run_dir": str(run_dir), "early_stop_patience": 1, "plateau_patience": 1, **train_extra},
+                  "run_dir": str(run_dir), **train_extra},
+        "selection": {"early_stop_patience": 1}, "schedule": {"plateau_patience": 1},
         "tracking": {"enabled": False},
     }
     path.write_text(tomli_w.dumps(cfg))
@@ -263,7 +265,7 @@ def test_version_1_index_is_read_as_iu(legacy, tmp_path):
     # Samples written before sources existed: IU's, the view from their projection.
     assert sample_source_view({"uid": "1", "projection": "Lateral"}) == ("iu", "LATERAL")
     assert sample_source_view({"uid": "1", "projection": "Frontal"}) == ("iu", "FRONTAL")
-    loader, n = train_loader(replace(DataConfig(**DATA), shards_dir=str(old)), ["train"], 0, 1, seed=0, index=index)
+    loader, n = train_loader(LoaderConfig(**LOADER), ["train"], 0, 1, seed=0, index=index)
     batches = list(loader)
     assert len(batches) == n and all(set(b["source"]) == {"iu"} for b in batches)
 
@@ -271,7 +273,7 @@ def test_version_1_index_is_read_as_iu(legacy, tmp_path):
 # ----------------------------------------------------------------------------- 3. the mix
 
 
-def _source_share(data: DataConfig, index: ShardIndex, weights, epochs: int) -> tuple[float, int]:
+def _source_share(data: LoaderConfig, index: ShardIndex, weights, epochs: int) -> tuple[float, int]:
     """Share of 'iu' samples over `epochs` epochs of both ranks of world 2; checks full, equal batches."""
     counts: Counter = Counter()
     per_rank = []
@@ -283,7 +285,7 @@ def _source_share(data: DataConfig, index: ShardIndex, weights, epochs: int) -> 
             batches = list(loader)
             assert len(batches) == n == len(loader)
             for b in batches:
-                assert len(b["key"]) == loader.batch_size == len(b["source"]) == b["image"].shape[0]
+                assert len(b["key"]) == data.batch_size == len(b["source"]) == b["image"].shape[0]
                 assert all(k.startswith(s + "__") for k, s in zip(b["key"], b["source"]))
                 counts.update(b["source"])
             n_rank += len(batches)
@@ -296,7 +298,7 @@ def _source_share(data: DataConfig, index: ShardIndex, weights, epochs: int) -> 
 
 def test_train_stream_mixes_sources_by_weight(multi):
     cfg, shards = multi
-    data = replace(load_config(cfg).data, shards_dir=str(shards), num_workers=0)
+    data = replace(load_config(cfg).loader, num_workers=0)
     index = load_index(shards)
     sizes = index.sources_in("train")
     natural = sizes["iu"].total / (sizes["iu"].total + sizes["kermany"].total)

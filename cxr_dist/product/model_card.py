@@ -60,7 +60,10 @@ def model_card(cfg: Config, index: ShardIndex | None, evaluation: dict, *, tempe
     name = cfg.tracking.run_name or Path(cfg.train.run_dir).name or "cxr-dist model"
     parts = [
         f"# Model card: {name}\n\nA chest X-ray classifier, normal vs abnormal, trained with cxr-dist "
-        f"{__version__}. It returns the probability that a film is abnormal.\n\n**{NOT_FOR_CLINICAL_USE}**",
+        f"{__version__}. It returns the probability that a film is abnormal.\n\n**{NOT_FOR_CLINICAL_USE}**"
+        + (f"\n\n**LABEL LEAKAGE: this model reads {', '.join(cfg.loader.text_fields)}, from which its label was "
+           "derived (loader.allow_label_leakage = true). Every number on this card measures the leak, not the "
+           "film.**" if cfg.model.kind != "image" and cfg.loader.allow_label_leakage else ""),
         _model(cfg), _data(cfg, index), _splits(cfg, index), _performance(cfg, evaluation), _findings(evaluation),
         _threshold(evaluation, temperature, evaluation_calibrated), _calibration(temperature, calibration),
         _ood(ood), _intended_use(),
