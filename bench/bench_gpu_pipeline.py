@@ -131,7 +131,7 @@ class Bench:
         t0 = time.perf_counter()
         run = SimpleNamespace(cfg=self.cfg, accelerator=self.accelerator, wrapped=self.run_model, optimizer=self.optimizer,
                               loss_fn=self.loss_fn, loader=loader, batches_per_epoch=n, progress=Progress(),
-                              inputs=inputs, reports=None, watch=SimpleNamespace(requested=lambda: False))
+                              inputs=inputs, reports=None, findings_loss=None, watch=SimpleNamespace(requested=lambda: False))
         train_epoch(run, self.epoch)
         self.sync()
         return n * self.args.batch_size / (time.perf_counter() - t0)

@@ -526,16 +526,16 @@ def test_check_metrics_refuses_before_any_work(tmp_path):
     both = ShardIndex.from_json({"version": 2, "splits": {"val": {"labels": {"normal": 3, "abnormal": 7}, "sources": {
         "iu": {"views": {"FRONTAL": {"normal": 2, "abnormal": 4}}},
         "kermany": {"views": {"": {"normal": 1, "abnormal": 3}}}}}}}, tmp_path)
-    with pytest.raises(ConfigError, match=r"train\.best_metric = 'source_mean_auroc'.*both classes") as e:
+    with pytest.raises(ConfigError, match=r"selection\.best_metric = 'source_mean_auroc'.*both classes") as e:
         check_metrics(cfg, one_class, "val")
     assert isinstance(e.value, UserError)
-    with pytest.raises(ConfigError, match=r"train\.plateau_metric"):
+    with pytest.raises(ConfigError, match=r"schedule\.plateau_metric"):
         check_metrics(_cfg(tmp_path, "--selection.best_metric", "loss", "--schedule.plateau_metric", "auroc"),
                       one_class, "val")
     check_metrics(_cfg(tmp_path, "--selection.best_metric", "loss"), one_class, "val")  # loss: fine
     check_metrics(cfg, both, "val")
     check_metrics(_cfg(tmp_path, "--selection.best_metric", "source/kermany/auroc"), both, "val")
-    with pytest.raises(ConfigError, match=r"train\.best_metric = 'source/ext/auroc'.*not trained on"):
+    with pytest.raises(ConfigError, match=r"selection\.best_metric = 'source/ext/auroc'.*not trained on"):
         check_metrics(_cfg(tmp_path, "--selection.best_metric", "source/ext/auroc"), both, "val")
     with pytest.raises(ConfigError, match=r"source/nope/auroc"):
         check_metrics(_cfg(tmp_path, "--schedule.plateau_metric", "source/nope/auroc", "--schedule.plateau_mode", "max"),
@@ -620,7 +620,7 @@ def test_training_steps_weight_the_loss_by_source_and_view(multi):
     index = load_index(shards)
     table = loss_weight_table(index.source_view_counts(["train"]), balance_views=True)
     loss_fn = _SpyLoss(table)
-    loader, n = train_loader(cfg.data, ["train"], 0, 1, seed=0, index=index, weights={"iu": 1, "kermany": 1})
+    loader, n = train_loader(cfg.loader, ["train"], 0, 1, seed=0, index=index, weights={"iu": 1, "kermany": 1})
     torch.manual_seed(0)
     model = build_model(ModelConfig(pretrained=False))
     model.set_phase(0)
@@ -629,7 +629,7 @@ def test_training_steps_weight_the_loss_by_source_and_view(multi):
                                   sync_gradients=True, accumulate=lambda m: contextlib.nullcontext(),
                                   backward=lambda loss: loss.backward(), clip_grad_norm_=lambda *a: None)
     run = SimpleNamespace(cfg=cfg, accelerator=accelerator, wrapped=model, optimizer=optimizer, loss_fn=loss_fn,
-                          loader=loader, batches_per_epoch=n, progress=Progress(), inputs=None, reports=None,
+                          loader=loader, batches_per_epoch=n, progress=Progress(), inputs=None, reports=None, findings_loss=None,
                           watch=SimpleNamespace(requested=lambda: False))
     metrics, partial = train_epoch(run, 1)
     assert partial is None and len(loss_fn.calls) == n
