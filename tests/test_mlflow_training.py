@@ -286,7 +286,7 @@ def test_logged_model_is_a_servable_pyfunc_that_predicts_like_the_checkpoint(mlf
     files = sorted((tiny_data / "images").rglob("*.png"))[:5]
     out = loaded.predict(pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in files]}))
     product = load_product(full_run["run_dir"])
-    want = product.predict([(read_film(p, p.name, product.data), p.name) for p in files])
+    want = product.predict([(read_film(p, p.name, product.data, product.loader), p.name) for p in files])
     assert out["prob_abnormal"].tolist() == pytest.approx([w["prob_abnormal"] for w in want], abs=1e-6)
 
 
