@@ -163,19 +163,19 @@ def test_a_folder_stands_for_its_image_files_in_sorted_order(run, tmp_path, caps
 # --- item 12: Grad-CAM names unique across the command -----------------------------------------
 
 def test_cam_files_of_equal_names_in_different_batches_do_not_overwrite(run, tmp_path) -> None:
-    from cxr_dist.product.predict import predict
+    from cxr_dist.product.predict import Request, predict
 
     paths = []
     for i, rel in enumerate(("a/chest.png", "b/chest.png", "chest.jpeg", "c/chest.png")):
         paths.append(tmp_path / rel)
         paths[-1].parent.mkdir(exist_ok=True)
         film(i).save(paths[-1], format="PNG" if rel.endswith("png") else "JPEG")
-    rows = predict(str(run), [str(p) for p in paths], batch_size=1, cam_dir=str(tmp_path / "cams"))
+    rows = predict(str(run), [str(p) for p in paths], Request(batch_size=1, cam_dir=str(tmp_path / "cams")))
     cams = [Path(r["cam"]).name for r in rows]
     assert cams == ["chest_cam.png", "chest-2_cam.png", "chest-3_cam.png", "chest-4_cam.png"]
     assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == sorted(cams)
     # Each file is its own film's overlay: the same film alone gives the same picture.
-    alone = predict(str(run), [str(paths[1])], cam_dir=str(tmp_path / "alone"))
+    alone = predict(str(run), [str(paths[1])], Request(cam_dir=str(tmp_path / "alone")))
     assert Path(alone[0]["cam"]).read_bytes() == (tmp_path / "cams" / "chest-2_cam.png").read_bytes()
 
 

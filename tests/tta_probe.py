@@ -11,7 +11,7 @@ import torch
 from cxr_dist import dist
 from cxr_dist.config import load_config
 from cxr_dist.data.index import load_index
-from cxr_dist.eval.evaluate import evaluate_split, predictions_csv
+from cxr_dist.eval.evaluate import Scoring, evaluate_split, predictions_csv
 from tests.conftest import TINY
 
 
@@ -28,8 +28,8 @@ def main() -> int:
     shards, views, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     cfg = load_config(str(TINY), [])
     accelerator = dist.make_accelerator(cfg.train, cfg.optimizer, cfg.loader)
-    result = evaluate_split(Brightness(), cfg.loader, "test", accelerator, load_index(shards), with_predictions=True,
-                            views=views)
+    result = evaluate_split(Brightness(), cfg.loader, "test", accelerator, load_index(shards),
+                            Scoring(views=views, with_predictions=True))
     if accelerator.is_main_process:
         Path(out).write_text(predictions_csv({"test": result["predictions"]}))
     print(f"rank {accelerator.process_index}/{accelerator.num_processes} done")

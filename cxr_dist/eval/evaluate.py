@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,19 +221,33 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def evaluate_split(model: nn.Module, loader: LoaderConfig, split: str, accelerator, index: ShardIndex, loss_fn=None,
-                   with_predictions: bool = False, batches=None, views: int = 1, with_features: bool = False) -> dict:
+@dataclass(frozen=True)
+class Scoring:
+    """How evaluate_split scores a split. `loss_fn`: also the mean loss (training's validation);
+    `batches` replaces the shard stream (e.g. this rank's share of a validation cache); `views` > 1
+    averages the probabilities over that many views (view_loaders; the loss is the plain view's);
+    `with_predictions`: the result also holds the predictions; `with_features`: they also hold each
+    image's pooled features (of the plain view)."""
+    loss_fn: nn.Module | None = None
+    batches: Any = None
+    views: int = 1
+    with_predictions: bool = False
+    with_features: bool = False
+
+
+def evaluate_split(model: nn.Module, loader: LoaderConfig, split: str, accelerator, index: ShardIndex,
+                   scoring: Scoring = Scoring()) -> dict:
     """Metrics of `model` on a shard split, computed once from all ranks' predictions.
 
     A collective: every rank runs its share of the split (no collectives inside the loop, so
     uneven shares cannot hang), then predictions are gathered and deduplicated, metrics are
     computed on the main process and broadcast so that every rank steps its scheduler alike.
-    `index`: the shard index the split is read from (read once by the entry point).
-    `batches` replaces the shard stream (e.g. this rank's share of a validation cache); `views`
-    > 1 averages the probabilities over that many views (view_loaders; the loss is the plain view's).
-    The metrics include the per-source and per-view AUROC and `source_mean_auroc` (metrics.breakdown).
-    `with_features`: the predictions also hold each image's pooled features (of the plain view).
+    `index`: the shard index the split is read from (read once by the entry point). The metrics
+    include the per-source and per-view AUROC and `source_mean_auroc` (metrics.breakdown), and
+    for a findings model the per-finding AUROC (per_finding.findings_breakdown).
     """
+    loss_fn, batches, views = scoring.loss_fn, scoring.batches, scoring.views
+    with_predictions, with_features = scoring.with_predictions, scoring.with_features
     loaders = [batches] if batches is not None else view_loaders(loader, split, accelerator.process_index,
                                                                  accelerator.num_processes, index, views,
                                                                  accelerator.device)

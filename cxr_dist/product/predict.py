@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EXIT_USER_ERROR, UserError, run_main
@@ -68,21 +69,31 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def predict_rows(checkpoint: str, images: list[str], batch_size: int = 16, views: int | None = None,
-                 threshold: float | None = None, calibrated: bool = True,
-                 cam_dir: str | None = None, texts: dict[str, str | dict] | None = None,
-                 text: str | dict | None = None, cam_target: str = "abnormal") -> Iterator[dict]:
-    """One dict per input film, in order, as each batch is done: `image` (its path) and either
-    `error` (why it got no prediction) or prob_abnormal, prob_uncalibrated, views, and label /
-    ood_score / ood_flag when the checkpoint (or `threshold`) provides them, and `cam` (the overlay
-    written into `cam_dir`; names unique across the whole command). For a model that reads text:
-    `texts` maps an input path to its text (read_texts_csv), `text` is every other film's (a
-    {field: text} dict or a plain string for the first field); a row then says whether the model
-    read a text (`text`) and whether it was cut at model.max_tokens (`text_truncated`). `cam_target`:
-    what the overlays explain: "abnormal", or a finding of the model's findings head."""
-    from .inference import FilmError, Product
+@dataclass(frozen=True)
+class Request:
+    """What predict does besides predicting. `cam_dir`: write a Grad-CAM overlay per film there
+    (names unique across the whole command), explaining `cam_target` ("abnormal", or a finding of
+    the model's findings head). For a model that reads text: `texts` maps an input path to its
+    text (read_texts_csv), `text` is every other film's (a {field: text} dict or a plain string
+    for the first field)."""
+    batch_size: int = 16
+    cam_dir: str | None = None
+    cam_target: str = "abnormal"
+    texts: dict[str, str | dict] | None = None
+    text: str | dict | None = None
 
-    product = Product.load(checkpoint, calibrated=calibrated, views=views, threshold=threshold)
+
+def predict_rows(product, images: list[str], request: Request = Request()) -> Iterator[dict]:
+    """One dict per input film of a loaded `product` (inference.Product), in order, as each batch
+    is done: `image` (its path) and either `error` (why it got no prediction) or prob_abnormal,
+    prob_uncalibrated, views, and label / ood_score / ood_flag when the checkpoint (or the product's
+    threshold) provides them, per finding `findings` / `findings_positive` for a findings model,
+    and `cam` (the overlay's path). A model that reads text: a row says whether it read a text
+    (`text`) and whether it was cut at model.max_tokens (`text_truncated`)."""
+    from .inference import FilmError
+
+    batch_size, cam_dir, cam_target, texts, text = (request.batch_size, request.cam_dir, request.cam_target,
+                                                    request.texts, request.text)
     if cam_target != "abnormal" and cam_target not in product.model.findings:
         raise UserError(f"--cam-target {cam_target!r}: the model's targets are abnormal"
                         + "".join(f", {f}" for f in product.model.findings))
@@ -115,11 +126,12 @@ def predict_rows(checkpoint: str, images: list[str], batch_size: int = 16, views
             yield row if "error" in row else {**row, **next(good)}
 
 
-def predict(checkpoint: str, images: list[str], batch_size: int = 16, views: int | None = None,
-            threshold: float | None = None, calibrated: bool = True, cam_dir: str | None = None,
-            texts: dict[str, str | dict] | None = None, text: str | dict | None = None) -> list[dict]:
-    """predict_rows as a list (a row with `error` for each input that could not be read)."""
-    return list(predict_rows(checkpoint, images, batch_size, views, threshold, calibrated, cam_dir, texts, text))
+def predict(checkpoint: str, images: list[str], request: Request = Request(), **load) -> list[dict]:
+    """predict_rows of the checkpoint's product as a list (a row with `error` for each input that
+    could not be read); `load`: Product.load's options (calibrated, views, threshold)."""
+    from .inference import Product
+
+    return list(predict_rows(Product.load(checkpoint, **load), images, request))
 
 
 def parse_text(values: list[str] | None) -> str | dict | None:
@@ -221,9 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], not {args.threshold}")
     failed = 0
-    for row in predict_rows(args.checkpoint, args.images, views=args.tta, threshold=args.threshold,
-                            calibrated=not args.uncalibrated, cam_dir=args.cam, texts=texts,
-                            text=parse_text(args.text), cam_target=args.cam_target):
+    from .inference import Product
+
+    product = Product.load(args.checkpoint, calibrated=not args.uncalibrated, views=args.tta, threshold=args.threshold)
+    request = Request(cam_dir=args.cam, cam_target=args.cam_target, texts=texts, text=parse_text(args.text))
+    for row in predict_rows(product, args.images, request):
         if "error" in row:
             failed += 1
             print(f"{PROG}: {printable(row['image'], sys.stderr)}: {row['error']}", file=sys.stderr, flush=True)

@@ -41,7 +41,7 @@ from .. import dist
 from ..model.feature_cache import FastFrozen
 from ..eval.calibrate import CalibrationError, apply_temperature, calibration_report, fit_temperature
 from ..config import Config, replace
-from ..eval.evaluate import evaluate_split, ood_summary, predictions_csv, report
+from ..eval.evaluate import Scoring, evaluate_split, ood_summary, predictions_csv, report
 from ..fileio import write_bytes_atomic, write_json_atomic
 from ..data.index import Shard, ShardIndex, train_val_splits
 from ..eval.metrics import balanced_threshold, metric_mode, scalar_metrics
@@ -79,11 +79,11 @@ def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: lis
     # The frozen part through the fast CPU runtime (model.frozen_backend), as the cache was built.
     fast = FastFrozen(cfg, best, best.depth, index, train_splits[0],
                       Path(cfg.train.cache_dir or run_dir / "cache"), accelerator)
-    preds = fast(lambda: {name: evaluate_split(best, cfg.loader, split, accelerator, index, with_predictions=True,
-                                               views=cfg.product.tta_views, with_features=True)["predictions"]
+    final = Scoring(views=cfg.product.tta_views, with_predictions=True, with_features=True)
+    preds = fast(lambda: {name: evaluate_split(best, cfg.loader, split, accelerator, index, final)["predictions"]
                           for name, split in splits.items()})
     fit = fast(lambda: evaluate_split(best, cfg.loader, OOD_FIT_SPLIT, accelerator, ood_fit_index(index, train_splits),
-                                      with_predictions=True, with_features=True)["predictions"])
+                                      Scoring(with_predictions=True, with_features=True))["predictions"])
     if accelerator.is_main_process:
         best_dir = ckpt.find_checkpoint(run_dir, "best")
         product, preds = _product(cfg, preds, fit["features"])

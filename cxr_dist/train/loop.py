@@ -24,7 +24,7 @@ from .. import dist
 from ..config import Config, ConfigError, describe_fields, dump_toml, load_config, to_dict, train_sources
 from ..data.index import ShardIndex, load_index, train_val_splits
 from ..data.text import check_text_fields
-from ..eval.evaluate import evaluate_split
+from ..eval.evaluate import Scoring, evaluate_split
 from ..eval.metrics import compute_metrics, metric_mode, scalar_metrics, summary_line, view_name
 from ..fileio import write_bytes_atomic
 from ..log import progress as progress_bar
@@ -130,8 +130,8 @@ def train(cfg: Config, accelerator, tracker, index: ShardIndex) -> tuple[bool, "
                     run.watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
                 accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
                 return False, run.model
-            val_m = evaluate_split(run.model, cfg.loader, run.val_split, accelerator, index, run.loss_fn,
-                                   batches=run.val_batches() if run.val_batches else None)
+            val_m = evaluate_split(run.model, cfg.loader, run.val_split, accelerator, index,
+                                   Scoring(loss_fn=run.loss_fn, batches=run.val_batches() if run.val_batches else None))
             run.scheduler.step(val_m[cfg.schedule.plateau_metric])  # same reduced value on every rank
             row = {"epoch": epoch, "phase": p_idx + 1, "epoch_time_s": time.time() - t0,
                    "images_per_s": run.batches_per_epoch * cfg.loader.batch_size * run.world / (time.time() - t0),
