@@ -80,10 +80,11 @@ def positive_weights(index: ShardIndex, splits: Sequence[str], names: Sequence[s
     """BCE's pos_weight per finding: n_negative / n_positive over the annotated images of `splits`
     (so a rare finding's positives count as much as its negatives), within [1, MAX_POS_WEIGHT];
     1 for a finding without positives (nothing to up-weight)."""
+    counts = [index.finding_counts(s) for s in splits]  # once per split, not per finding
     out = []
     for name in names:
-        pos = sum(index.finding_counts(s)[name].positive for s in splits if name in index.finding_counts(s))
-        neg = sum(index.finding_counts(s)[name].negative for s in splits if name in index.finding_counts(s))
+        pos = sum(c[name].positive for c in counts if name in c)
+        neg = sum(c[name].negative for c in counts if name in c)
         out.append(min(max(neg / pos, 1.0), MAX_POS_WEIGHT) if pos else 1.0)
     return torch.tensor(out, dtype=torch.float32)
 
