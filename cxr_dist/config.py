@@ -168,6 +168,16 @@ class ModelConfig:
     # head's hidden layer (projected) with the embedding of the report (data.report_fields: IU's
     # findings and impression). Prediction reads only the image (and the text inputs of kind).
     report_supervision: float = 0.0
+    # LoRA (low-rank adapters, the peft package) in the text encoder of kind text / image+text: > 0
+    # adds adapters of this rank to its attention projections when the model is built (their second
+    # matrix starts at zero: the encoder's output is unchanged until a phase with text_lora trains
+    # them). Part of the model: checkpoints hold them. 0 = no adapters.
+    text_lora_rank: int = 0
+    text_lora_alpha: float = 16.0  # the adapters' output is scaled by text_lora_alpha / text_lora_rank
+    # The encoder's modules that get adapters, by name (e.g. ["query", "key", "value"], or ["all-linear"]);
+    # [] = peft's default for the encoder's family (BERT, RoBERTa: query, value; GPT-2: c_attn; Llama,
+    # Qwen, Mistral: q_proj, v_proj).
+    text_lora_targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,10 @@ class PhaseConfig:
     lr: float = 1e-3  # learning rate of the head
     backbone_lr: float = 1e-4  # learning rate of unfrozen backbone parameters
     unfreeze_text_layers: int = 0  # trainable layers of the text encoder counted from the end (0 = frozen)
-    text_lr: float = 2e-5  # learning rate of unfrozen text encoder layers
+    text_lr: float = 2e-5  # learning rate of unfrozen text encoder layers and of LoRA adapters
+    # true: this phase trains the text encoder's LoRA adapters (at text_lr; needs model.text_lora_rank
+    # > 0); the rest of the encoder stays frozen, but for the last unfreeze_text_layers layers.
+    text_lora: bool = False
 
 
 def _default_phases() -> tuple[PhaseConfig, ...]:
@@ -561,7 +574,8 @@ def validate(cfg: Config) -> None:
         ("product.ood_quantile", prod.ood_quantile, unit(low=0.5)), ("product.cam_images", prod.cam_images, at_least(0)),
     ]
     # Fields of the text model (getattr: a model section without them has nothing to check).
-    for name, rule in (("max_tokens", at_least(1)), ("modality_dropout", unit()), ("report_supervision", at_least(0))):
+    for name, rule in (("max_tokens", at_least(1)), ("modality_dropout", unit()), ("report_supervision", at_least(0)),
+                       ("text_lora_rank", at_least(0)), ("text_lora_alpha", positive)):
         if hasattr(m, name):
             ranges.append((f"model.{name}", getattr(m, name), rule))
     for i, p in enumerate(t.phases):
@@ -612,8 +626,26 @@ def validate(cfg: Config) -> None:
                           ("text_missing", ("dropout", "refuse"))):
         if hasattr(m, name) and getattr(m, name) not in allowed:
             problems.append(f"model.{name} must be one of {', '.join(repr(a) for a in allowed)}, not {getattr(m, name)!r}")
+    problems += _lora_problems(m, t)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _lora_problems(m: ModelConfig, t: TrainConfig) -> list[str]:
+    """The text encoder's LoRA adapters: only in a model that reads text, and trained only where they exist."""
+    problems = []
+    reads_text = getattr(m, "kind", "image") in ("text", "image+text")
+    if getattr(m, "text_lora_rank", 0) > 0 and not reads_text:
+        problems.append(f"model.text_lora_rank = {m.text_lora_rank} adds adapters to a text encoder, but "
+                        f"model.kind = {m.kind!r} reads no text: use kind \"text\" or \"image+text\", or rank 0")
+    for i, p in enumerate(t.phases):
+        if getattr(p, "text_lora", False) and not reads_text:
+            problems.append(f"train.phases[{i}].text_lora trains the text encoder's adapters, but model.kind = "
+                            f"{m.kind!r} reads no text")
+        elif getattr(p, "text_lora", False) and getattr(m, "text_lora_rank", 0) <= 0:
+            problems.append(f"train.phases[{i}].text_lora needs adapters to train: set model.text_lora_rank > 0 "
+                            "(e.g. 8)")
+    return problems
 
 
 # Validation metrics an epoch reports (metrics.compute_metrics + metrics.breakdown) that can pick

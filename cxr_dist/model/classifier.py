@@ -101,7 +101,7 @@ class CXRClassifier(nn.Module):
             self.text_norm = nn.LayerNorm(text_dim)
             self.no_text = nn.Parameter(torch.zeros(text_dim))
         self.modality_dropout = cfg.modality_dropout
-        # A trainable text encoder (phases' unfreeze_text_layers > 0); None: embeddings come cached.
+        # The text encoder (trained by phases' unfreeze_text_layers > 0 or text_lora); None: no text.
         self.text_encoder = text_encoder
         # Report supervision (train.report_supervision): the head's hidden layer projected onto the
         # report's embedding; used by the training loss only, never at prediction.
@@ -137,10 +137,11 @@ class CXRClassifier(nn.Module):
         split = split_of(self.backbone)
         return list(split.blocks[-depth:]) + list(split.with_blocks)
 
-    def set_phase(self, depth: int, text_layers: int = 0) -> None:
+    def set_phase(self, depth: int, text_layers: int = 0, text_lora: bool = False) -> None:
         """Freeze everything but the head and the backbone's last `depth` blocks (a phase's
-        `unfreeze_blocks`) and the text encoder's last `text_layers` layers (`unfreeze_text_layers`);
-        the forward passes split the network there from now on."""
+        `unfreeze_blocks`), the text encoder's last `text_layers` layers (`unfreeze_text_layers`) and,
+        with `text_lora`, its LoRA adapters (`text_lora`); the forward passes split the network there
+        from now on."""
         if depth:
             n = len(self.blocks())  # ConfigError here for a backbone that cannot be split
             if depth > n:
@@ -148,12 +149,14 @@ class CXRClassifier(nn.Module):
                                   f"has {n} blocks (timm's groups; docs/training.md, \"Other backbones\")")
         if text_layers and self.text_encoder is None:
             raise ConfigError(f"unfreeze_text_layers={text_layers} needs a model that reads text (model.kind)")
+        if text_lora and self.text_encoder is None:
+            raise ConfigError("text_lora needs a model that reads text (model.kind)")
         self.depth, self.text_layers = depth, text_layers
         self.backbone.requires_grad_(False)
         for m in self.tail_modules(depth):
             m.requires_grad_(True)
         if self.text_encoder is not None:
-            self.text_encoder.set_trainable_layers(text_layers)
+            self.text_encoder.set_trainable_layers(text_layers, lora=text_lora)
         self.head.requires_grad_(True)
         self.train(self.training)
 
@@ -295,7 +298,8 @@ def logits_of(model: nn.Module, batch: dict, device: torch.device, return_hidden
 def build_model(cfg: ModelConfig, findings: tuple[str, ...] = ()) -> CXRClassifier:
     """The classifier with its backbone weights loaded as `cfg` says (see ModelConfig.weights); for
     kinds text and image+text with its `text_encoder` (model.text_encoder: its weights are part of
-    the checkpoint, so a trained product needs no download to read text)."""
+    the checkpoint, so a trained product needs no download to read text), with LoRA adapters when
+    model.text_lora_rank > 0 (then in the checkpoint too)."""
     use_timm_download = cfg.pretrained and not cfg.weights
     try:
         backbone = timm.create_model(cfg.backbone, pretrained=use_timm_download, num_classes=0)
@@ -318,6 +322,8 @@ def build_model(cfg: ModelConfig, findings: tuple[str, ...] = ()) -> CXRClassifi
 
         encoder = build_text_encoder(cfg.text_encoder, cfg.text_pooling, cfg.max_tokens)
     uses_text = cfg.kind != "image"
+    if uses_text and cfg.text_lora_rank > 0:  # part of the structure: a checkpoint holds the adapters
+        encoder.add_lora(cfg.text_lora_rank, cfg.text_lora_alpha, cfg.text_lora_targets)
     # Report supervision with an image model: the encoder only embeds the reports for the loss
     # (text_inputs.py); the model holds just the projection of its hidden layer.
     return CXRClassifier(backbone, cfg, encoder if uses_text else None,
@@ -409,16 +415,17 @@ def lite1_package_state_dict() -> dict[str, torch.Tensor]:
 def param_groups(model: CXRClassifier, phase: PhaseConfig) -> list[dict]:
     """Adam parameter groups for a phase: the head (and, for text models, the text norm, the
     no-text vector and the report projection) at `lr`, the backbone's last `phase.unfreeze_blocks`
-    blocks (model.tail_modules) at `backbone_lr`, the text encoder's trainable parameters at `text_lr`."""
+    blocks (model.tail_modules) at `backbone_lr`, the text encoder's trainable parameters (its last
+    `unfreeze_text_layers` layers, its LoRA adapters with `text_lora`) at `text_lr`."""
     # The text norm, no-text vector and report projection train with the head, always.
     rest = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "head.", "text_encoder."))]
     groups = [{"name": "head", "params": list(model.head.parameters()) + rest, "lr": phase.lr}]
     tail = [p for m in model.tail_modules(phase.unfreeze_blocks) for p in m.parameters()]
     if tail:
         groups.append({"name": "backbone", "params": tail, "lr": phase.backbone_lr})
-    # set_phase(depth, phase.unfreeze_text_layers) has set which of the encoder's parameters train.
+    # set_phase(depth, phase.unfreeze_text_layers, phase.text_lora) has set which of the encoder's parameters train.
     text = ([p for p in model.text_encoder.parameters() if p.requires_grad]
-            if phase.unfreeze_text_layers and model.text_encoder is not None else [])
+            if (phase.unfreeze_text_layers or phase.text_lora) and model.text_encoder is not None else [])
     if text:
         groups.append({"name": "text", "params": text, "lr": phase.text_lr})
     return groups

@@ -31,7 +31,12 @@ The offline default (`TEXT_ENCODER_DEFAULT`, the extra `cxr-dist[text]`):
   the same digests the hub lists): a different file is refused with a ConfigError.
 
 The wheel declares a dependency on sentence-transformers, which this module does not use.
-May import: torch, transformers, the standard library, `cxr_dist.errors` and `cxr_dist.config`.
+
+LoRA (`TextEncoder.add_lora`, model.text_lora_rank > 0): low-rank adapters injected into the base
+model's projections by `peft.inject_adapter_in_model` (peft, Apache-2.0, Hugging Face). The model
+keeps its class and its forward; each targeted Linear (GPT-2: Conv1D) becomes a peft `lora.Linear`
+holding the original as `base_layer` plus `lora_A`, `lora_B` (B starts at zero: same outputs).
+May import: torch, transformers, peft, the standard library, `cxr_dist.errors` and `cxr_dist.config`.
 """
 from __future__ import annotations
 
@@ -202,7 +207,8 @@ def _resolve_and_load(name: str):
 class TextEncoder(nn.Module):
     """A transformers base model + its tokenizer + a pooling: texts -> [N, dim] float32 vectors.
 
-    Built by `build_text_encoder`, fully frozen (`set_trainable_layers(k)` unfreezes the last k layers).
+    Built by `build_text_encoder`, fully frozen (`set_trainable_layers(k)` unfreezes the last k layers,
+    `set_trainable_layers(k, lora=True)` the LoRA adapters of `add_lora` as well).
     """
 
     def __init__(self, model: nn.Module, tokenizer, name: str, pooling: str = "mean", max_tokens: int = 128):
@@ -359,14 +365,19 @@ class TextEncoder(nn.Module):
                 return found
         return None
 
-    def set_trainable_layers(self, k: int) -> None:
-        """Freeze everything, then unfreeze the last k layers (and a decoder's final norm); k=0: fully frozen."""
+    def set_trainable_layers(self, k: int, lora: bool = False) -> None:
+        """Freeze everything, then unfreeze the LoRA adapters (`lora`) and the last k layers whole (and a
+        decoder's final norm: adapters inside those layers included); k=0, lora=False: fully frozen."""
         layers = self.layers()
         n = len(layers)
         if not isinstance(k, int) or k < 0 or k > n:
             raise ConfigError(f"text encoder {self.name} has {n} layers: cannot train the last {k}")
+        if lora and not self.lora_parameters():
+            raise ConfigError(f"text encoder {self.name} has no LoRA adapters to train: set model.text_lora_rank > 0")
         for p in self.parameters():
             p.requires_grad_(False)
+        for p in self.lora_parameters() if lora else ():
+            p.requires_grad_(True)
         if k == 0:
             return
         for layer in layers[n - k:]:
@@ -376,6 +387,40 @@ class TextEncoder(nn.Module):
         if norm is not None:
             for p in norm.parameters():
                 p.requires_grad_(True)
+
+    # -- LoRA ---------------------------------------------------------------------------------
+
+    def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = ()) -> None:
+        """Inject LoRA adapters of `rank` (scaled by alpha / rank) into the modules named `targets`
+        (() = peft's default for the model's family, ("all-linear",) = every Linear); they start
+        frozen, and as B = 0 the encoder's output is unchanged. ConfigError when nothing matches."""
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as e:  # a core dependency: only a broken install lacks it
+            raise ConfigError("model.text_lora_rank > 0 needs the package peft: pip install peft") from e
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"model.text_lora_rank={rank!r}: expected an integer >= 1 to add adapters")
+        if self.lora_parameters():
+            raise ConfigError(f"text encoder {self.name} already has LoRA adapters")
+        what = "all-linear" if tuple(targets) == ("all-linear",) else (list(targets) or None)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=what, lora_dropout=0.0, bias="none",
+                            # GPT-2's projections are Conv1D, weights stored (in, out): peft must know
+                            fan_in_fan_out=any(isinstance(m, Conv1D) for m in self.model.modules()))
+        try:
+            inject_adapter_in_model(config, self.model)
+        except ValueError as e:  # no default for the family, or no module of that name
+            family = getattr(self.model.config, "model_type", "?")
+            raise ConfigError(f"model.text_lora_targets={list(targets)}: cannot add LoRA adapters to text encoder "
+                              f"{self.name} (model type {family!r}): {str(e).splitlines()[0]} Name its "
+                              "projections in model.text_lora_targets (e.g. [\"q_lin\", \"v_lin\"]), or "
+                              "[\"all-linear\"]") from e
+        self.set_trainable_layers(0)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The LoRA adapters' parameters (none before `add_lora`)."""
+        return [p for n, p in self.model.named_parameters() if ".lora_" in n]
 
     # -- naming -------------------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ A text model's batches carry keys, not text: `logits_of` looks the keys up in th
 `text_table` (a `TextTable`, attached with `attach_text`). With a frozen text encoder each text is
 embedded once, before training, and the embeddings are kept on disk in `train.cache_dir` under a
 hash of the encoder's weights, the fields and the texts (as the frozen-compute cache keeps image
-features); with a trainable encoder (a phase's unfreeze_text_layers > 0) the table hands out
-tokens and the model runs the encoder every step.
+features); with a trainable encoder (from the first phase with unfreeze_text_layers > 0 or
+text_lora on) the table hands out tokens and the model runs the encoder every step.
 
 Report supervision (`model.report_supervision`) uses a second table, of the report fields, whose
 embeddings only the training loss reads (`report_loss`).

@@ -139,9 +139,9 @@ class Run:
         # Re-wrap at every phase boundary: DDP and DeepSpeed only synchronise parameters that
         # required grad when they were built (trap in docs/architecture.md).
         self.accelerator.free_memory()
-        self.model.set_phase(phase.unfreeze_blocks, phase.unfreeze_text_layers)
+        self.model.set_phase(phase.unfreeze_blocks, phase.unfreeze_text_layers, phase.text_lora)
         if self.model.text_table is not None:  # once the encoder trains, cached embeddings are stale
-            self.model.text_table.tokens = any(p.unfreeze_text_layers for p in t.phases[: p_idx + 1])
+            self.model.text_table.tokens = any(p.unfreeze_text_layers or p.text_lora for p in t.phases[: p_idx + 1])
         self.val_batches = None
         if self.caches is not None:  # carry the cache to this phase's split point
             train_cache, val_cache = self.caches
