@@ -60,6 +60,32 @@ def make_accelerator(train: TrainConfig, optimizer: OptimizerConfig, loader: Loa
     return accelerator
 
 
+def zero_stage(accelerator: Accelerator) -> int:
+    """DeepSpeed's ZeRO stage of this run (0: not DeepSpeed)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if plugin else 0
+
+
+def whole_state(model: torch.nn.Module, accelerator: Accelerator, everywhere: bool = False) -> dict | None:
+    """The model's whole state dict as CPU tensors: on the main process, or on every rank with
+    `everywhere`; None on the others.
+
+    Under ZeRO-3 each rank holds a partition of every trained parameter (the module's own tensors
+    are empty placeholders), so the parameters are gathered first: a collective, every rank calls
+    it. DeepSpeed's GatheredParameters makes them whole on every rank for the copy.
+    """
+    if zero_stage(accelerator) != 3:
+        if not (everywhere or accelerator.is_main_process):
+            return None
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        if not (everywhere or accelerator.is_main_process):
+            return None
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """One item per rank (in rank order), on every rank; [obj] when not distributed."""
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:

@@ -289,3 +289,37 @@ def test_cuda_tensors_and_rng(tmp_path):
     assert model_state["w"].device.type == "cpu"
     set_rng_state(train_state["rng"])
     assert torch.equal(torch.rand(4, device="cuda").cpu(), expected)
+
+
+def test_files_other_processes_wrote_are_recorded_and_checked(tmp_path):
+    """DeepSpeed's shards (train/state.py): each rank writes into the shared temporary folder, the
+    main process's save records and installs them with the rest; they are handed to DeepSpeed only
+    if they are byte for byte the files recorded; `best` never carries them."""
+    tmp = ckpt.shared_tmp(tmp_path, "latest", "a1b2")
+    for rank in (0, 1):  # what each rank's accelerator.save_state writes
+        shard = tmp / "deepspeed" / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_bytes(bytes([rank]) * 100)
+    model = _model()
+    save_checkpoint(tmp_path, "latest", model.state_dict(), {}, {"epoch": 1}, tmp=tmp)
+    latest = tmp_path / "checkpoints" / "latest"
+    assert not tmp.exists() and latest.is_dir()
+    recorded = json.loads((latest / "COMPLETE").read_text())["files"]
+    assert recorded["deepspeed/pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"]["bytes"] == 100
+    assert ckpt.verified_subdir(tmp_path, "deepspeed") == latest / "deepspeed"
+    assert ckpt.verified_subdir(tmp_path, "nothing-here") is None
+
+    best = copy_as(tmp_path, "latest", "best")
+    assert not (best / "deepspeed").exists()
+    assert all(not n.startswith("deepspeed/") for n in json.loads((best / "COMPLETE").read_text())["files"])
+    ckpt.amend_checkpoint(best, {"threshold": 0.5})  # reads every recorded file: none is missing
+    assert load_model_state(best)[1]["threshold"] == 0.5
+
+    shard = latest / "deepspeed" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(bytes([7]) * 100)  # same size, other bytes
+    with pytest.raises(CheckpointError, match="differs"):
+        ckpt.verified_subdir(tmp_path, "deepspeed")
+    shard.write_bytes(bytes([0]) * 100)
+    (latest / "deepspeed" / "planted.pkl").write_bytes(b"x")  # a file nobody recorded
+    with pytest.raises(CheckpointError, match="not recorded"):
+        ckpt.verified_subdir(tmp_path, "deepspeed")

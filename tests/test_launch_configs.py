@@ -15,8 +15,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 YAMLS = sorted(LAUNCH.glob("*.yaml"))
-EXPECTED = {"cpu_2proc.yaml", "gpu_1.yaml", "gpu_multi.yaml", "multinode.yaml", "deepspeed_zero2.yaml"}
-# Settings that must come from the training config (one place), never be fixed in ds_zero2.json.
+EXPECTED = {"cpu_2proc.yaml", "gpu_1.yaml", "gpu_multi.yaml", "multinode.yaml", "deepspeed_zero2.yaml",
+            "deepspeed_zero3.yaml"}
+# Settings that must come from the training config (one place), never be fixed in ds_zero*.json.
 DS_AUTO = ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"]
 
 # Prints rank/world and all-reduces (rank + 1): 2 processes must both see 1 + 2 = 3.
@@ -42,7 +43,7 @@ def load(name: str) -> dict:
 
 def test_all_configs_shipped():
     assert EXPECTED <= {p.name for p in YAMLS}
-    assert (LAUNCH / "ds_zero2.json").is_file()
+    assert (LAUNCH / "ds_zero2.json").is_file() and (LAUNCH / "ds_zero3.json").is_file()
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
@@ -72,16 +73,19 @@ def test_cpu_config_is_what_works_on_cpu():
     assert cfg["num_processes"] == 2 and cfg["mixed_precision"] == "no"
 
 
-def test_deepspeed_json_takes_its_settings_from_the_training_config():
-    ds = json.loads((LAUNCH / "ds_zero2.json").read_text())
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_json_takes_its_settings_from_the_training_config(stage):
+    ds = json.loads((LAUNCH / f"ds_zero{stage}.json").read_text())
     for key in DS_AUTO:
         assert ds[key] == "auto", key
     assert ds["bf16"]["enabled"] == "auto" and ds["fp16"]["enabled"] == "auto"
-    assert ds["zero_optimization"]["stage"] == 2
-    cfg = load("deepspeed_zero2.yaml")
+    assert ds["zero_optimization"]["stage"] == stage
+    if stage == 3:  # accelerator.get_state_dict / whole weights need the gather on save
+        assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    cfg = load(f"deepspeed_zero{stage}.yaml")
     assert cfg["distributed_type"] == "DEEPSPEED"
     dsc = cfg["deepspeed_config"]
-    assert (ROOT / dsc["deepspeed_config_file"]).resolve() == (LAUNCH / "ds_zero2.json").resolve()
+    assert (ROOT / dsc["deepspeed_config_file"]).resolve() == (LAUNCH / f"ds_zero{stage}.json").resolve()
     # With a deepspeed_config_file Accelerate refuses these (they would be ignored).
     for key in ("gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device"):
         assert key not in dsc

@@ -127,12 +127,24 @@ def test_preemption_mid_epoch_saves_and_resumes_exactly(ddp_run, tiny_shards):
     assert not (run_dir / "PREEMPTED").exists()
 
 
-def test_deepspeed_zero2_both_phases(tiny_shards, tmp_path):
+@pytest.fixture(scope="module", params=["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"], ids=["zero2", "zero3"])
+def ds_run(request, tiny_shards, tmp_path_factory):
+    """An uninterrupted DeepSpeed run of both phases (2 CPU processes, gloo)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers", reason="Accelerate's DeepSpeed path imports transformers")
-    res, run_dir, params = probe(tmp_path, tiny_shards, "ds", config="deepspeed_zero2.yaml")
+    tmp = tmp_path_factory.mktemp(request.param.split(".")[0])
+    res, run_dir, params = probe(tmp, tiny_shards, "ds", config=request.param)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return request.param, tmp, res, run_dir, params
+
+
+def test_deepspeed_both_phases(ds_run):
+    """ZeRO-2 and ZeRO-3 train both phases; under ZeRO-3 every rank holds a partition of each
+    trained parameter, so what the ranks return, the checkpoint and the trainable counts are
+    the gathered whole (dist.whole_state, count_trainable)."""
+    config, _, res, run_dir, params = ds_run
     assert "rank 0/2" in res.stdout and "rank 1/2" in res.stdout
+    assert "328,962 trainable" in res.stdout and "2,304,722 trainable" in res.stdout
     assert [r["phase"] for r in json.loads((run_dir / "history.json").read_text())] == [1, 1, 2]
     r0, r1 = params_of(params, 0), params_of(params, 1)
     assert_same_state(r0, r1, skip_running_stats=True)
@@ -140,6 +152,32 @@ def test_deepspeed_zero2_both_phases(tiny_shards, tmp_path):
     init = build_model(ModelConfig(pretrained=False)).state_dict()
     assert not torch.equal(r0["backbone.blocks.6.1.conv_pw.weight"], init["backbone.blocks.6.1.conv_pw.weight"])
     assert not torch.equal(r0["head.0.weight"], init["head.0.weight"])
+    saved = load_file(str(run_dir / "checkpoints" / "latest" / "model.safetensors"))
+    assert saved["head.0.weight"].shape == (256, 1280)  # not ZeRO-3's empty placeholder
+    assert_same_state(saved, r0)
+    assert {"val", "test"} <= json.loads((run_dir / "evaluation.json").read_text()).keys()
+
+
+def test_deepspeed_resume_restores_the_optimizer_state(ds_run, tiny_shards):
+    """Preempted inside epoch 2, resumed: DeepSpeed's sharded optimizer state (each rank's
+    partition of Adam's moments and the fp32 weights) comes back from the checkpoint, so the
+    resumed run equals the uninterrupted one bit for bit; restarting Adam's moments instead (what
+    a DeepSpeed resume did before) changes 22 parameters of the tiny model's last block."""
+    config, tmp, _, ref_run, ref_params = ds_run
+    env = {"CXR_DIST_FAULT_PREEMPT_AT_CHECK": "5"}  # epoch 2, step 1 (3 steps per epoch)
+    res, run_dir, _ = probe(tmp, tiny_shards, "preempted", config=config, env=env)
+    assert res.returncode == 0 and (run_dir / "PREEMPTED").exists(), res.stdout[-3000:] + res.stderr[-5000:]
+    latest = run_dir / "checkpoints" / "latest"
+    recorded = json.loads((latest / "COMPLETE").read_text())["files"]
+    for rank in (0, 1):  # each rank's partition, written into the checkpoint and recorded
+        assert f"deepspeed/pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in recorded
+    res, _, params = probe(tmp, tiny_shards, "preempted", config=config)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert "resuming from" in res.stdout and "optimizer state not restored" not in res.stdout
+    assert_same_state(params_of(ref_params, 0), params_of(params, 0), skip_running_stats=True)
+    # The product (best) holds no DeepSpeed pickles; only latest does, for the resume.
+    assert not (run_dir / "checkpoints" / "best" / "deepspeed").exists()
+    assert (run_dir / "checkpoints" / "latest" / "deepspeed").is_dir()
 
 
 def test_resume_after_the_last_epoch_of_a_phase(tiny_shards, tmp_path):

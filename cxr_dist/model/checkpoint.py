@@ -8,6 +8,10 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/<tag>/``::
     meta.json           epoch, phase, global step, metrics, resolved config, versions, "format"
     extra.safetensors   (optional, added after training by amend_checkpoint) the product's tensors,
                         e.g. the training features' statistics of the out-of-distribution score
+    deepspeed/          (DeepSpeed runs, ``latest`` only) DeepSpeed's own sharded checkpoint, written
+                        by every rank through ``accelerator.save_state``: each rank's partition of
+                        the optimizer state (``pytorch_model/zero_pp_rank_R_mp_rank_00_optim_states.pt``)
+                        and the module states; read back only to resume (train/state.py)
     COMPLETE            written last: size and sha256 of each file above
 
 Tags by convention: ``latest`` (overwritten every save, what resume uses) and ``best`` (a copy
@@ -15,7 +19,11 @@ of ``latest`` made with :func:`copy_as` when the validation metric improves).
 
 Why no ``torch.load``: unpickling runs arbitrary code from the file, and checkpoints travel
 between machines and people. Nothing here ever unpickles; a pickle file given as a checkpoint is
-rejected by the safetensors parser, which only reads a JSON header and raw bytes.
+rejected by the safetensors parser, which only reads a JSON header and raw bytes. The one
+exception is ``deepspeed/``: DeepSpeed writes and reads its shards with torch.save/torch.load. They
+are read only when a DeepSpeed run resumes from its own ``latest``, after their sha256 is checked
+against COMPLETE (:func:`verified_subdir`); ``copy_as`` leaves them out, so ``best`` (the product
+every other command loads) never holds one.
 
 Atomicity: a checkpoint is written into ``checkpoints/.tmp-<tag>-<token>/`` and fsynced, then
 the old ``<tag>`` is renamed to ``.old-<tag>-<token>``, the new one renamed to ``<tag>``, and the
@@ -210,18 +218,45 @@ def _tag_of(name: str) -> str:
     return name[5:].rsplit("-", 1)[0]
 
 
-def _new_tmp(ckpt_root: Path, tag: str) -> Path:
-    tmp = ckpt_root / f".tmp-{tag}-{uuid.uuid4().hex}"
-    tmp.mkdir(parents=True)
+def _new_tmp(ckpt_root: Path, tag: str, token: str | None = None) -> Path:
+    tmp = ckpt_root / f".tmp-{tag}-{token or uuid.uuid4().hex}"
+    tmp.mkdir(parents=True, exist_ok=token is not None)
     return tmp
 
 
+def shared_tmp(run_dir: str | Path, tag: str, token: str) -> Path:
+    """The temporary folder of the next save of ``tag``, named by ``token`` (one uuid hex the ranks
+    agree on): other processes write into it first (DeepSpeed's shards, under ``deepspeed/``),
+    then the main process's :func:`save_checkpoint` with ``tmp=`` records and installs it whole."""
+    _check_tag(tag)
+    return _new_tmp(Path(run_dir) / "checkpoints", tag, token)
+
+
+def _file_record(path: Path, sync: bool = False) -> dict:
+    """Size and sha256 of a file, read in chunks; `sync`: fsync it too (a file written by someone
+    else that becomes part of a checkpoint)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 def _write_files(tmp: Path, files: dict[str, bytes]) -> None:
-    """Write and fsync each file, then the COMPLETE marker with sizes and checksums."""
+    """Write and fsync each file, then the COMPLETE marker with sizes and checksums of these and of
+    every file other processes wrote into ``tmp`` before (``deepspeed/...``)."""
     record = {}
     for name, data in files.items():
         _write_bytes(tmp / name, data)
         record[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    for path in sorted(tmp.rglob("*")):
+        name = path.relative_to(tmp).as_posix()
+        if path.is_file() and name not in record and name != MARKER:
+            record[name] = _file_record(path, sync=True)
+            fsync_dir(path.parent)
     _write_bytes(tmp / MARKER, _json_bytes({"format": FORMAT, "files": record}))
     fsync_dir(tmp)
 
@@ -232,6 +267,7 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor],
     train_state: dict[str, Any],
     meta: dict[str, Any],
+    tmp: Path | None = None,
 ) -> Path:
     """Atomically write checkpoint ``run_dir/checkpoints/<tag>/`` and return its path.
 
@@ -239,6 +275,7 @@ def save_checkpoint(
     :func:`flatten` handles, typically ``{"optimizer": opt.state_dict(), "scheduler":
     sched.state_dict(), "rng": rng_state()}``. ``meta``: JSON-able facts (epoch, phase,
     global_step, metrics, config as dict); ``format``, ``versions`` and ``saved_at`` are added.
+    ``tmp``: a :func:`shared_tmp` folder that other processes have written files into (kept, recorded).
     """
     _check_tag(tag)
     ckpt_root = Path(run_dir) / "checkpoints"
@@ -250,7 +287,7 @@ def save_checkpoint(
         META_FILE: _json_bytes({**meta, "format": FORMAT, "versions": _versions(),
                                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}),
     }
-    tmp = _new_tmp(ckpt_root, tag)
+    tmp = tmp or _new_tmp(ckpt_root, tag)
     try:
         _write_files(tmp, files)
         return _install(ckpt_root, tmp, tag)
@@ -264,7 +301,8 @@ def copy_as(run_dir: str | Path, src_tag: str, dst_tag: str) -> Path:
     """Atomically make checkpoint ``dst_tag`` a copy of ``src_tag`` (e.g. ``latest`` -> ``best``).
 
     Files are hard-linked when possible: checkpoints are never modified in place (a new save
-    writes new files), so sharing inodes is safe and costs no disk space or time.
+    writes new files), so sharing inodes is safe and costs no disk space or time. A ``deepspeed/``
+    folder is not copied (only a resume reads it, from ``latest``).
     """
     _check_tag(dst_tag)
     src = find_checkpoint(run_dir, src_tag)
@@ -274,13 +312,16 @@ def copy_as(run_dir: str | Path, src_tag: str, dst_tag: str) -> Path:
     tmp = _new_tmp(ckpt_root, dst_tag)
     try:
         names = [n for n in (MODEL_FILE, STATE_FILE, STATE_JSON, META_FILE, EXTRA_FILE) if (src / n).is_file()]
-        for name in names + [MARKER]:  # marker last
+        for name in names:
             try:
                 os.link(src / name, tmp / name)
             except OSError:
                 shutil.copy2(src / name, tmp / name)
                 with open(tmp / name, "rb+") as f:
                     os.fsync(f.fileno())
+        marker = _read_json(src / MARKER, "completion marker")  # last: the records of the copied files
+        marker["files"] = {n: r for n, r in marker.get("files", {}).items() if n in names}
+        _write_bytes(tmp / MARKER, _json_bytes(marker))
         fsync_dir(tmp)
         return _install(ckpt_root, tmp, dst_tag)
     except BaseException:
@@ -439,6 +480,23 @@ def load_checkpoint(
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{d / STATE_JSON} is corrupt ({e!r})") from None
     return model_state, train_state, meta
+
+
+def verified_subdir(path: str | Path, name: str, tag: str = "latest") -> Path | None:
+    """The checkpoint's folder ``name`` (e.g. ``deepspeed``) after checking each of its files against
+    the size and sha256 in COMPLETE; None when the checkpoint has no such folder. For files that
+    another library unpickles: they are read only if they are the ones this run wrote."""
+    d, records, _ = _open(path, tag)
+    inside = [n for n in records if n.startswith(f"{name}/")]
+    if not inside:
+        return None
+    on_disk = {p.relative_to(d).as_posix() for p in (d / name).rglob("*") if p.is_file()}
+    if on_disk - set(inside):
+        raise CheckpointError(f"{d / name} holds files not recorded at save time: {sorted(on_disk - set(inside))[:3]}")
+    for n in inside:
+        if not (d / n).is_file() or _file_record(d / n) != records[n]:
+            raise CheckpointError(f"{d / n} is missing or differs from the file recorded at save time")
+    return d / name
 
 
 def load_model_state(path: str | Path, tag: str = "latest") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -432,4 +432,5 @@ def param_groups(model: CXRClassifier, phase: PhaseConfig) -> list[dict]:
 
 
 def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Under DeepSpeed ZeRO-3 a parameter's tensor is this rank's partition; ds_numel is its full size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)

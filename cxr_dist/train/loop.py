@@ -129,8 +129,8 @@ def train(cfg: Config, accelerator, tracker, index: ShardIndex) -> tuple[bool, "
                 if run.is_main:
                     run.watch.mark_preempted({"epoch": epoch, "step": progress.step_in_epoch})
                 accelerator.print(f"preempted in epoch {epoch} at step {progress.step_in_epoch}: checkpoint saved")
-                return False, run.model
-            val_m = evaluate_split(run.model, cfg.loader, run.val_split, accelerator, index,
+                return False, run.eval_model()
+            val_m = evaluate_split(run.eval_model(), cfg.loader, run.val_split, accelerator, index,
                                    Scoring(loss_fn=run.loss_fn, batches=run.val_batches() if run.val_batches else None))
             run.scheduler.step(val_m[cfg.schedule.plateau_metric])  # same reduced value on every rank
             row = {"epoch": epoch, "phase": p_idx + 1, "epoch_time_s": time.time() - t0,
@@ -146,8 +146,9 @@ def train(cfg: Config, accelerator, tracker, index: ShardIndex) -> tuple[bool, "
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             accelerator.print(summary_line(epoch, phase.name, train_m, val_m, t.total_epochs))
         first_epoch = last_epoch + 1
-    finish(cfg, accelerator, run.model, tracker, progress.history, progress.epoch, run.val_split, index)
-    return True, run.model
+    final = run.eval_model()
+    finish(cfg, accelerator, final, tracker, progress.history, progress.epoch, run.val_split, index)
+    return True, final
 
 
 def train_epoch(run: Run, epoch: int, resume: dict | None = None) -> tuple[dict | None, dict | None]:

@@ -12,6 +12,7 @@ Nothing here decides *when*: that is the loop (loop.py), which reads top to bott
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ class Run:
     optimizer: Any = None
     scheduler: Any = None
     val_batches: Callable[[], Any] | None = field(default=None, repr=False)
+    # Under DeepSpeed ZeRO-3: a plain copy of the model that eval_model() fills with the whole weights.
+    whole: CXRClassifier | None = field(default=None, repr=False)
 
     @property
     def run_dir(self) -> Path:
@@ -139,7 +142,11 @@ class Run:
         # Re-wrap at every phase boundary: DDP and DeepSpeed only synchronise parameters that
         # required grad when they were built (trap in docs/architecture.md).
         self.accelerator.free_memory()
-        self.model.set_phase(phase.unfreeze_blocks, phase.unfreeze_text_layers, phase.text_lora)
+        if dist.zero_stage(self.accelerator) == 3 and self.whole is None:  # before ZeRO-3 partitions it
+            self.whole = copy.deepcopy(self.model).to(self.accelerator.device)
+        for model in (self.model, self.whole):
+            if model is not None:
+                model.set_phase(phase.unfreeze_blocks, phase.unfreeze_text_layers, phase.text_lora)
         if self.model.text_table is not None:  # once the encoder trains, cached embeddings are stale
             self.model.text_table.tokens = any(p.unfreeze_text_layers or p.text_lora for p in t.phases[: p_idx + 1])
         self.val_batches = None
@@ -161,6 +168,19 @@ class Run:
             resume = restore_state(self.saved, self)
         self.saved = None
         return resume
+
+
+    def eval_model(self) -> CXRClassifier:
+        """The model to evaluate and hand out: the trained model itself or, under DeepSpeed ZeRO-3, a
+        whole copy on every rank. ZeRO-3 keeps a partition of each trained parameter per rank and
+        gathers them inside every forward, a collective that ranks with unequal numbers of
+        evaluation batches would deadlock on; the copy is gathered once, here (every rank calls
+        this). It costs one more copy of the weights per rank, not of the optimizer state."""
+        if self.whole is None:
+            return self.model
+        self.whole.load_state_dict(dist.whole_state(self.model, self.accelerator, everywhere=True))
+        self.whole.text_table, self.whole.findings_table = self.model.text_table, self.model.findings_table
+        return self.whole
 
 
 def _text_tables(cfg: Config, model: CXRClassifier, index: ShardIndex, train_splits: list[str],
