@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 SOURCES="${SOURCES:-iu}"
 OUT="${OUT:-out/findings-$SOURCES}"
 SHARDS="${SHARDS:-$OUT/shards}"
-RUNS="${RUNS:-binary multi}"
+RUNS="${RUNS-binary multi}"  # RUNS="" (set, empty): only the tables of earlier runs
 BIN=.venv/bin
 case "$SOURCES" in
     iu) CFG=configs/iu_xray_cached.toml; DATA=(--data "${IU_DIR:-../shared/data/iu_xray_small}") ;;
@@ -41,20 +41,22 @@ for name in $RUNS; do
     esac
 done
 {
-    echo "## abnormal output, paired against the binary model"
-    for split in test $([ "$SOURCES" = iu_kermany ] && echo "test --source kermany"); do
-        # shellcheck disable=SC2086
-        "$BIN/cxr-dist" compare --paired "$OUT/runs/binary" "$OUT/runs/multi" --split $split
+    echo "## abnormal output on test, paired against the binary model"
+    for source in iu $([ "$SOURCES" = iu_kermany ] && echo kermany); do
+        echo "### $source"
+        "$BIN/cxr-dist" compare --paired "$OUT/runs/binary" "$OUT/runs/multi" --split test --source "$source"
     done
-    echo "## per finding (multi, test)"
+    echo "## per finding and source (multi, test)"
     "$BIN/python" - "$OUT/runs/multi/evaluation.json" <<'EOF'
 import json, sys
 rep = json.load(open(sys.argv[1]))["test"]["findings"]
-print("| finding | AUROC [95% CI] | positives / annotated |")
-print("|---|---|---|")
+print("| finding | source | AUROC [95% CI] | positives / annotated |")
+print("|---|---|---|---|")
 for name, m in rep["by_finding"].items():
-    ci = m.get("auroc_ci95") or [float("nan")] * 2
-    print(f"| {name} | {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {m['n_pos']} / {m['n']} |")
+    for source, r in m["by_source"].items():  # one collection at a time: a pooled AUROC mixes them
+        ci = r.get("auroc_ci95") or [float("nan")] * 2
+        auroc = float("nan") if r["auroc"] is None else r["auroc"]
+        print(f"| {name} | {source} | {auroc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['n_pos']} / {r['n']} |")
 print(f"| macro mean over {len(rep['macro_over'])} (>= {rep['min_positives']} positives) | {rep['macro_auroc']:.3f} | |")
 EOF
 } | tee "$OUT/results.md"

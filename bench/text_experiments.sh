@@ -4,6 +4,7 @@
 # external source without text), and the paired AUROC gains over the image-only run.
 #
 #   bash bench/text_experiments.sh                 # OUT=out/text; RUNS="image image_text ..." picks runs
+#   RUNS="text_tuned text_lora" bash bench/text_experiments.sh   # the text encoder trained (not by default)
 #
 # The runs share one frozen-compute cache and one text-embedding cache (OUT/cache).
 set -euo pipefail
@@ -26,6 +27,7 @@ run() {  # NAME [overrides...]: one process on the CPU (or the GPU when there is
         > "$OUT/runs/$name.log" 2>&1
     echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
 }
+HEAD='{name = "head", epochs = 15, unfreeze_blocks = 0, lr = 1e-3}'  # configs/iu_text.toml's phase
 for name in $RUNS; do
     case "$name" in
         image) run image --model.kind image ;;
@@ -33,11 +35,16 @@ for name in $RUNS; do
         report_sup) run report_sup --model.kind image --model.report_supervision 0.5 ;;
         text) run text --model.kind text ;;
         leak) run leak --loader.text_fields '["findings", "impression"]' --loader.allow_label_leakage true ;;
+        # The head's 15 epochs on cached embeddings, then 5 with the text encoder training: its last
+        # two layers whole, or LoRA adapters (rank 8) on its attention; the CNN stays frozen.
+        text_tuned) run text_tuned --train.phases "[$HEAD, {name = \"text\", epochs = 5, unfreeze_blocks = 0, unfreeze_text_layers = 2, lr = 1e-4, text_lr = 2e-5}]" ;;
+        text_lora) run text_lora --model.text_lora_rank 8 \
+            --train.phases "[$HEAD, {name = \"lora\", epochs = 5, unfreeze_blocks = 0, text_lora = true, lr = 1e-4, text_lr = 5e-4}]" ;;
         *) echo "unknown run $name" >&2; exit 2 ;;
     esac
 done
 others=()
-for name in image_text report_sup text leak; do [ -f "$OUT/runs/$name/predictions.csv" ] && others+=("$OUT/runs/$name"); done
+for name in image_text text_tuned text_lora report_sup text leak; do [ -f "$OUT/runs/$name/predictions.csv" ] && others+=("$OUT/runs/$name"); done
 echo "## IU test, against the image-only run" | tee "$OUT/paired.md"
 "$BIN/cxr-dist" compare --paired "$OUT/runs/image" "${others[@]}" | tee -a "$OUT/paired.md"
 echo "## Kermany (external, no text), against the image-only run" | tee -a "$OUT/paired.md"
