@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from cxr_dist.config import ConfigError  # noqa: E402
+from tests.textgen import make_tiny_gpt2  # noqa: E402
 from cxr_dist.model.text_encoder import (  # noqa: E402
     DEFAULT_MODULE,
     TEXT_ENCODER_DEFAULT,
@@ -59,23 +60,8 @@ def bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide GPT-2 with a byte-level BPE trained on the sentences above, and no pad token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(SENTENCES * 3, trainer)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
-                                               eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    assert tok.pad_token is None
-    torch.manual_seed(1)
-    config = transformers.GPT2Config(vocab_size=bpe.get_vocab_size(), n_embd=32, n_layer=2, n_head=2,
-                                     n_positions=128, bos_token_id=0, eos_token_id=0)
-    transformers.GPT2Model(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), SENTENCES * 3, vocab_size=400)
+    assert transformers.AutoTokenizer.from_pretrained(folder).pad_token is None
     return folder
 
 

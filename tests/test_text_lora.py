@@ -23,39 +23,17 @@ from cxr_dist.config import (
 from cxr_dist.model.classifier import build_model, count_trainable, param_groups
 from cxr_dist.model.text_encoder import build_text_encoder
 from tests.conftest import TINY, VENV_BIN, accelerate_launch, run_cmd, tiny_overrides
-from tests.textgen import WORDS, make_text_dataset, make_tiny_bert
+from tests.textgen import WORDS, make_text_dataset, make_tiny_bert, make_tiny_gpt2
 
 TEXTS = ["indication: chest pain. comparison: none.", "indication: routine exam.", "fever and cough", ""]
 # peft's default targets for the two families (what model.text_lora_targets = [] means).
 DEFAULT_TARGETS = {"bert": ("query", "value"), "gpt2": ("c_attn",)}
 
 
-def make_tiny_gpt2(folder: Path, seed: int = 1) -> Path:
-    """A 2-layer, 32-wide GPT-2 with a byte-level BPE trained on WORDS, and no pad token."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([" ".join(WORDS)] * 3 + TEXTS, trainer)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
-                                               eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=bpe.get_vocab_size(), n_embd=32, n_layer=2, n_head=2,
-                                     n_positions=128, bos_token_id=0, eos_token_id=0)
-    transformers.GPT2Model(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("lora_models")
-    return {"bert": make_tiny_bert(tmp / "bert"), "gpt2": make_tiny_gpt2(tmp / "gpt2")}
+    return {"bert": make_tiny_bert(tmp / "bert"), "gpt2": make_tiny_gpt2(tmp / "gpt2", [" ".join(WORDS)] * 3 + TEXTS)}
 
 
 def adapter_size(encoder, rank: int, targets: tuple[str, ...]) -> int:

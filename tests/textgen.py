@@ -32,6 +32,29 @@ def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def make_tiny_gpt2(folder: Path, corpus: list[str], vocab_size: int = 300, seed: int = 1) -> Path:
+    """A 2-layer, 32-wide GPT-2 with random weights and a byte-level BPE of `vocab_size` trained on
+    `corpus`, and no pad token, saved with `save_pretrained` into `folder`."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
+                                               eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=bpe.get_vocab_size(), n_embd=32, n_layer=2, n_head=2,
+                                     n_positions=128, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2Model(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def indication_of(uid: int) -> str:
     """Chest pain for most abnormal studies, a routine exam for most normal ones; every fifth
     study gets the other one (the indication says something, not everything)."""
