@@ -77,12 +77,13 @@ def whole_state(model: torch.nn.Module, accelerator: Accelerator, everywhere: bo
     if zero_stage(accelerator) != 3:
         if not (everywhere or accelerator.is_main_process):
             return None
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}  # no copy for CPU tensors
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         if not (everywhere or accelerator.is_main_process):
             return None
+        # Copies: the gathered tensors are freed when the context ends.
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
