@@ -1,6 +1,8 @@
 """An ensemble of finished runs, from the predictions.csv each run wrote: no model, no GPU.
 
     .venv/bin/python bench/ensemble.py out/runs/a out/runs/b ...   [--out ensemble.json]
+    .venv/bin/python bench/ensemble.py out/runs/image out/runs/text --weigh --write out/fused
+    cxr-dist compare --paired out/runs/image out/fused            # the fused gain, paired
 
 The ensemble's probability for an image is the mean of the runs' probabilities (the same rule as
 `cxr-dist evaluate --checkpoint A B ...`, which needs the checkpoints). Prints one markdown row
@@ -8,6 +10,14 @@ per run and one for the ensemble (test AUROC per image and per study with their 
 intervals, balanced accuracy at 0.5), and writes the ensemble's full report as JSON with --out:
 test metrics at 0.5 and at the threshold picked on val. The runs must have evaluated the same
 images (same shards and split). Given one run, it scores that run alone (no mean row).
+
+--weigh (two runs, e.g. an image model and a text model: late fusion) replaces the mean by
+sigmoid(w * logit(p_a) + (1 - w) * logit(p_b)), with w the weight on a 0.05 grid that gives the best
+study-level AUROC on **val**: test is never looked at, so its score stays honest. A run with
+nothing to read for an image (a text model on a film without text) gives every such image the same
+probability, so on those images the fused ranking is the other run's. --write DIR writes the
+fused predictions of every split both runs scored to DIR/predictions.csv, which `cxr-dist compare
+--paired` scores like a run.
 """
 from __future__ import annotations
 
@@ -16,10 +26,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 
 from cxr_dist.errors import UserError
-from cxr_dist.eval.evaluate import average, read_predictions, report
-from cxr_dist.eval.metrics import balanced_threshold
+from cxr_dist.eval.evaluate import average, predictions_csv, read_predictions, report
+from cxr_dist.eval.metrics import balanced_threshold, compute_metrics, study_level
+from cxr_dist.fileio import write_bytes_atomic
+
+WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)  # the grid --weigh searches, on val only
 
 
 def _auroc(level: dict | None) -> str:
@@ -36,34 +50,82 @@ def row(name: str, preds: dict) -> str:
             f"{r['image_level']['balanced_accuracy']:.4f} |")
 
 
-def ensemble(runs: dict[str, dict[str, dict]]) -> tuple[dict, dict]:
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)  # a probability of exactly 0 or 1 must not become infinite
+    return np.log(p) - np.log1p(-p)
+
+
+def fuse(a: dict, b: dict, w: float) -> dict:
+    """The late fusion of two prediction sets of the same images: sigmoid(w logit a + (1-w) logit b)."""
+    average([a, b])  # only its check: the same images with the same labels
+    z = w * _logit(a["probs"]) + (1 - w) * _logit(b["probs"])
+    return {**a, "probs": 1 / (1 + np.exp(-z))}
+
+
+def study_auroc(preds: dict) -> float:
+    _, probs, labels = study_level(preds["uids"], preds["probs"], preds["labels"])
+    return compute_metrics(probs, labels)["auroc"]
+
+
+def pick_weight(a: dict, b: dict) -> tuple[float, dict[float, float]]:
+    """The weight of `a` with the best study-level AUROC of the fusion on these (val) predictions,
+    and the AUROC of every weight on the grid. Ties go to the weight nearest 0.5 (the mean)."""
+    scores = {float(w): study_auroc(fuse(a, b, w)) for w in WEIGHTS}
+    best = max(scores, key=lambda w: (round(scores[w], 12), -abs(w - 0.5)))
+    return best, scores
+
+
+def ensemble(runs: dict[str, dict[str, dict]], weigh: bool = False) -> tuple[dict, dict]:
     """{run: {split: predictions}} -> (the ensemble's report: test at 0.5 and at the val threshold,
-    val; its mean predictions per split)."""
+    val, and with `weigh` the weight picked on val; its predictions for every split all runs have)."""
     for split in ("val", "test"):
         if any(split not in r for r in runs.values()):
             raise UserError(f"every run needs {split} predictions (a run without a test split cannot be scored)")
-    mean = {split: average([r[split] for r in runs.values()]) for split in ("val", "test")}
-    threshold = balanced_threshold(mean["val"]["probs"], mean["val"]["labels"])
-    result = {"runs": list(runs), "test": report(mean["test"]),
-              "test_at_val_threshold": report(mean["test"], threshold), "val": report(mean["val"])}
-    return result, mean
+    splits = [s for s in next(iter(runs.values())) if all(s in r for r in runs.values())]
+    extra: dict = {}
+    if weigh:
+        if len(runs) != 2:
+            raise UserError(f"--weigh fuses exactly two runs (an image run and a text run, say), got {len(runs)}")
+        a, b = runs.values()
+        w, scores = pick_weight(a["val"], b["val"])
+        combined = {s: fuse(a[s], b[s], w) for s in splits}
+        extra = {"weight": w, "weight_of": next(iter(runs)), "val_study_auroc_by_weight": scores}
+    else:
+        combined = {s: average([r[s] for r in runs.values()]) for s in splits}
+    threshold = balanced_threshold(combined["val"]["probs"], combined["val"]["labels"])
+    result = {"runs": list(runs), **extra, "test": report(combined["test"]),
+              "test_at_val_threshold": report(combined["test"], threshold), "val": report(combined["val"])}
+    return result, combined
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run directories (with predictions.csv) or predictions CSV files")
     ap.add_argument("--out", help="write the ensemble's report here (JSON)")
+    ap.add_argument("--weigh", action="store_true",
+                    help="two runs: fuse their logits with the weight that scores best on val (late fusion)")
+    ap.add_argument("--write", metavar="DIR", help="write the ensemble's predictions to DIR/predictions.csv")
     args = ap.parse_args(argv)
     runs = {path: read_predictions(path) for path in args.runs}
-    result, mean = ensemble(runs)
+    result, combined = ensemble(runs, weigh=args.weigh)
     print("| run | test AUROC, image (95% CI) | test AUROC, study (95% CI) | balanced accuracy (image, 0.5) |")
     print("|---|---|---|---|")
     for name, preds in runs.items():
         print(row(name, preds["test"]))
-    if len(runs) > 1:
-        print(row(f"**mean of {len(runs)}**", mean["test"]))
+    if args.weigh:
+        print(row(f"**{result['weight']:.2f} x {args.runs[0]} + {1 - result['weight']:.2f} x {args.runs[1]}"
+                  " (logits; weight picked on val)**", combined["test"]))
+    elif len(runs) > 1:
+        print(row(f"**mean of {len(runs)}**", combined["test"]))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.write:
+        out = Path(args.write)
+        if (out / "predictions.csv").exists() or (out / "config.toml").exists():
+            raise UserError(f"{out} already holds a run's predictions; --write needs a new or empty folder")
+        out.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out / "predictions.csv", predictions_csv(combined).encode())
+        print(f"wrote {out / 'predictions.csv'} ({', '.join(combined)})")
     return 0
 
 

@@ -1,0 +1,108 @@
+"""bench/ensemble.py: the mean of runs' predictions, and --weigh, the late fusion of two runs
+(an image run and a text run) with the weight picked on val. Predictions are generated here: the
+script reads only predictions.csv files, so no model is needed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_dist.errors import UserError
+from cxr_dist.eval.evaluate import predictions_csv, read_predictions
+from cxr_dist.eval.metrics import compute_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("ensemble", ROOT / "bench" / "ensemble.py")
+ensemble = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ensemble)
+
+
+def _split(rng, n_studies: int, labels: np.ndarray, signal: float, per_study: bool, constant: bool = False) -> dict:
+    """Two views per study. `per_study`: one score per study (a text model: both views share the
+    report); `constant`: the same probability everywhere (a text model on films without text)."""
+    if constant:
+        score = np.zeros(n_studies)
+    else:
+        score = signal * labels + rng.normal(size=n_studies)
+    views = np.repeat(score, 2) + (0 if per_study or constant else rng.normal(scale=0.5, size=2 * n_studies))
+    uids = [f"s{i:04d}" for i in range(n_studies)]
+    return {"keys": [f"{u}_v{v}" for u in uids for v in (0, 1)], "uids": [u for u in uids for _ in (0, 1)],
+            "sources": ["iu"] * (2 * n_studies), "views": ["FRONTAL", "LATERAL"] * n_studies,
+            "labels": np.repeat(labels, 2), "probs": 1 / (1 + np.exp(-views))}
+
+
+def write_runs(tmp_path: Path, text_signal_on_test: float = 1.0, n: int = 400) -> tuple[Path, Path]:
+    """An 'image' run and a 'text' run scored on val, test and an external source without text.
+    Their errors are independent, so a weighted fusion beats each."""
+    rng = np.random.default_rng(0)
+    labels = {s: rng.integers(0, 2, size=n) for s in ("val", "test", "external")}
+    image = {s: _split(rng, n, labels[s], 1.5, per_study=False) for s in labels}
+    text = {"val": _split(rng, n, labels["val"], 1.0, per_study=True),
+            "test": _split(rng, n, labels["test"], text_signal_on_test, per_study=True),
+            "external": _split(rng, n, labels["external"], 0.0, per_study=True, constant=True)}
+    paths = []
+    for name, run in (("image", image), ("text", text)):
+        path = tmp_path / f"{name}.csv"
+        path.write_text(predictions_csv(run))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def auroc(preds: dict) -> float:
+    return compute_metrics(preds["probs"], preds["labels"])["auroc"]
+
+
+def test_weigh_fuses_two_runs_with_the_weight_picked_on_val(tmp_path, capsys):
+    image, text = write_runs(tmp_path)
+    out = tmp_path / "fused"
+    assert ensemble.main([str(image), str(text), "--weigh", "--write", str(out), "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert 0.0 < result["weight"] < 1.0 and result["weight_of"] == str(image)
+    scores = result["val_study_auroc_by_weight"]
+    assert scores[str(result["weight"])] == max(scores.values())  # the best weight on val
+    assert scores[str(result["weight"])] > max(scores["0.0"], scores["1.0"])  # better than either run alone
+    fused, runs = read_predictions(out), {p: read_predictions(p) for p in (image, text)}
+    assert list(fused) == ["val", "test", "external"]
+    # on test, which the weight never saw, the fusion still beats both runs
+    assert auroc(fused["test"]) > max(auroc(r["test"]) for r in runs.values()) + 0.02
+    # no text on the external source: the text run is one constant, so the fused ranking is the image run's
+    ext, img_ext = fused["external"]["probs"], runs[image]["external"]["probs"]
+    assert np.array_equal(np.argsort(ext, kind="stable"), np.argsort(img_ext, kind="stable"))
+    assert auroc(fused["external"]) == pytest.approx(auroc(runs[image]["external"]))
+    assert "weight picked on val" in capsys.readouterr().out
+
+
+def test_the_weight_never_looks_at_test(tmp_path):
+    # the same val predictions, and a text run that is informative on test or pure noise there:
+    # the weight, and every val score it was picked from, must not change
+    picked = []
+    for signal in (1.0, 0.0):
+        folder = tmp_path / f"signal{signal}"
+        folder.mkdir()
+        image, text = write_runs(folder, text_signal_on_test=signal)
+        result, fused = ensemble.ensemble({"image": read_predictions(image), "text": read_predictions(text)},
+                                          weigh=True)
+        picked.append((result["weight"], result["val_study_auroc_by_weight"], auroc(fused["test"])))
+    assert picked[0][:2] == picked[1][:2]
+    assert picked[0][2] > picked[1][2] + 0.02  # while test itself did change
+
+
+def test_mean_and_bad_input(tmp_path):
+    image, text = write_runs(tmp_path, n=60)
+    result, mean = ensemble.ensemble({str(image): read_predictions(image), str(text): read_predictions(text)})
+    assert "weight" not in result and list(mean) == ["val", "test", "external"]
+    expected = (read_predictions(image)["test"]["probs"] + read_predictions(text)["test"]["probs"]) / 2
+    assert np.allclose(mean["test"]["probs"], expected)
+    third = tmp_path / "third.csv"
+    third.write_bytes(image.read_bytes())
+    with pytest.raises(UserError, match="exactly two runs"):
+        ensemble.main([str(image), str(text), str(third), "--weigh"])
+    out = tmp_path / "fused"
+    assert ensemble.main([str(image), str(text), "--write", str(out)]) == 0
+    before = (out / "predictions.csv").read_bytes()
+    with pytest.raises(UserError, match="already holds"):  # nothing is overwritten
+        ensemble.main([str(image), str(text), "--weigh", "--write", str(out)])
+    assert (out / "predictions.csv").read_bytes() == before
