@@ -17,7 +17,8 @@ study-level AUROC on **val**: test is never looked at, so its score stays honest
 nothing to read for an image (a text model on a film without text) gives every such image the same
 probability, so on those images the fused ranking is the other run's. --write DIR writes the
 fused predictions of every split both runs scored to DIR/predictions.csv, which `cxr-dist compare
---paired` scores like a run.
+--paired` scores like a run, and DIR/ensemble.json, which tells compare what the members read
+(and marks the ensemble LEAK when one of them reads its label).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import numpy as np
 from cxr_dist.errors import UserError
 from cxr_dist.eval.evaluate import average, predictions_csv, read_predictions, report
 from cxr_dist.eval.metrics import balanced_threshold, compute_metrics, study_level
-from cxr_dist.fileio import write_bytes_atomic
+from cxr_dist.fileio import write_bytes_atomic, write_json_atomic
 
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)  # the grid --weigh searches, on val only
 
@@ -121,10 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.write:
         out = Path(args.write)
-        if (out / "predictions.csv").exists() or (out / "config.toml").exists():
+        if any((out / f).exists() for f in ("predictions.csv", "config.toml", "ensemble.json")):
             raise UserError(f"{out} already holds a run's predictions; --write needs a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(out / "predictions.csv", predictions_csv(combined).encode())
+        # what the members read, for `cxr-dist compare` (runs/paired.reads): a member that reads
+        # its label (LEAK) makes the ensemble a leak too
+        members = [str(Path(r).resolve()) for r in args.runs]
+        rule = {"weight_of_first": result["weight"]} if args.weigh else {"rule": "mean of probabilities"}
+        write_json_atomic(out / "ensemble.json", {"members": members, **rule})
         print(f"wrote {out / 'predictions.csv'} ({', '.join(combined)})")
     return 0
 

@@ -13,6 +13,8 @@ import pytest
 from cxr_dist.errors import UserError
 from cxr_dist.eval.evaluate import predictions_csv, read_predictions
 from cxr_dist.eval.metrics import compute_metrics
+from cxr_dist.runs import paired
+from cxr_dist.runs.compare import main as compare_main
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("ensemble", ROOT / "bench" / "ensemble.py")
@@ -106,3 +108,32 @@ def test_mean_and_bad_input(tmp_path):
     with pytest.raises(UserError, match="already holds"):  # nothing is overwritten
         ensemble.main([str(image), str(text), "--weigh", "--write", str(out)])
     assert (out / "predictions.csv").read_bytes() == before
+
+
+def test_compare_says_what_an_ensemble_reads_and_marks_a_leak(tmp_path, capsys):
+    # run directories as training writes them (predictions.csv + config.toml); the second reads
+    # the fields its label was derived from
+    image_csv, text_csv = write_runs(tmp_path, n=60)
+    configs = {"image": '[model]\nkind = "image"\n',
+               "leak": '[model]\nkind = "image+text"\n[loader]\ntext_fields = ["findings", "impression"]\n'
+                       'allow_label_leakage = true\n'}
+    runs = {}
+    for (name, cfg), csv in zip(configs.items(), (image_csv, text_csv)):
+        runs[name] = tmp_path / "runs" / name
+        runs[name].mkdir(parents=True)
+        (runs[name] / "predictions.csv").write_bytes(csv.read_bytes())
+        (runs[name] / "config.toml").write_text(cfg)
+    assert paired.reads(str(runs["image"])) == "image"
+    assert paired.reads(str(runs["leak"])) == "image+text (findings,impression) LEAK"
+    fused = tmp_path / "fused"
+    assert ensemble.main([str(runs["image"]), str(runs["leak"]), "--weigh", "--write", str(fused)]) == 0
+    assert json.loads((fused / "ensemble.json").read_text())["members"] == [str(runs["image"].resolve()),
+                                                                          str(runs["leak"].resolve())]
+    assert paired.reads(str(fused)) == "ensemble of image + image+text (findings,impression) LEAK"
+    capsys.readouterr()
+    assert compare_main(["--paired", str(runs["image"]), str(fused)]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {fused} |")]
+    assert len(row) == 1 and "LEAK" in row[0]
+    honest = tmp_path / "honest"  # the mean of two honest runs is not marked
+    assert ensemble.main([str(runs["image"]), str(image_csv), "--write", str(honest)]) == 0
+    assert paired.reads(str(honest)) == "ensemble of image + ?"

@@ -16,6 +16,7 @@ gain measures the leak, not the model.
 """
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -62,7 +63,18 @@ def split_of(path: str, split: str, source: str | None) -> dict:
 
 def reads(path: str) -> str:
     """What a run's model reads, from its config.toml: "image", "image+text (indication,comparison)",
-    with " LEAK" when it reads a field its label was derived from; "" when unknown (a CSV)."""
+    with " LEAK" when it reads a field its label was derived from; "" when unknown (a CSV). For the
+    predictions of an ensemble (bench/ensemble.py --write: its ensemble.json names the members),
+    what each member reads, and LEAK when one of them does."""
+    fused = Path(path) / "ensemble.json"
+    if fused.is_file():
+        try:
+            members = json.loads(fused.read_text())["members"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+        parts = [reads(m) or "?" for m in members]
+        leak = " LEAK" if any(r.endswith(" LEAK") for r in parts) else ""
+        return "ensemble of " + " + ".join(r.removesuffix(" LEAK") for r in parts) + leak
     cfg_path = Path(path) / "config.toml"
     if not cfg_path.is_file():
         return ""
@@ -97,9 +109,11 @@ def paired(baseline: str, others: list[str], split: str = "test", other_split: s
 
 
 def table(baseline: str, rows: list[dict]) -> str:
-    fmt = lambda g: f"{g['gain']:+.4f} ({g['ci95'][0]:+.4f} to {g['ci95'][1]:+.4f})"  # noqa: E731
-    out = [f"| against {baseline} ({reads(baseline) or '?'}) | reads | n images | AUROC, image | "
-           "gain, image (95% CI) | gain, study (95% CI) |", "|---|---|---|---|---|---|"]
+    def fmt(g: dict) -> str:
+        return f"{g['gain']:+.4f} ({g['ci95'][0]:+.4f} to {g['ci95'][1]:+.4f})"
+
+    out = [(f"| against {baseline} ({reads(baseline) or '?'}) | reads | n images | AUROC, image | "
+            "gain, image (95% CI) | gain, study (95% CI) |"), "|---|---|---|---|---|---|"]
     out += [f"| {r['run']} | {r['reads']} | {r['n']} | {r['auroc']:.4f} | {fmt(r['image'])} | {fmt(r['study'])} |"
             for r in rows]
     return "\n".join(out)
