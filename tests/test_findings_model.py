@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cxr_dist.config import ModelConfig
-from cxr_dist.eval.per_finding import MIN_POSITIVES, finding_table, findings_breakdown, findings_report, macro_auroc
+from cxr_dist.eval.per_finding import (MIN_POSITIVES, finding_table, findings_breakdown, findings_report, macro_auroc,
+                                        source_macro_auroc)
 from cxr_dist.model.classifier import build_model
 from cxr_dist.model.findings_head import FindingsTable, MaskedBCE, align
 from tests.conftest import TINY, VENV_BIN, run_cmd, tiny_overrides
@@ -84,6 +85,33 @@ def test_per_finding_auroc_counts_annotated_images_only():
     assert flat["finding/b/n_pos"] == table["b"]["n_pos"] and flat["findings_macro_auroc"] == pytest.approx(1.0)
     rep = findings_report(probs, targets, mask, ["a", "b"], [str(i) for i in range(n)], ["s1"] * n, ["PA"] * n)
     assert rep["by_finding"]["b"]["by_source"]["s1"]["n"] == 30 and rep["macro_over"] == ["a", "b"]
+
+
+def test_the_macro_mean_scores_each_finding_within_its_source():
+    # Finding "p" is ranked at chance within each source, but source "k" has nearly all the
+    # positives and higher scores: pooled, its AUROC is high and measures the source, not p.
+    rng = np.random.default_rng(0)
+    n = 200
+    sources = ["iu"] * n + ["k"] * n
+    targets = np.concatenate([rng.random(n) < 0.1, rng.random(n) < 0.7]).astype(float)[:, None]
+    probs = np.concatenate([rng.random(n) * 0.5, 0.5 + rng.random(n) * 0.5])[:, None]
+    mask = np.ones_like(targets, bool)
+    pooled = finding_table(probs, targets, mask, ["p"])["p"]["auroc"]
+    assert pooled > 0.75
+    macro, used = source_macro_auroc(probs, targets, mask, ["p"], sources)
+    assert used == ["p (iu)", "p (k)"] and abs(macro - 0.5) < 0.1
+    within = [finding_table(probs[i:i + n], targets[i:i + n], mask[i:i + n], ["p"])["p"]["auroc"] for i in (0, n)]
+    assert macro == pytest.approx(np.mean(within))
+    assert findings_breakdown(probs, targets, mask, ["p"], sources)["findings_macro_auroc"] == pytest.approx(macro)
+    assert findings_breakdown(probs, targets, mask, ["p"])["findings_macro_auroc"] == pytest.approx(pooled)
+    rep = findings_report(probs, targets, mask, ["p"], [str(i) for i in range(2 * n)], sources, ["PA"] * (2 * n))
+    assert rep["macro_over"] == used and rep["macro_auroc"] == pytest.approx(macro)
+    assert rep["by_finding"]["p"]["auroc"] == pytest.approx(pooled)  # the pooled number is still reported
+    # a source with too few positives of a finding leaves only its cell out
+    few = targets.copy()
+    few[:n] = 0
+    few[:MIN_POSITIVES - 1] = 1
+    assert source_macro_auroc(probs, few, mask, ["p"], sources)[1] == ["p (k)"]
 
 
 # ----------------------------------------------------------------------------- a real run

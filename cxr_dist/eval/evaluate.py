@@ -268,7 +268,7 @@ def evaluate_split(model: nn.Module, loader: LoaderConfig, split: str, accelerat
                                 [s.name for s in index.sources if s.role == "train"]))
         if "finding_probs" in preds:  # finding/NAME/auroc, findings_macro_auroc
             result.update(findings_breakdown(preds["finding_probs"], preds["finding_targets"], preds["finding_mask"],
-                                             preds["finding_names"]))
+                                             preds["finding_names"], preds["sources"]))
         if with_predictions:
             result["predictions"] = preds
     return dist.broadcast_object(result)

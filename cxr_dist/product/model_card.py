@@ -244,7 +244,9 @@ def _findings(evaluation: dict) -> str:
     return "\n".join(["## Findings", "",
                       "The findings head's AUROC per finding, over the images whose source annotates it "
                       f"(positives/annotated); the macro mean averages the findings with at least {minimum} "
-                      "positive and negative images. The headline P(abnormal) is the abnormal head's.", "",
+                      "positive and negative images, each within one source where there are several (a "
+                      "finding pooled over collections measures the collection). The headline P(abnormal) "
+                      "is the abnormal head's.", "",
                       _table(["finding", *reports], rows)])
 
 
