@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TINY = ROOT / "configs" / "tiny.toml"
 
+# The session-scoped `mlflow_server` fixture (a real `mlflow server`), registered once for every test
+# module here: tests name it as an argument and import only the helpers (api, experiment_runs, ...).
+pytest_plugins = ["tests.mlflow_server"]
+
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)

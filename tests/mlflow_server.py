@@ -1,10 +1,10 @@
 """A real `mlflow server` for tests: SQLite backend, proxied artifacts in a temporary folder.
 
-Use it from any test module with ``from tests.mlflow_server import mlflow_server`` (the import
-registers the fixture in that module) or ``pytest_plugins = ["tests.mlflow_server"]`` in a
-conftest. The fixture is session-scoped: one server (5-10 s to start, ~0.5 GB) serves every test of
-the pytest process, however many modules import it; tests keep apart by using their own
-experiment names.
+tests/conftest.py registers this module (``pytest_plugins = ["tests.mlflow_server"]``), so any test
+under tests/ just names ``mlflow_server`` as an argument; importing the fixture into a test module
+as well is not needed (it would shadow the argument). The fixture is session-scoped: one server
+(5-10 s to start, ~0.5 GB) serves every test of the pytest process, however many modules use it;
+tests keep apart by using their own experiment names.
 
 MLflow 3.17's server starts 15 processes and ~3 GB by default; job execution off
 (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false) and `--workers 1` keep it to two processes, ~0.5 GB.

@@ -15,7 +15,6 @@ from cxr_dist.runs.compare import folds_main, main
 from cxr_dist.config import TrackingConfig
 from cxr_dist.errors import UserError
 from cxr_dist.runs.tracking import CAMPAIGN_PARENT_TAG, PARENT_RUN_TAG, campaign_parent_run, make_tracker
-from tests.mlflow_server import mlflow_server  # noqa: F401 - registers the fixture
 
 
 @pytest.fixture(autouse=True)

@@ -136,7 +136,7 @@ def test_evaluate_with_test_time_augmentation(trained, tiny_shards, tmp_path):
 def test_tta_gives_the_same_answer_on_two_processes(tiny_shards, tmp_path):
     """evaluate_split with 3 views on 2 real processes (gloo) = the mean of the plain view and two
     augmented views computed here in one process. A brightness 'model' makes every view count."""
-    from cxr_dist.config import load_config, replace
+    from cxr_dist.config import load_config
     from cxr_dist.eval.evaluate import predict_split
     from tests.conftest import TINY
     from tests.tta_probe import Brightness

@@ -24,7 +24,7 @@ import torch
 from cxr_dist.model.checkpoint import amend_checkpoint, load_model_state, save_checkpoint
 from cxr_dist.cli import main as cli_main
 from cxr_dist.config import Config, DataConfig, LoaderConfig, ModelConfig, from_dict, replace, section, to_dict
-from cxr_dist.product.export import export_onnx, metadata, opset_of, check_parity
+from cxr_dist.product.export import metadata, opset_of, check_parity
 from cxr_dist.model.classifier import build_model
 from cxr_dist.product.predict import load_image
 from cxr_dist.data.transforms import eval_transform

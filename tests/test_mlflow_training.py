@@ -26,10 +26,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import ROOT, VENV_BIN, _env, accelerate_launch, run_cmd, tiny_overrides
-from tests.mlflow_server import api, experiment_runs, free_port, mlflow_server  # noqa: F401 - fixture
+from tests.mlflow_server import api, experiment_runs, free_port
 from tests.train_hooks import wait_until_held
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import io
 import json
 import math
 import re

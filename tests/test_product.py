@@ -35,7 +35,7 @@ from cxr_dist.model.checkpoint import load_extra, load_model_state
 from cxr_dist.eval.ood import OOD_KEYS, FeatureDensity, check_not_constant
 from cxr_dist.errors import DataError
 from tests.conftest import ROOT, VENV_BIN, accelerate_launch, run_cmd
-from tests.mlflow_server import api, experiment_runs, free_port, mlflow_server  # noqa: F401 - fixture
+from tests.mlflow_server import api, experiment_runs, free_port
 
 DEMO_FILMS = ROOT / "demo" / "kermany"
 SCHEDULE = ["--train.phases.0.epochs", "2", "--train.phases.1.epochs", "1", "--loader.input_size", "128",

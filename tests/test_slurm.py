@@ -327,9 +327,6 @@ def test_kfold_array_trains_every_fold_and_folds_summarises_them(kfold_shards, t
     assert summary["metrics"] and all(s["n"] == 2 for s in summary["metrics"].values())
 
 
-from tests.mlflow_server import mlflow_server  # noqa: E402,F401 - registers the fixture
-
-
 def _task_log(log_dir: Path, job: str, task: int) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.glob(f"*-{job}_{task}.out")))
 

@@ -16,7 +16,7 @@ from cxr_dist.config import TrackingConfig
 from cxr_dist.errors import UserError
 from cxr_dist.eval.plots import confusion_figure, roc_pr_figure, training_figure
 from cxr_dist.runs.tracking import RUN_ID_FILE, MLflowTracker, NullTracker, flatten_params, make_tracker
-from tests.mlflow_server import api, experiment_runs, free_port, mlflow_server  # noqa: F401 - fixture
+from tests.mlflow_server import api, experiment_runs, free_port
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
