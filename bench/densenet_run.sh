@@ -7,6 +7,8 @@
 #
 #   bash bench/densenet_run.sh                     # OUT=out/densenet; SHARDS=prepared IU shards
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # train_timed RUN_DIR NAME [overrides...]: one timed run
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/densenet}"
 SHARDS="${SHARDS:-$OUT/shards}"
@@ -20,10 +22,6 @@ if [ -n "${WEIGHTS:-}" ]; then W=(--model.weights "$WEIGHTS"); else W=(--model.p
 # about what EfficientNet-B1's last block trains); from random init the backbone's rate is the head's.
 PHASES='[{name = "head", epochs = 15, unfreeze_blocks = 0, lr = 1e-3},
          {name = "finetune", epochs = 25, unfreeze_blocks = 16, lr = 1e-3, backbone_lr = 1e-3}]'
-t0=$SECONDS
-"$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    -m cxr_dist.train --config "$CFG" --data.shards_dir "$SHARDS" --model.backbone densenet121 "${W[@]}" \
-    --train.phases "$PHASES" --train.cache_views 1 --selection.early_stop_patience 3 \
-    --train.run_dir "$OUT/run" --train.cache_dir "$OUT/cache" --tracking.uri "sqlite:///$OUT/mlflow.db" \
-    --tracking.run_name densenet121 > "$OUT/run.log" 2>&1
-echo "densenet121: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+# Run directory OUT/run, log OUT/run.log, "densenet121: N s" appended to OUT/times.txt.
+train_timed "$OUT/run" densenet121 --model.backbone densenet121 "${W[@]}" \
+    --train.phases "$PHASES" --train.cache_views 1 --selection.early_stop_patience 3

@@ -9,6 +9,8 @@
 #
 # The runs share one frozen-compute cache (OUT/cache): the frozen part is computed once.
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # run NAME [overrides...]: one timed run in OUT/runs/NAME
 cd "$(dirname "$0")/.."
 SOURCES="${SOURCES:-iu}"
 OUT="${OUT:-out/findings-$SOURCES}"
@@ -24,15 +26,6 @@ mkdir -p "$OUT/runs"
 [ -f "$SHARDS/index.json" ] || "$BIN/cxr-dist" prepare --config "$CFG" "${DATA[@]}" --out "$SHARDS" \
     --data.findings '["nih14"]'
 
-run() {  # NAME [overrides...]: one process on the CPU (or the GPU when there is one), timed
-    local name="$1"; shift
-    local t0=$SECONDS
-    "$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-        -m cxr_dist.train --config "$CFG" --data.shards_dir "$SHARDS" --train.run_dir "$OUT/runs/$name" \
-        --train.cache_dir "$OUT/cache" --tracking.uri "sqlite:///$OUT/mlflow.db" --tracking.run_name "$name" "$@" \
-        > "$OUT/runs/$name.log" 2>&1
-    echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
-}
 for name in $RUNS; do
     case "$name" in
         binary) run binary --train.findings_weight 0 ;;

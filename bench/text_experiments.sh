@@ -8,6 +8,8 @@
 #
 # The runs share one frozen-compute cache and one text-embedding cache (OUT/cache).
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # run NAME [overrides...]: one timed run in OUT/runs/NAME
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/text}"
 SHARDS="${SHARDS:-$OUT/shards}"
@@ -18,15 +20,6 @@ mkdir -p "$OUT/runs"
 [ -f "$SHARDS/index.json" ] || "$BIN/cxr-dist" prepare --config "$CFG" --out "$SHARDS"
 "$BIN/cxr-dist" audit-text --shards "$SHARDS" --fields indication comparison | tee "$OUT/audit.txt"
 
-run() {  # NAME [overrides...]: one process on the CPU (or the GPU when there is one), timed
-    local name="$1"; shift
-    local t0=$SECONDS
-    "$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-        -m cxr_dist.train --config "$CFG" --data.shards_dir "$SHARDS" --train.run_dir "$OUT/runs/$name" \
-        --train.cache_dir "$OUT/cache" --tracking.uri "sqlite:///$OUT/mlflow.db" --tracking.run_name "$name" "$@" \
-        > "$OUT/runs/$name.log" 2>&1
-    echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
-}
 HEAD='{name = "head", epochs = 5, unfreeze_blocks = 0, lr = 1e-3}'  # configs/iu_text.toml's phase, shorter
 for name in $RUNS; do
     case "$name" in
