@@ -20,13 +20,13 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from cxr_dist.config import ConfigError  # noqa: E402
+from cxr_dist.data.text import clean  # noqa: E402
 from tests.textgen import make_tiny_gpt2  # noqa: E402
 from cxr_dist.model.text_encoder import (  # noqa: E402
     DEFAULT_MODULE,
     TEXT_ENCODER_DEFAULT,
     TextEncoder,
     build_text_encoder,
-    normalize_text,
 )
 
 SENTENCES = [
@@ -164,14 +164,16 @@ def test_empty_and_broken_texts_give_a_vector(bert, gpt2):
     assert batch["input_ids"].shape == (2, 1) and batch["attention_mask"].tolist() == [[1], [1]]
 
 
-def test_normalize_text():
-    assert normalize_text(None) == "" and normalize_text(float("nan")) == "" and normalize_text(3.5) == ""
-    assert normalize_text("  The lungs\n\n are\tclear.\u00a0 ") == "The lungs are clear."
-    assert normalize_text(b"caf\xc3\xa9 \xff ok") == "caf\u00e9 \ufffd ok"
-    assert normalize_text(bytearray(b" x  y ")) == "x y"
-    assert normalize_text(12) == "12"
+def test_clean_is_the_one_text_normaliser():
+    # data/text.clean: what the shards, the encoder and prediction all use
+    assert clean(None) == "" and clean(float("nan")) == "" and clean(3.5) == ""
+    assert clean("  The lungs\n\n are\tclear.\u00a0 ") == "The lungs are clear."
+    assert clean(b"caf\xc3\xa9 \xff ok") == "caf\u00e9 \ufffd ok"
+    assert clean(bytearray(b" x  y ")) == "x y"
+    assert clean(12) == "12"
+    assert clean("caf\udce9") == "caf\ufffd"  # a surrogate-escaped byte (a command-line argument)
     for value in (None, float("nan"), b"\x80", "a", 7):
-        assert isinstance(normalize_text(value), str)
+        assert isinstance(clean(value), str)
 
 
 def test_set_trainable_layers(bert, gpt2):

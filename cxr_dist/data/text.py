@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import tarfile
 from collections.abc import Iterable, Iterator
 
@@ -25,13 +26,19 @@ log = logging.getLogger(__name__)
 
 
 def clean(value: object) -> str:
-    """Any cell -> text: None, NaN and non-strings -> "" (numbers are not text here), bytes decoded
-    as UTF-8 with replacement characters, whitespace collapsed."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    if not isinstance(value, str):
+    """Any cell -> one line of text, for the shards, the text encoder and prediction alike:
+    None, pandas' NA and any non-integral number (NaN: an empty CSV cell) -> ""; an integer -> its
+    digits; bytes decoded as UTF-8 and bytes that are not UTF-8 (also surrogate escapes, from
+    command-line arguments and file names) replaced by U+FFFD; runs of whitespace (newlines, tabs,
+    no-break spaces) collapsed to one space and the ends stripped."""
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
         return ""
-    # Bytes that were not UTF-8 (command-line arguments, file names: surrogate escapes) -> U+FFFD.
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return ""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value).decode("utf-8", errors="replace")
+    elif not isinstance(value, str):
+        value = str(value)
     try:
         value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     except UnicodeEncodeError:  # a lone surrogate that is no escaped byte

@@ -44,7 +44,6 @@ import hashlib
 import importlib.util
 import inspect
 import logging
-import numbers
 import re
 from pathlib import Path
 
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..data.text import clean
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +87,6 @@ def _is_decoder(model: nn.Module) -> bool:
     archs = " ".join(getattr(config, "architectures", None) or [])
     return bool(getattr(config, "model_type", "") in _DECODER_TYPES or "CausalLM" in archs or "LMHead" in archs
                 or (_get(model, "encoder") is None and any(_get(model, n) is not None for n in ("ln_f", "norm"))))
-
-
-def normalize_text(value) -> str:
-    """One report field as clean text: None, NaN or any float (an empty CSV cell) -> "", bytes decoded
-    as UTF-8 (bad bytes replaced), surrounding whitespace stripped and inner runs of whitespace
-    (newlines, tabs, no-break spaces) collapsed to one space."""
-    if value is None or type(value).__name__ in ("NAType", "NaTType"):
-        return ""
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
-        return ""  # NaN from pandas, or a number where text was expected
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        value = bytes(value).decode("utf-8", errors="replace")
-    elif not isinstance(value, str):
-        value = str(value)
-    return " ".join(value.split())
 
 
 def _get(module: nn.Module, dotted: str):
@@ -237,7 +222,7 @@ class TextEncoder(nn.Module):
             raise ConfigError(f"model.max_tokens={self.max_tokens}, but text encoder {name} has only "
                               f"{positions} positions")
         self.dim = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-                       or getattr(config, "d_model"))
+                       or config.d_model)
         ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id, tokenizer.unk_token_id,
                tokenizer.pad_token_id]
         self._fallback_id = next(i for i in ids if i is not None)
@@ -260,7 +245,7 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], int]:
         """Token ids and attention mask (padded, at most max_tokens), and how many texts were cut."""
-        batch, cut = self._tokenize([normalize_text(t) for t in texts])
+        batch, cut = self._tokenize([clean(t) for t in texts])
         return batch, sum(cut)
 
     def _tokenize(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
@@ -310,7 +295,7 @@ class TextEncoder(nn.Module):
         result is in the order of `texts`."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        texts = [normalize_text(t) for t in texts]
+        texts = [clean(t) for t in texts]
         unique: dict[str, int] = {}
         where = torch.tensor([unique.setdefault(t, len(unique)) for t in texts], dtype=torch.long)
         distinct = list(unique)
@@ -343,9 +328,9 @@ class TextEncoder(nn.Module):
         # Another family: the longest ModuleList of same-typed blocks.
         best = None
         for _, module in self.model.named_modules():
-            if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
-                if best is None or len(module) > len(best):
-                    best = module
+            same_typed = isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
+            if same_typed and (best is None or len(module) > len(best)):
+                best = module
         if best is None:
             raise ConfigError(f"text encoder {self.name}: cannot find its transformer layers")
         return best
