@@ -153,6 +153,11 @@ class ModelConfig:
     # What the head reads: "image" (the CNN's pooled feature; the baseline), "text" (the text
     # encoder's pooled data.text_fields only), "image+text" (both, concatenated: the fused model).
     kind: str = "image"
+    # image+text: where image and text meet. "early": one MLP head reads both, concatenated. "late":
+    # the image's MLP head and a text MLP head each give logits, and they are added (log-odds add up),
+    # so a film without text gets one constant no-text term and keeps the image head's ranking
+    # (docs/text.md, "Late fusion").
+    fusion: str = "early"
     # The text encoder of kind text / image+text: a Hugging Face transformers model by hub id or local
     # folder, encoder (BERT family) or decoder (GPT-2, Llama, Qwen); "" = the offline default (docs/text.md).
     text_encoder: str = ""
@@ -623,9 +628,12 @@ def validate(cfg: Config) -> None:
     if m.frozen_backend not in FROZEN_BACKENDS:
         problems.append(f"model.frozen_backend must be one of {', '.join(FROZEN_BACKENDS)}, not {m.frozen_backend!r}")
     for name, allowed in (("kind", ("image", "text", "image+text")), ("text_pooling", ("mean", "cls", "last")),
-                          ("text_missing", ("dropout", "refuse"))):
+                          ("text_missing", ("dropout", "refuse")), ("fusion", ("early", "late"))):
         if hasattr(m, name) and getattr(m, name) not in allowed:
             problems.append(f"model.{name} must be one of {', '.join(repr(a) for a in allowed)}, not {getattr(m, name)!r}")
+    if getattr(m, "fusion", "early") == "late" and m.kind != "image+text":
+        problems.append(f'model.fusion = "late" adds a text head\'s logits to the image head\'s, but model.kind = '
+                        f'{m.kind!r}: use kind "image+text", or fusion "early"')
     problems += _lora_problems(m, t)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

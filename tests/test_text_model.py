@@ -141,6 +141,44 @@ def test_fused_model_reads_both_and_uses_no_text_where_a_sample_has_none(text_da
         assert not torch.allclose(out[:2], model(x, text={**tokens, "has": torch.tensor([False, False, False])})[:2])
 
 
+def test_late_fusion_adds_a_text_heads_logits_and_keeps_the_image_ranking_without_text(text_data):
+    from cxr_dist.config import PhaseConfig
+    from cxr_dist.model.classifier import param_groups
+
+    _, bert, _ = text_data
+    model = _model(bert, fusion="late", modality_dropout=0.0).eval()
+    assert model.head[0].in_features == 1280 and model.text_head[0].in_features == model.text_encoder.dim
+    (head_group,) = param_groups(model, PhaseConfig(unfreeze_blocks=0))
+    assert set(model.text_head.parameters()) <= set(head_group["params"])  # trains with the head
+    torch.manual_seed(1)
+    h = torch.randn(4, 1280)  # pooled image features, as the frozen-compute cache gives them
+    tokens, _ = model.text_encoder.tokenize(["indication: chest pain.", "indication: cough.", "x", "y"])
+    with torch.no_grad():
+        for p in model.text_head.parameters():  # a text head that is not ~0 at init
+            p.add_(torch.randn_like(p))
+        image = model.head(h)
+        with_text = model(h, cached=True, text={**tokens, "has": torch.ones(4, dtype=torch.bool)})
+        without = model(h, cached=True, text={**tokens, "has": torch.zeros(4, dtype=torch.bool)})
+        # the logits are the image head's plus the text head's
+        assert torch.allclose(with_text, image + model.text_logits({**tokens, "has": torch.ones(4, dtype=torch.bool)}, 4),
+                              atol=1e-5)
+        # without text: the image head's logits plus one constant, so the same ranking
+        shift = without - image
+        assert torch.allclose(shift, shift[:1].expand_as(shift), atol=1e-5)
+        assert not torch.allclose(with_text, without)
+        margin = lambda logits: logits[:, 1] - logits[:, 0]  # noqa: E731  the log-odds of abnormal
+        assert torch.equal(torch.argsort(margin(without)), torch.argsort(margin(image)))
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_late_fusion_needs_an_image_text_model(text_data, kind):
+    shards, bert, _ = text_data
+    with pytest.raises(ConfigError, match=r'fusion = "late".*use kind "image\+text"'):
+        _cfg(shards, "--model.kind", kind, "--model.text_encoder", str(bert), "--model.fusion", "late")
+    with pytest.raises(ConfigError, match="model.fusion must be one of"):
+        _cfg(shards, "--model.kind", "image+text", "--model.fusion", "middle")
+
+
 def test_modality_dropout_drops_text_in_training_only(text_data):
     _, bert, _ = text_data
     model = _model(bert, modality_dropout=0.999)
@@ -198,29 +236,40 @@ def test_training_refuses_the_leak_before_any_work(text_data):
 
 
 @pytest.mark.slow
-def test_two_processes_train_an_image_text_model_in_step(text_data):
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_two_processes_train_an_image_text_model_in_step(text_data, fusion):
     """2 processes (DDP, gloo), phase 2 unfreezing a text layer and a CNN block: the ranks end
-    with identical parameters (text encoder included), and the run is tagged and evaluated."""
+    with identical parameters (text encoder included, and late fusion's text head), and the run
+    is evaluated."""
     import mlflow
     from safetensors.torch import load_file
 
     shards, bert, tmp = text_data
-    res = accelerate_launch(["-m", "tests.rank_probe", str(tmp / "params"),
-                             *tiny_overrides(shards, tmp / "fused", "--model.kind", "image+text",
+    params, run_dir = tmp / f"params-{fusion}", tmp / f"fused-{fusion}"
+    res = accelerate_launch(["-m", "tests.rank_probe", str(params),
+                             *tiny_overrides(shards, run_dir, "--model.kind", "image+text", "--model.fusion", fusion,
                                              "--model.text_encoder", str(bert), "--train.phases.1.unfreeze_text_layers",
-                                             "1", "--model.report_supervision", "0.5")], cwd=tmp)
+                                             "1", "--model.report_supervision", "0.5",
+                                             "--tracking.experiment", f"fused-{fusion}")], cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    a, b = (load_file(str(tmp / "params" / f"rank{r}.safetensors")) for r in (0, 1))
+    a, b = (load_file(str(params / f"rank{r}.safetensors")) for r in (0, 1))
     assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    assert any(k.startswith("text_head.") for k in a) == (fusion == "late")
     for k in a:
         if "running_" not in k and "num_batches" not in k:
             assert torch.equal(a[k], b[k]), k
-    evaluation = json.loads((tmp / "fused" / "evaluation.json").read_text())
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["test"]["image_level"]["n"] > 0
     client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("cxr-dist-tiny").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name(f"fused-{fusion}").experiment_id])
     # rank_probe does not tag (loop.main does); the tags are checked on the one-process run below.
-    assert run.data.params["model.kind"] == "image+text"
+    assert run.data.params["model.kind"] == "image+text" and run.data.params["model.fusion"] == fusion
+    # the product rebuilds the model from the checkpoint (late fusion: its text head too)
+    res = run_cmd([str(VENV_BIN / "cxr-dist"), "evaluate", "--checkpoint", str(run_dir), "--shards", str(shards),
+                   "--split", "test"], cwd=tmp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = json.loads(res.stdout)["image_level"]["auroc"]
+    assert again == pytest.approx(evaluation["test"]["image_level"]["auroc"], abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +295,7 @@ def test_one_process_run_is_tagged_and_reads_cached_text(text_data, text_run):
     (run,) = client.search_runs([client.get_experiment_by_name("text-tags").experiment_id])
     assert run.data.tags["model.kind"] == "image+text"
     assert run.data.tags["text_fields"] == "indication,comparison"
-    assert run.data.tags["label_leakage"] == "false"
+    assert run.data.tags["label_leakage"] == "false" and run.data.tags["fusion"] == "early"
     card = (text_run / "MODEL_CARD.md").read_text()
     assert "Reads text besides the film (indication, comparison)" in card
 

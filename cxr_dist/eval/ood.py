@@ -54,8 +54,10 @@ def features_and_logits(model: torch.nn.Module, x: torch.Tensor,
     if getattr(model, "uses_image", True):
         bb = model.backbone
         h = bb.forward_head(bb.forward_features(model.normalize(x)), pre_logits=True)
-    z = model.head_input(h, text, x.shape[0]) if getattr(model, "uses_text", False) else h
-    return z, model.head(z)
+    if getattr(model, "uses_text", False):
+        z = model.head_input(h, text, x.shape[0])
+        return z, model.logits(z, text, x.shape[0])  # late fusion adds the text head's logits
+    return h, model.head(h)
 
 
 class FeatureDensity:

@@ -31,6 +31,17 @@ from ..config import ConfigError, ModelConfig, PhaseConfig
 from .backbones import backbone_name, split_of
 
 
+def mlp_head(inputs: int, hidden: int, dropout: float, num_classes: int) -> nn.Sequential:
+    """The original experiment's head: Linear -> BatchNorm -> ReLU -> Dropout -> Linear."""
+    return nn.Sequential(
+        nn.Linear(inputs, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 def inference_device() -> torch.device:
     """Where single-process inference (`cxr-dist evaluate`, `cxr-dist predict`) runs: the GPU when
     one is present, else the CPU. (Training gets its device from Accelerate.)"""
@@ -65,6 +76,9 @@ def frozen_part(backbone: nn.Module, x: torch.Tensor, depth: int) -> torch.Tenso
 class CXRClassifier(nn.Module):
     """The classifier. `kind` says what its MLP head reads (model.kind): "image" (the backbone's
     pooled feature: the baseline), "text" (a text embedding) or "image+text" (both, concatenated).
+    With `fusion` "late" an image+text model has two MLP heads, the image's (`head`) and the
+    text's (`text_head`), and adds their logits: without text the text head sees the no-text
+    vector, one constant term for every film, so the ranking is the image head's.
 
     Text arrives as a dict (`text=` of forward): {"emb": B x D text embeddings (a frozen encoder's,
     cached)} or {"input_ids", "attention_mask"} for `text_encoder` (a trainable one), and "has":
@@ -88,14 +102,11 @@ class CXRClassifier(nn.Module):
         if self.uses_text and text_encoder is None:
             raise ConfigError(f"model.kind = {kind!r} needs a text encoder (its embedding size)")
         text_dim = text_encoder.dim if self.uses_text else 0
-        nf = (backbone.num_features if self.uses_image else 0) + (text_dim if self.uses_text else 0)
-        self.head = nn.Sequential(
-            nn.Linear(nf, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
-        )
+        self.late = kind == "image+text" and getattr(cfg, "fusion", "early") == "late"
+        nf = (backbone.num_features if self.uses_image else 0) + (text_dim if self.uses_text and not self.late else 0)
+        self.head = mlp_head(nf, hidden, dropout, num_classes)
+        # Late fusion: the text's own head, whose logits are added to the image head's.
+        self.text_head = mlp_head(text_dim, hidden, dropout, num_classes) if self.late else None
         if self.uses_text:
             # Pooled text embeddings and pooled CNN features live on different scales.
             self.text_norm = nn.LayerNorm(text_dim)
@@ -232,13 +243,26 @@ class CXRClassifier(nn.Module):
         return torch.where(missing[:, None], self.no_text.to(emb.dtype).expand_as(emb), emb)
 
     def head_input(self, image_feature: torch.Tensor | None, text: dict | None, n: int) -> torch.Tensor:
-        """What the MLP head reads: the image feature, the text embedding, or both concatenated."""
+        """What the MLP head reads: the image feature, the text embedding, or both concatenated
+        (late fusion: the image feature; the text goes to `text_head`, in `text_logits`)."""
         parts = [image_feature] if self.uses_image else []
-        if self.uses_text:
+        if self.uses_text and not self.late:
             if text is None:
                 raise ValueError(f"a model of kind {self.kind!r} needs text (text_inputs.attach_text)")
             parts.append(self.text_embedding(text, n))
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def text_logits(self, text: dict | None, n: int) -> torch.Tensor | float:
+        """What late fusion adds to the head's logits: the text head's (0 for any other model)."""
+        if not self.late:
+            return 0.0
+        if text is None:
+            raise ValueError("a late-fusion image+text model needs text (text_inputs.attach_text)")
+        return self.text_head(self.text_embedding(text, n))
+
+    def logits(self, z: torch.Tensor, text: dict | None, n: int) -> torch.Tensor:
+        """Logits from what the head reads (`z`, head_input) and the text (for late fusion)."""
+        return self.head(z) + self.text_logits(text, n)
 
     def trainable_forward(self, h: torch.Tensor, text: dict | None = None, return_hidden: bool = False,
                           return_findings: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -248,10 +272,10 @@ class CXRClassifier(nn.Module):
         `return_findings` also the findings head's logits (B x 0 for a model without findings)."""
         z = self.head_input(self.pooled(h) if self.uses_image else None, text, h.shape[0])
         if not (return_hidden or return_findings):
-            return self.head(z)
+            return self.logits(z, text, h.shape[0])
         hidden = self.head[:3](z)  # Linear -> BatchNorm -> ReLU (evaluate's features hook head[0])
         dropped = self.head[3](hidden)
-        out = (self.head[4](dropped),)
+        out = (self.head[4](dropped) + self.text_logits(text, h.shape[0]),)
         if return_hidden:
             out += (self.report_proj(hidden) if self.report_proj is not None else hidden,)
         if return_findings:

@@ -130,6 +130,11 @@ def _model(cfg: Config) -> str:
         f"- Backbone: `{m.backbone}` (timm); pretrained weights: {_weights(m)}.",
         f"- Head: pooled features -> Linear({m.hidden}) -> BatchNorm -> ReLU -> Dropout({m.dropout:g}) -> "
         f"Linear({m.num_classes}); softmax, the output is P(abnormal).",
+        *([f"- Text: {', '.join(ld.text_fields)}, read by `{m.text_encoder or 'all-MiniLM-L6-v2 (default)'}`; "
+           + ("its own MLP head's logits are added to the image head's (late fusion)." if m.kind == "image+text"
+              and m.fusion == "late" else "its embedding goes into the head" + (" beside the image feature."
+                                                                              if m.kind == "image+text" else "."))]
+          if m.kind != "image" else []),
         f"- Input: one grayscale film, stored at {d.image_size} px ({d.resize}), seen at {ld.input_size} x "
         f"{ld.input_size} px; intensity normalisation: {d.intensity}.",
         f"- Training: class-weighted loss: {'yes' if t.class_weighted_loss else 'no'}; view x label balancing: "
@@ -327,6 +332,10 @@ def limitations(cfg: Config, evaluation: dict, calibration: dict | None = None) 
                    "with loader.allow_label_leakage = true: a field the label was derived from (IU: findings, "
                    "impression) states the label, so every score below measures the leak, not the film. "
                    "Not a model to use; see docs/text.md.")
+    elif cfg.model.kind == "image+text" and cfg.model.fusion == "late":
+        out.append(f"Reads text besides the film ({', '.join(cfg.loader.text_fields)}), through its own head whose "
+                   "logits are added to the image head's (late fusion): a film without text gets one constant "
+                   "no-text term, so films without text are ranked by the image head alone.")
     elif cfg.model.kind != "image":
         out.append(f"Reads text besides the film ({', '.join(cfg.loader.text_fields)}): a film without it is scored "
                    "from the image and a learned no-text input (modality dropout "

@@ -82,6 +82,8 @@ def reads(path: str) -> str:
     kind = cfg.get("model", {}).get("kind", "image")
     data = cfg.get("loader", {})
     text = f" ({','.join(data.get('text_fields', []))})" if kind != "image" else ""
+    if kind == "image+text" and cfg.get("model", {}).get("fusion") == "late":
+        text = " late fusion" + text
     sup = " + report supervision" if cfg.get("model", {}).get("report_supervision", 0) > 0 else ""
     leak = " LEAK" if kind != "image" and data.get("allow_label_leakage") else ""
     return f"{kind}{text}{sup}{leak}"

@@ -230,6 +230,7 @@ def run_tags(cfg: Config, leaks: list[str]) -> dict[str, str]:
     (`cxr-dist compare`): its kind, its text inputs, report supervision and the leak."""
     reads_text = cfg.model.kind != "image"
     return {"model.kind": cfg.model.kind,
+            "fusion": cfg.model.fusion if cfg.model.kind == "image+text" else "",
             "text_fields": ",".join(cfg.loader.text_fields) if reads_text else "",
             "report_supervision": ",".join(cfg.loader.report_fields) if cfg.model.report_supervision > 0 else "",
             "label_leakage": "true" if leaks else "false"}
