@@ -5,6 +5,10 @@
 #
 #   bash bench/text_experiments.sh                 # OUT=out/text; RUNS="image image_text ..." picks runs
 #   RUNS="text_tuned text_lora" bash bench/text_experiments.sh   # the text encoder trained (not by default)
+#   RUNS=image_text_late bash bench/text_experiments.sh           # late fusion in one model (model.fusion)
+#
+# With the image and text runs done it also fuses them late (bench/ensemble.py --weigh: the weight
+# picked on val) into OUT/runs/late_fusion, which the paired tables compare too.
 #
 # The runs share one frozen-compute cache and one text-embedding cache (OUT/cache).
 set -euo pipefail
@@ -13,7 +17,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # run NAME [overrides...]: one t
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/text}"
 SHARDS="${SHARDS:-$OUT/shards}"
-RUNS="${RUNS:-image image_text report_sup text leak}"
+RUNS="${RUNS:-image image_text image_text_late report_sup text leak}"
 CFG=configs/iu_text.toml
 BIN=.venv/bin
 mkdir -p "$OUT/runs"
@@ -25,6 +29,7 @@ for name in $RUNS; do
     case "$name" in
         image) run image --model.kind image ;;
         image_text) run image_text ;;                                        # + indication, comparison
+        image_text_late) run image_text_late --model.fusion late ;;          # the same, fused late
         report_sup) run report_sup --model.kind image --model.report_supervision 0.5 ;;
         text) run text --model.kind text ;;
         leak) run leak --loader.text_fields '["findings", "impression"]' --loader.allow_label_leakage true ;;
@@ -37,8 +42,13 @@ for name in $RUNS; do
         *) echo "unknown run $name" >&2; exit 2 ;;
     esac
 done
+if [ -f "$OUT/runs/image/predictions.csv" ] && [ -f "$OUT/runs/text/predictions.csv" ] \
+        && [ ! -e "$OUT/runs/late_fusion" ]; then
+    "$BIN/python" bench/ensemble.py "$OUT/runs/image" "$OUT/runs/text" --weigh --write "$OUT/runs/late_fusion" \
+        --out "$OUT/late_fusion.json" | tee "$OUT/late_fusion.md"
+fi
 others=()
-for name in image_text text_tuned text_lora report_sup text leak; do [ -f "$OUT/runs/$name/predictions.csv" ] && others+=("$OUT/runs/$name"); done
+for name in image_text image_text_late late_fusion text_tuned text_lora report_sup text leak; do [ -f "$OUT/runs/$name/predictions.csv" ] && others+=("$OUT/runs/$name"); done
 echo "## IU test, against the image-only run" | tee "$OUT/paired.md"
 "$BIN/cxr-dist" compare --paired "$OUT/runs/image" "${others[@]}" | tee -a "$OUT/paired.md"
 echo "## Kermany (external, no text), against the image-only run" | tee -a "$OUT/paired.md"
