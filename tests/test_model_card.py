@@ -183,6 +183,21 @@ def test_a_leaking_text_model_says_so_before_any_number(setup):
     assert "LABEL LEAKAGE" not in model_card(replace(leak, loader=LoaderConfig()), index, evaluation)
 
 
+def test_a_text_model_says_what_it_reads_and_how_it_fuses(setup):
+    from cxr_dist.config import ModelConfig
+
+    cfg, index = setup
+    evaluation, _ = _evaluation(lateral_shift=0.0)
+    assert "- Text:" not in model_card(cfg, index, evaluation)  # an image model reads none
+    early = model_card(replace(cfg, model=ModelConfig(kind="image+text")), index, evaluation)
+    assert "- Text: indication, comparison, read by `all-MiniLM-L6-v2 (default)`; its embedding goes into the " \
+           "head beside the image feature." in early
+    assert "learned no-text input (modality dropout 0.2)" in early
+    late = model_card(replace(cfg, model=ModelConfig(kind="image+text", fusion="late")), index, evaluation)
+    assert "logits are added to the image head's (late fusion)." in late
+    assert "films without text are ranked by the image head alone" in late and "modality dropout 0.2" not in late
+
+
 def test_a_findings_model_has_its_table(setup):
     from cxr_dist.eval.per_finding import findings_report
 

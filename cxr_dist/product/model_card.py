@@ -130,11 +130,7 @@ def _model(cfg: Config) -> str:
         f"- Backbone: `{m.backbone}` (timm); pretrained weights: {_weights(m)}.",
         f"- Head: pooled features -> Linear({m.hidden}) -> BatchNorm -> ReLU -> Dropout({m.dropout:g}) -> "
         f"Linear({m.num_classes}); softmax, the output is P(abnormal).",
-        *([f"- Text: {', '.join(ld.text_fields)}, read by `{m.text_encoder or 'all-MiniLM-L6-v2 (default)'}`; "
-           + ("its own MLP head's logits are added to the image head's (late fusion)." if m.kind == "image+text"
-              and m.fusion == "late" else "its embedding goes into the head" + (" beside the image feature."
-                                                                              if m.kind == "image+text" else "."))]
-          if m.kind != "image" else []),
+        *_text_line(cfg),
         f"- Input: one grayscale film, stored at {d.image_size} px ({d.resize}), seen at {ld.input_size} x "
         f"{ld.input_size} px; intensity normalisation: {d.intensity}.",
         f"- Training: class-weighted loss: {'yes' if t.class_weighted_loss else 'no'}; view x label balancing: "
@@ -144,6 +140,21 @@ def _model(cfg: Config) -> str:
         + f"; evaluated over {cfg.product.tta_views} view(s) per image.",
         "", phases,
     ])
+
+
+def _text_line(cfg: Config) -> list[str]:
+    """The model section's line on text: what is read, by which encoder, and how it meets the image."""
+    m = cfg.model
+    if m.kind == "image":
+        return []
+    if m.kind == "text":
+        how = "its embedding goes into the head."
+    elif m.fusion == "late":
+        how = "its own MLP head's logits are added to the image head's (late fusion)."
+    else:
+        how = "its embedding goes into the head beside the image feature."
+    encoder = m.text_encoder or "all-MiniLM-L6-v2 (default)"
+    return [f"- Text: {', '.join(cfg.loader.text_fields)}, read by `{encoder}`; {how}"]
 
 
 def label_definition(src: SourceConfig) -> str:
