@@ -28,9 +28,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 
 from cxr_dist.errors import UserError
-from cxr_dist.eval.evaluate import average, predictions_csv, read_predictions, report
+from cxr_dist.eval.calibrate import logit
+from cxr_dist.eval.evaluate import average, predictions_csv, read_predictions, report, same_images
 from cxr_dist.eval.metrics import balanced_threshold, compute_metrics, study_level
 from cxr_dist.fileio import write_bytes_atomic, write_json_atomic
 
@@ -51,16 +53,14 @@ def row(name: str, preds: dict) -> str:
             f"{r['image_level']['balanced_accuracy']:.4f} |")
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)  # a probability of exactly 0 or 1 must not become infinite
-    return np.log(p) - np.log1p(-p)
+EPS = 1e-6  # predictions.csv has 6 decimals: a written 0 or 1 becomes a logit of about -+13.8
 
 
 def fuse(a: dict, b: dict, w: float) -> dict:
     """The late fusion of two prediction sets of the same images: sigmoid(w logit a + (1-w) logit b)."""
-    average([a, b])  # only its check: the same images with the same labels
-    z = w * _logit(a["probs"]) + (1 - w) * _logit(b["probs"])
-    return {**a, "probs": 1 / (1 + np.exp(-z))}
+    same_images([a, b])
+    z = w * logit(a["probs"], EPS) + (1 - w) * logit(b["probs"], EPS)
+    return {**a, "probs": expit(z)}
 
 
 def study_auroc(preds: dict) -> float:

@@ -51,7 +51,8 @@ def _arrays(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray
     return p, y.astype(np.float64)
 
 
-def _logit(p: np.ndarray, eps: float) -> np.ndarray:
+def logit(p: np.ndarray, eps: float) -> np.ndarray:
+    """log(p / (1 - p)), with p clipped to [eps, 1 - eps] so that 0 and 1 stay finite."""
     p = np.clip(p, eps, 1 - eps)
     return np.log(p) - np.log1p(-p)
 
@@ -76,7 +77,7 @@ def fit_temperature(probs: ArrayLike, labels: ArrayLike) -> float:
     if y.min() == y.max():
         raise CalibrationError("a temperature needs both classes among the predictions (one class only: "
                                "every T from 0 to infinity fits it, or the best is at a bound)")
-    z = _logit(p, FIT_EPS)
+    z = logit(p, FIT_EPS)
     res = minimize_scalar(lambda log_t: _nll(z, y, math.exp(log_t)), bounds=LOG_T_BOUNDS, method="bounded",
                           options={"xatol": 1e-6})
     t = float(math.exp(res.x))
@@ -97,7 +98,7 @@ def apply_temperature(probs: ArrayLike, temperature: float) -> np.ndarray:
     p = np.asarray(probs, dtype=np.float64)
     if t == 1.0:
         return np.clip(p, APPLY_EPS, 1 - APPLY_EPS)
-    return expit(_logit(p, APPLY_EPS) / t)
+    return expit(logit(p, APPLY_EPS) / t)
 
 
 def reliability_bins(probs: ArrayLike, labels: ArrayLike, bins: int = 15) -> dict[str, np.ndarray]:

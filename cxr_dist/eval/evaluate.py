@@ -131,12 +131,18 @@ def merge(parts: list[dict]) -> dict:
     return out
 
 
-def average(sets: list[dict]) -> dict:
-    """Mean probability per image over prediction sets of the same images (an ensemble, or views)."""
+def same_images(sets: list[dict]) -> None:
+    """UserError unless the prediction sets cover the same images (in order) with the same labels."""
     first = sets[0]
     for other in sets[1:]:
         if other["keys"] != first["keys"] or not np.array_equal(other["labels"], first["labels"]):
-            raise UserError("the prediction sets to average do not cover the same images with the same labels")
+            raise UserError("the prediction sets to combine do not cover the same images with the same labels")
+
+
+def average(sets: list[dict]) -> dict:
+    """Mean probability per image over prediction sets of the same images (an ensemble, or views)."""
+    same_images(sets)
+    first = sets[0]
     out = {**first, "probs": np.mean([p["probs"] for p in sets], axis=0)}
     if all("finding_probs" in p for p in sets):
         out["finding_probs"] = np.mean([p["finding_probs"] for p in sets], axis=0)

@@ -69,11 +69,16 @@ def source_macro_auroc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray,
     groups = sorted(set(sources)) if sources is not None else []
     if len(groups) <= 1:
         return macro_auroc(finding_table(probs, targets, mask, names), min_positives)
-    cells: dict[str, dict] = {}
+    by_source = {}
     for group in groups:
         rows = np.array([s == group for s in sources])
-        for name, m in finding_table(probs[rows], targets[rows], mask[rows], names).items():
-            cells[f"{name} ({group})"] = m
+        by_source[group] = finding_table(probs[rows], targets[rows], mask[rows], names)
+    return macro_over_sources(by_source, min_positives)
+
+
+def macro_over_sources(by_source: dict[str, dict[str, dict]], min_positives: int = MIN_POSITIVES) -> tuple[float, list[str]]:
+    """macro_auroc over the (finding, source) cells of per-source finding tables ({source: table})."""
+    cells = {f"{name} ({group})": m for group, table in by_source.items() for name, m in table.items()}
     return macro_auroc(cells, min_positives)
 
 
@@ -97,13 +102,16 @@ def findings_report(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, na
     source and per view; the macro mean and which findings it averages."""
     probs, targets, mask = np.asarray(probs, float), np.asarray(targets, float), np.asarray(mask, bool)
     table = finding_table(probs, targets, mask, names, uids, interval=True)
+    by_source = {}  # {source: its finding table}: also what the macro mean averages
     for kind, labels in (("by_source", list(sources)), ("by_view", [view_name(v) for v in views])):
         for group in sorted(set(labels)):
             rows = np.array([g == group for g in labels])
             sub = finding_table(probs[rows], targets[rows], mask[rows], names,
                                 [u for u, r in zip(uids, rows) if r], interval=True)
+            if kind == "by_source":
+                by_source[group] = sub
             for name, m in sub.items():
                 if m["n"]:
                     table[name].setdefault(kind, {})[group] = m
-    macro, used = source_macro_auroc(probs, targets, mask, names, sources)
+    macro, used = macro_over_sources(by_source) if len(by_source) > 1 else macro_auroc(table)
     return {"by_finding": table, "macro_auroc": macro, "macro_over": used, "min_positives": MIN_POSITIVES}

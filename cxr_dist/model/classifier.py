@@ -252,17 +252,19 @@ class CXRClassifier(nn.Module):
             parts.append(self.text_embedding(text, n))
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
-    def text_logits(self, text: dict | None, n: int) -> torch.Tensor | float:
-        """What late fusion adds to the head's logits: the text head's (0 for any other model)."""
-        if not self.late:
-            return 0.0
+    def text_logits(self, text: dict | None, n: int) -> torch.Tensor:
+        """Late fusion: the text head's logits, which are added to the image head's."""
         if text is None:
             raise ValueError("a late-fusion image+text model needs text (text_inputs.attach_text)")
         return self.text_head(self.text_embedding(text, n))
 
+    def with_text(self, logits: torch.Tensor, text: dict | None, n: int) -> torch.Tensor:
+        """The head's logits, plus the text head's for late fusion (any other model: unchanged)."""
+        return logits + self.text_logits(text, n) if self.late else logits
+
     def logits(self, z: torch.Tensor, text: dict | None, n: int) -> torch.Tensor:
         """Logits from what the head reads (`z`, head_input) and the text (for late fusion)."""
-        return self.head(z) + self.text_logits(text, n)
+        return self.with_text(self.head(z), text, n)
 
     def trainable_forward(self, h: torch.Tensor, text: dict | None = None, return_hidden: bool = False,
                           return_findings: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -275,7 +277,7 @@ class CXRClassifier(nn.Module):
             return self.logits(z, text, h.shape[0])
         hidden = self.head[:3](z)  # Linear -> BatchNorm -> ReLU (evaluate's features hook head[0])
         dropped = self.head[3](hidden)
-        out = (self.head[4](dropped) + self.text_logits(text, h.shape[0]),)
+        out = (self.with_text(self.head[4](dropped), text, h.shape[0]),)
         if return_hidden:
             out += (self.report_proj(hidden) if self.report_proj is not None else hidden,)
         if return_findings:
