@@ -18,7 +18,8 @@ nothing to read for an image (a text model on a film without text) gives every s
 probability, so on those images the fused ranking is the other run's. --write DIR writes the
 fused predictions of every split both runs scored to DIR/predictions.csv, which `cxr-dist compare
 --paired` scores like a run, and DIR/ensemble.json, which tells compare what the members read
-(and marks the ensemble LEAK when one of them reads its label).
+(and marks the ensemble LEAK when one of them reads its label). `cxr-dist fuse IMAGE_RUN TEXT_RUN
+--out DIR` applies the same rule and makes the pair one late-fusion checkpoint (predict, serve).
 """
 from __future__ import annotations
 
@@ -27,16 +28,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from scipy.special import expit
-
 from cxr_dist.errors import UserError
-from cxr_dist.eval.calibrate import logit
-from cxr_dist.eval.evaluate import average, predictions_csv, read_predictions, report, same_images
-from cxr_dist.eval.metrics import balanced_threshold, compute_metrics, study_level
+from cxr_dist.eval.evaluate import average, predictions_csv, read_predictions, report
+from cxr_dist.eval.metrics import balanced_threshold
 from cxr_dist.fileio import write_bytes_atomic, write_json_atomic
-
-WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)  # the grid --weigh searches, on val only
+# The late-fusion rule and its weight on val: the same code as `cxr-dist fuse`, which makes the pair one checkpoint.
+from cxr_dist.product.fuse import fuse, pick_weight
 
 
 def _auroc(level: dict | None) -> str:
@@ -51,29 +48,6 @@ def row(name: str, preds: dict) -> str:
     r = report(preds)
     return (f"| {name} | {_auroc(r['image_level'])} | {_auroc(r.get('study_level'))} | "
             f"{r['image_level']['balanced_accuracy']:.4f} |")
-
-
-EPS = 1e-6  # predictions.csv has 6 decimals: a written 0 or 1 becomes a logit of about -+13.8
-
-
-def fuse(a: dict, b: dict, w: float) -> dict:
-    """The late fusion of two prediction sets of the same images: sigmoid(w logit a + (1-w) logit b)."""
-    same_images([a, b])
-    z = w * logit(a["probs"], EPS) + (1 - w) * logit(b["probs"], EPS)
-    return {**a, "probs": expit(z)}
-
-
-def study_auroc(preds: dict) -> float:
-    _, probs, labels = study_level(preds["uids"], preds["probs"], preds["labels"])
-    return compute_metrics(probs, labels)["auroc"]
-
-
-def pick_weight(a: dict, b: dict) -> tuple[float, dict[float, float]]:
-    """The weight of `a` with the best study-level AUROC of the fusion on these (val) predictions,
-    and the AUROC of every weight on the grid. Ties go to the weight nearest 0.5 (the mean)."""
-    scores = {float(w): study_auroc(fuse(a, b, w)) for w in WEIGHTS}
-    best = max(scores, key=lambda w: (round(scores[w], 12), -abs(w - 0.5)))
-    return best, scores
 
 
 def ensemble(runs: dict[str, dict[str, dict]], weigh: bool = False) -> tuple[dict, dict]:
