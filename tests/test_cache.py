@@ -11,7 +11,7 @@ from cxr_dist.config import ModelConfig, load_config
 from cxr_dist.data.index import load_index
 from cxr_dist.model.classifier import build_model
 from cxr_dist.data.stream import eval_loader
-from tests.conftest import TINY
+from tests.conftest import QUICK_END, TINY
 from tests.test_train import assert_same_state, params_of, probe
 
 
@@ -64,7 +64,8 @@ def test_cached_batches_fixed_count_full_coverage_and_seeded(setup):
 
 @pytest.mark.slow
 def test_two_process_cached_training_keeps_ranks_identical(tiny_shards, tmp_path):
-    res, run_dir, params = probe(tmp_path, tiny_shards, "cached", "--train.cache_views", "2")
+    # The end of a run is not under test here (QUICK_END): the cache, the ranks and the resume are.
+    res, run_dir, params = probe(tmp_path, tiny_shards, "cached", "--train.cache_views", "2", *QUICK_END)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert [r["phase"] for r in json.loads((run_dir / "history.json").read_text())] == [1, 1, 2]
     r0, r1 = params_of(params, 0), params_of(params, 1)
@@ -77,7 +78,7 @@ def test_two_process_cached_training_keeps_ranks_identical(tiny_shards, tmp_path
     assert sorted(p.name.split("-")[0] + p.name.split("-")[1] for p in cache_dir.glob("*.safetensors")) == [
         "trainr0", "trainr1", "valr0", "valr1"]
     res2, _, params2 = probe(tmp_path, tiny_shards, "cached-again", "--train.cache_views", "2",
-                             "--train.cache_dir", str(cache_dir))
+                             "--train.cache_dir", str(cache_dir), *QUICK_END)
     assert res2.returncode == 0, res2.stdout[-3000:] + res2.stderr[-5000:]
     assert "loaded the frozen-compute cache" in res2.stdout + res2.stderr
     assert not (tmp_path / "cached-again" / "cache").exists()
