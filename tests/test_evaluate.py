@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +38,28 @@ def second(tiny_shards, tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+@pytest.fixture(scope="module")
+def plain_eval(trained, tiny_shards, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """`cxr-dist evaluate` of `trained` on the test split with the defaults (the run's own views,
+    threshold 0.5), run once for the tests that read it: its stdout, --predictions CSV and --out
+    JSON (each CLI run costs ~15 s of start-up on 2 cores)."""
+    tmp = tmp_path_factory.mktemp("plain-eval")
+    res = run_cmd([CLI, "evaluate", "--checkpoint", str(trained), "--shards", str(tiny_shards), "--split", "test",
+                   "--predictions", str(tmp / "plain.csv"), "--out", str(tmp / "plain.json")], cwd=trained)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res, tmp / "plain.csv", tmp / "plain.json"
+
+
 def _csv(path: Path) -> dict:
     from cxr_dist.eval.evaluate import read_predictions
 
     return read_predictions(path)
 
 
-def test_evaluate_on_shards(trained, tiny_shards):
-    res = run_cmd([CLI, "evaluate", "--checkpoint", str(trained), "--shards", str(tiny_shards), "--split", "test"],
-                  cwd=trained)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_evaluate_on_shards(plain_eval, tiny_shards):
+    res, _, out_file = plain_eval
     out = json.loads(res.stdout)
+    assert json.loads(out_file.read_text()) == out  # --out writes what it prints
     test = load_index(tiny_shards).split("test")
     _, n_abnormal = test.labels
     assert out["image_level"]["n"] == test.total  # every test image exactly once
@@ -61,7 +74,7 @@ def test_evaluate_on_shards(trained, tiny_shards):
         assert low <= out[level]["auroc"] <= high  # [1, 1] here: the tiny set is separable
 
 
-def test_evaluate_with_a_threshold_picked_on_val(trained, tiny_shards):
+def test_evaluate_with_a_threshold_picked_on_val(trained, tiny_shards, plain_eval):
     base = [CLI, "evaluate", "--checkpoint", str(trained), "--shards", str(tiny_shards), "--split", "test"]
     res = run_cmd([*base, "--threshold", "val"], cwd=trained)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -76,7 +89,7 @@ def test_evaluate_with_a_threshold_picked_on_val(trained, tiny_shards):
     at_val = evaluation["test_at_val_threshold"]
     assert 0.0 < at_val["threshold"] < 1.0 and at_val["image_level"]["n"] == picked["image_level"]["n"]
     assert evaluation["test"]["threshold"] == 0.5
-    assert json.loads(run_cmd(base, cwd=trained).stdout)["threshold"] == 0.5
+    assert json.loads(plain_eval[0].stdout)["threshold"] == 0.5  # `base` as is: its default
     for bad in ("1.5", "high"):
         res = run_cmd([*base, "--threshold", bad], cwd=trained)
         assert res.returncode == 2 and "--threshold" in res.stderr and "Traceback" not in res.stderr
@@ -106,9 +119,10 @@ def test_training_evaluates_its_best_checkpoint_with_tta_views(second, tiny_shar
     np.testing.assert_allclose(by_cli["probs"], by_training["probs"], atol=2e-6)
 
 
-def test_evaluate_an_ensemble_of_checkpoints(trained, second, tiny_shards, tmp_path):
+def test_evaluate_an_ensemble_of_checkpoints(trained, second, tiny_shards, plain_eval, tmp_path):
     base = [CLI, "evaluate", "--shards", str(tiny_shards), "--split", "test"]
-    for name, ckpts in (("a", [trained]), ("b", [second]), ("ab", [trained, second])):
+    shutil.copy(plain_eval[1], tmp_path / "a.csv")  # `--checkpoint trained` alone: the plain evaluation
+    for name, ckpts in (("b", [second]), ("ab", [trained, second])):
         res = run_cmd([*base, "--checkpoint", *map(str, ckpts), "--predictions", str(tmp_path / f"{name}.csv"),
                        "--out", str(tmp_path / f"{name}.json")], cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -119,9 +133,11 @@ def test_evaluate_an_ensemble_of_checkpoints(trained, second, tiny_shards, tmp_p
     assert out["checkpoint"] == [str(trained), str(second)] and out["image_level"]["n"] == len(ab["keys"])
 
 
-def test_evaluate_with_test_time_augmentation(trained, tiny_shards, tmp_path):
+def test_evaluate_with_test_time_augmentation(trained, tiny_shards, plain_eval, tmp_path):
     base = [CLI, "evaluate", "--checkpoint", str(trained), "--shards", str(tiny_shards), "--split", "test"]
-    for name, tta in (("plain", "1"), ("tta", "3"), ("tta-again", "3")):
+    assert json.loads(plain_eval[0].stdout)["tta"] == 1  # the run's own product.tta_views: the plain view
+    shutil.copy(plain_eval[1], tmp_path / "plain.csv")
+    for name, tta in (("tta", "3"), ("tta-again", "3")):
         res = run_cmd([*base, "--tta", tta, "--predictions", str(tmp_path / f"{name}.csv")], cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
         assert json.loads(res.stdout)["tta"] == int(tta)
@@ -213,16 +229,13 @@ def test_paired_auroc_gain_of_one_model_over_another(tmp_path):
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
 
 
-def test_results_table_of_a_run(trained, tiny_shards, tmp_path):
+def test_results_table_of_a_run(trained, plain_eval, tmp_path):
     """bench/results_table.py (the last step of bench/reproduce_results.sh): the per-epoch table,
     the test table and the AUROC intervals of the run's test_evaluation.json."""
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("checkpoints"))
-    res = run_cmd([CLI, "evaluate", "--checkpoint", str(trained), "--shards", str(tiny_shards), "--split", "test",
-                   "--out", str(run / "test_evaluation.json")], cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    # `cxr-dist evaluate --checkpoint RUN --shards S --split test --out RUN/test_evaluation.json`
+    shutil.copy(plain_eval[2], run / "test_evaluation.json")
     res = run_cmd([str(VENV_BIN / "python"), str(ROOT / "bench" / "results_table.py"), str(run)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     history = json.loads((run / "history.json").read_text())
@@ -248,11 +261,18 @@ def test_evaluate_a_kaggle_folder_on_the_fly(trained, tiny_data, tmp_path):
     assert out["image_level"]["n"] == len(df)
 
 
-def test_predict_prints_a_probability_per_image(trained, tiny_data):
-    images = sorted((tiny_data / "images").rglob("*.png"))[:3]
+@pytest.fixture(scope="module")
+def plain_predict(trained, tiny_data) -> tuple[list[Path], list[dict]]:
+    """`cxr-dist predict --checkpoint trained --json` of 4 films with the defaults, run once for
+    the two tests that read it."""
+    images = sorted((tiny_data / "images").rglob("*.png"))[:4]
     res = run_cmd([CLI, "predict", "--checkpoint", str(trained), "--json", *map(str, images)], cwd=trained)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    return images, [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_predict_prints_a_probability_per_image(trained, plain_predict):
+    images, rows = plain_predict
     assert [r["image"] for r in rows] == [str(p) for p in images]
     assert all(0.0 <= r["prob_abnormal"] <= 1.0 and r["views"] == 1 for r in rows)
     # The run's threshold (picked on val, stored in the checkpoint) labels each image.
@@ -284,17 +304,17 @@ def test_predict_split_decodes_on_the_device_like_the_workers(trained, tiny_shar
     np.testing.assert_array_equal(device["probs"], workers["probs"])
 
 
-def test_predict_with_views_and_a_threshold(trained, second, tiny_data):
+def test_predict_with_views_and_a_threshold(trained, second, plain_predict):
     """--tta averages augmented views (reproducibly); the default is the run's own product.tta_views;
     --threshold adds the label the threshold gives."""
-    images = sorted((tiny_data / "images").rglob("*.png"))[:4]
+    images, plain = plain_predict
 
     def rows(ckpt, *args):
         res = run_cmd([CLI, "predict", "--checkpoint", str(ckpt), "--json", *args, *map(str, images)], cwd=ckpt)
         assert res.returncode == 0, res.stderr[-3000:]
         return [json.loads(line) for line in res.stdout.splitlines()]
 
-    plain, tta, again = rows(trained), rows(trained, "--tta", "3"), rows(trained, "--tta", "3")
+    tta, again = rows(trained, "--tta", "3"), rows(trained, "--tta", "3")
     assert [r["views"] for r in tta] == [3] * 4 and tta == again
     assert [r["prob_abnormal"] for r in tta] != [r["prob_abnormal"] for r in plain]
     assert [r["views"] for r in rows(second)] == [2] * 4  # trained with product.tta_views = 2
