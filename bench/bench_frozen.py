@@ -132,7 +132,6 @@ def main() -> None:
                 for b in batches:
                     run(b)
                 times[name].append(len(images) / (time.perf_counter() - t0))
-    base = statistics.median(times["eager"])
 
     def ratio(name: str) -> float:  # per repeat, then the median: both sides saw the same load
         return statistics.median(r / e for r, e in zip(times[name], times["eager"]))

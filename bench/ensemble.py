@@ -33,7 +33,7 @@ from cxr_dist.eval.evaluate import average, predictions_csv, read_predictions, r
 from cxr_dist.eval.metrics import balanced_threshold
 from cxr_dist.fileio import write_bytes_atomic, write_json_atomic
 # The late-fusion rule and its weight on val: the same code as `cxr-dist fuse`, which makes the pair one checkpoint.
-from cxr_dist.product.fuse import fuse, pick_weight
+from cxr_dist.runs.fuse import fuse, pick_weight
 
 
 def _auroc(level: dict | None) -> str:

@@ -7,8 +7,8 @@
 #   RUNS="text_tuned text_lora" bash bench/text_experiments.sh   # the text encoder trained (not by default)
 #   RUNS=image_text_late bash bench/text_experiments.sh           # late fusion in one model (model.fusion)
 #
-# With the image and text runs done it also fuses them late (bench/ensemble.py --weigh: the weight
-# picked on val) into OUT/runs/late_fusion, which the paired tables compare too.
+# With the image and text runs done it also fuses them late into one checkpoint (`cxr-dist fuse`: the
+# weight picked on val) in OUT/runs/late_fusion, which the paired tables compare too.
 #
 # The runs share one frozen-compute cache and one text-embedding cache (OUT/cache).
 set -euo pipefail
@@ -44,8 +44,7 @@ for name in $RUNS; do
 done
 if [ -f "$OUT/runs/image/predictions.csv" ] && [ -f "$OUT/runs/text/predictions.csv" ] \
         && [ ! -e "$OUT/runs/late_fusion" ]; then
-    "$BIN/python" bench/ensemble.py "$OUT/runs/image" "$OUT/runs/text" --weigh --write "$OUT/runs/late_fusion" \
-        --out "$OUT/late_fusion.json" | tee "$OUT/late_fusion.md"
+    "$BIN/cxr-dist" fuse "$OUT/runs/image" "$OUT/runs/text" --out "$OUT/runs/late_fusion" | tee "$OUT/late_fusion.md"
 fi
 others=()
 for name in image_text image_text_late late_fusion text_tuned text_lora report_sup text leak; do [ -f "$OUT/runs/$name/predictions.csv" ] && others+=("$OUT/runs/$name"); done

@@ -28,7 +28,7 @@ COMMANDS = {
     "predict": ("cxr_dist.product.predict", "probability of 'abnormal' for each image"),
     "export": ("cxr_dist.product.export", "a checkpoint -> ONNX (calibrated probabilities, dynamic batch)"),
     "audit-text": ("cxr_dist.eval.text_audit", "how much of the label each text field gives away (TF-IDF probe)"),
-    "fuse": ("cxr_dist.product.fuse", "an image run + a text run -> one late-fusion checkpoint (weight picked on val)"),
+    "fuse": ("cxr_dist.runs.fuse", "an image run + a text run -> one late-fusion checkpoint (weight picked on val)"),
     "compare": ("cxr_dist.runs.compare", "table of MLflow runs: differing params and best metrics"),
     "folds": ("cxr_dist.runs.compare", "summary (mean, spread) of the k-fold runs of an experiment"),
 }

@@ -5,6 +5,7 @@ checkpoint must compute the weighed rule that bench/ensemble.py applies to the r
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from cxr_dist.errors import run_main
 from cxr_dist.eval.evaluate import read_predictions
 from cxr_dist.eval.metrics import compute_metrics
-from cxr_dist.product.fuse import PROG, build, fuse, main, pick_weight
+from cxr_dist.runs.fuse import PROG, build, fuse, main, pick_weight
 from cxr_dist.runs.paired import reads
 from tests.conftest import TINY, VENV_BIN, run_cmd, tiny_overrides
 from tests.textgen import make_text_dataset, make_tiny_bert
@@ -35,7 +36,7 @@ def two_runs(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
     common = ["--train.cache_views", "1", "--tracking.enabled", "false", "--product.cam_images", "0"]
     runs = {"image": [], "text": ["--model.kind", "text", "--model.text_encoder", str(bert),
                                   "--train.phases.1.unfreeze_blocks", "0"]}
-    for name, extra in runs.items():
+    for name, extra in runs.items():  # not tracked: the fused run's MLflow record is what is tested
         res = run_cmd([sys.executable, "-m", "cxr_dist.train", *tiny_overrides(shards, tmp / name), *common, *extra],
                       cwd=tmp, timeout=400)
         assert res.returncode == 0, res.stderr[-4000:]
@@ -47,16 +48,19 @@ def auroc(preds: dict) -> float:
 
 
 @pytest.mark.slow
-def test_fuse_makes_the_weighed_pair_one_checkpoint_that_evaluate_reproduces(two_runs):
+def test_fuse_makes_the_weighed_pair_one_checkpoint_that_evaluate_reproduces(two_runs, mlflow_server):
     shards, image, text, tmp = two_runs
     out = tmp / "fused"
-    res = run_cmd([str(VENV_BIN / "cxr-dist"), "fuse", str(image), str(text), "--out", str(out)], cwd=tmp)
-    assert res.returncode == 0, res.stdout + res.stderr
+    # A weight strictly inside (0, 1), so both heads count (on these generated films the image alone
+    # may separate val perfectly, and the weight picked there is then 1: tested below).
+    w = 0.6
+    made = run_cmd([str(VENV_BIN / "cxr-dist"), "fuse", str(image), str(text), "--out", str(out), "--weight", str(w),
+                    "--tracking-uri", mlflow_server], cwd=tmp)
+    assert made.returncode == 0, made.stdout + made.stderr
     a, b = read_predictions(image), read_predictions(text)
-    w, _ = pick_weight(a["val"], b["val"])
     record = json.loads((out / "fusion.json").read_text())
-    assert record["weight_of_image"] == w and record["picked_on"] == "val"
-    assert f"weight of the image run: {w:.2f} (picked on val)" in res.stdout
+    assert record["weight_of_image"] == w and record["picked_on"] == "given (--weight)"
+    assert "weight of the image run: 0.60 (given); of the text run: 0.40" in made.stdout
 
     # The run folder's predictions are the rule applied to the members' (then recalibrated: same order).
     fused = read_predictions(out)
@@ -81,14 +85,38 @@ def test_fuse_makes_the_weighed_pair_one_checkpoint_that_evaluate_reproduces(two
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["test"]["image_level"]["auroc"] == pytest.approx(auroc(fused["test"]), abs=1e-4)
 
+    # A run of its own in the real MLflow server: tagged as training tags, its metrics, its served model.
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    run_id = re.search(r"logged to MLflow as run (\w+)", made.stdout).group(1)
+    run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
+    assert run.data.tags["model.kind"] == "image+text" and run.data.tags["fusion"] == "late"
+    assert run.data.tags["text_fields"] == "indication,comparison" and run.data.tags["label_leakage"] == "false"
+    assert str(image.resolve()) in run.data.tags["fused_from"]
+    assert run.data.metrics["best_test/auroc"] == pytest.approx(evaluation["test"]["image_level"]["auroc"])
+    assert float(run.data.params["fusion.weight_of_image"]) == w
+    mlflow.set_tracking_uri(mlflow_server)
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    film = sorted((tmp / "ds" / "images" / "images_normalized").glob("1_*.png"))[0]
+    got = served.predict(pd.DataFrame({"image": [base64.b64encode(film.read_bytes()).decode()] * 2,
+                                       "indication": ["Chest pain.", None]}))
+    assert list(got["text"]) == [True, False] and got["prob_abnormal"].between(0, 1).all()
+
 
 @pytest.mark.slow
-def test_a_given_weight_of_one_is_the_image_run(two_runs):
+def test_the_weight_is_picked_on_val_and_never_on_test(two_runs):
     _, image, text, tmp = two_runs
-    out = tmp / "image-only"
-    assert build(str(image), str(text), out, weight=1.0)["picked_on"] == "given (--weight)"
-    a, fused = read_predictions(image)["test"], read_predictions(out)["test"]
-    assert auroc(fused) == pytest.approx(auroc(a), abs=1e-9)
+    a, b = read_predictions(image), read_predictions(text)
+    result = build(str(image), str(text), tmp / "picked", tracking="")
+    w, scores = pick_weight(a["val"], b["val"])
+    assert result["weight_of_image"] == w and result["picked_on"] == "val" and result["mlflow_run_id"] is None
+    assert result["val_study_auroc_by_weight"] == scores and len(scores) == 21
+    # The picked weight's fusion is the one the folder holds, on test too (ranking: recalibration keeps it).
+    assert auroc(read_predictions(tmp / "picked")["test"]) == pytest.approx(auroc(fuse(a["test"], b["test"], w)))
+    assert not (tmp / "picked" / "mlflow_run_id.txt").exists()  # tracking="": nothing logged
 
 
 @pytest.mark.slow

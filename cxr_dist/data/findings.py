@@ -360,10 +360,10 @@ def source_mapping(src: SourceConfig) -> SourceMapping:
     """src's mapping (its format's SHIPPED table, then src.findings_map over it); ConfigError for a
     malformed findings_map entry, an unknown finding or an uncertain/blank policy outside POLICIES."""
     where = f"data.sources {src.name!r}"
-    for field in ("uncertain", "blank"):
-        value = getattr(src, field)
+    for policy in ("uncertain", "blank"):
+        value = getattr(src, policy)
         if value not in POLICIES:
-            raise ConfigError(f"{where}: {field} must be one of {', '.join(repr(p) for p in POLICIES)} "
+            raise ConfigError(f"{where}: {policy} must be one of {', '.join(repr(p) for p in POLICIES)} "
                               f"(mask: not a label; \"0\": negative; \"1\": positive), not {value!r}")
     shipped = SHIPPED.get(src.format, ())
     rules = {raw_key(key): _targets(target, f"shipped {src.format} mapping") for key, target, _ in shipped}

@@ -9,7 +9,6 @@
     evaluate_cli  `cxr-dist evaluate` (the library it runs on is eval/evaluate.py)
     serve         the servable MLflow pyfunc
     export        `cxr-dist export` (ONNX)
-    fuse          `cxr-dist fuse`: an image run and a text run -> one late-fusion checkpoint
     cam           Grad-CAM overlays
     model_card    RUN_DIR/MODEL_CARD.md
 

@@ -17,16 +17,25 @@ checkpoint whose image head is the image run's and whose text head (with the tex
 normalisation and the no-text vector) is the text run's, each head's last layer scaled by
 w / T_image and (1 - w) / T_text (the runs' temperatures). A 2-class head's logit difference is the
 logit of its probability, and scaling a linear layer scales it: the checkpoint's probability is the
-formula above, exactly (up to the 6 decimals of predictions.csv). So `predict`, `evaluate`, `serve`,
-`export` and the model card work on it as on any late-fusion model, and a film without text keeps
-the image run's ranking (the text head answers one constant).
+formula above, exactly (up to the 6 decimals of predictions.csv; for runs scored with
+`product.tta_views` > 1 the rule mixes means over views, and the checkpoint is close to it, not
+equal). So `predict`, `evaluate`, the served model and the model card work on it as on any
+late-fusion model (`export` refuses it, as any model that reads text), and a film without text
+keeps the image run's ranking (the text head answers one constant).
 
 The fused run folder gets what a training run leaves: checkpoints/best (with a temperature fitted
 on val for the fused probabilities, the threshold picked on val, and the image run's
 out-of-distribution statistics: a late-fusion model's features are the image head's input),
 config.toml, predictions.csv and evaluation.json (computed from the runs' predictions: `cxr-dist
 evaluate` on the checkpoint reproduces them), MODEL_CARD.md and fusion.json (members, weight and
-the val curve it was picked on). Nothing is logged to MLflow.
+the val curve it was picked on).
+
+Where the image run logged to MLflow (its `[tracking]`, or `--tracking-uri`), the fused run is
+logged there as a run of its own, beside the runs it was made from: the config as params, the tags
+training sets (model.kind, fusion, text_fields, label_leakage) plus `fused_from`, the best_*
+metrics, the folder's files and the servable model (`mlflow models serve -m runs:/<run id>/model`).
+It is not registered under `tracking.registered_model`: moving the alias stays a training run's
+decision. `--no-tracking` logs nothing.
 """
 from __future__ import annotations
 
@@ -39,8 +48,10 @@ import numpy as np
 from ..config import Config, dump_toml, from_dict, replace, to_dict, upgrade, validate
 from ..errors import CheckpointError, UserError, run_main
 from ..fileio import write_bytes_atomic, write_json_atomic
+from .tracking import check_reachable, log_evaluation, make_tracker, resolve_uri, run_tags
 
-# eval/ (torch, scipy, scikit-learn) is imported inside the functions: `--help` stays instant.
+# eval/, model/ and product/ (torch, scipy, scikit-learn) are imported inside the functions:
+# `--help` stays instant.
 
 PROG = "cxr-dist fuse"
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)  # the grid of the image run's weight, searched on val only
@@ -136,17 +147,20 @@ def fused_state(keys: list[str], image: dict, text: dict, w_image: float, w_text
     return out
 
 
-def build(image_run: str, text_run: str, out: str | Path, weight: float | None = None) -> dict:
-    """Write the fused run folder `out` (module docstring) and return its fusion.json record."""
+def build(image_run: str, text_run: str, out: str | Path, weight: float | None = None,
+          tracking: str | None = None) -> dict:
+    """Write the fused run folder `out` (module docstring), log it to MLflow (`tracking`: None = as
+    the image run did, "" = not at all, else this tracking URI) and return its fusion.json record
+    with the evaluation (and the MLflow run id, or None)."""
     from ..eval.calibrate import apply_temperature, calibration_report, fit_temperature, temperature_of
     from ..eval.evaluate import predictions_csv, read_predictions, report, same_images
     from ..eval.metrics import balanced_threshold
     from ..model.checkpoint import amend_checkpoint, find_checkpoint, load_extra, save_checkpoint
     from ..model.classifier import build_model
-    from .model_card import write_model_card
+    from ..product.model_card import write_model_card
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} is not empty: fuse writes a new run folder (it never overwrites one)")
     image_state, image_meta, image_cfg = _member(image_run, "image")
     text_state, text_meta, text_cfg = _member(text_run, "text")
@@ -163,6 +177,10 @@ def build(image_run: str, text_run: str, out: str | Path, weight: float | None =
         raise UserError(f"--weight must be in [0, 1] (the image run's share), not {weight}")
     t_image, t_text = temperature_of(image_meta), temperature_of(text_meta)
     cfg = fused_config(image_cfg, text_cfg, out)
+    if tracking is not None:
+        cfg = replace(cfg, tracking=replace(cfg.tracking, enabled=bool(tracking), uri=tracking or cfg.tracking.uri))
+    if cfg.tracking.enabled:  # an unreachable server: said before anything is written
+        check_reachable(resolve_uri(cfg.tracking.uri))
 
     # The network's own probabilities are the weighed fusion of the runs' calibrated ones; the
     # fused model gets its own temperature and threshold, fitted on val as training fits them.
@@ -208,7 +226,45 @@ def build(image_run: str, text_run: str, out: str | Path, weight: float | None =
     write_json_atomic(out / "fusion.json", record)
     write_model_card(cfg, None, evaluation, out, temperature=temperature, calibration=calibration,
                      ood=image_meta.get("ood"), evaluation_calibrated=True)
-    return {**record, "evaluation": evaluation}
+    run_id = log_fused_run(cfg, out, evaluation, record)
+    return {**record, "evaluation": evaluation, "mlflow_run_id": run_id}
+
+
+def log_fused_run(cfg: Config, out: Path, evaluation: dict, record: dict) -> str | None:
+    """The fused run in MLflow (module docstring); its run id, or None when tracking is off."""
+    from ..model.checkpoint import find_checkpoint
+    from ..product.serve import log_servable
+
+    if not cfg.tracking.enabled:
+        return None
+    # The guard refuses a field the label was derived from unless allow_label_leakage: then it is the leak.
+    leaks = list(cfg.loader.text_fields) if cfg.loader.allow_label_leakage else []
+    tracker = make_tracker(cfg.tracking, True, out, resume=False)
+    with tracker:
+        tracker.set_tags({**run_tags(cfg, leaks), "fused_from": f"{record['members']['image']} + "
+                                                                f"{record['members']['text']}"})
+        tracker.log_params({**to_dict(cfg), "fusion": {k: v for k, v in record.items()
+                                                       if k != "val_study_auroc_by_weight"}})
+        log_evaluation(tracker, evaluation, 0)
+        for name in ("config.toml", "evaluation.json", "predictions.csv", "fusion.json", "MODEL_CARD.md"):
+            tracker.log_artifact(out / name)
+        log_servable(tracker, find_checkpoint(out, "best"), _example_film(cfg))
+        return tracker.run_id
+
+
+def _example_film(cfg: Config) -> bytes | None:
+    """The served model's input example: the first test film as the shards store it (as training
+    logs it); None when the image run's shards are not where its config says."""
+    import tarfile
+
+    from ..data.index import load_index
+
+    try:
+        with tarfile.open(load_index(cfg.data.shards_dir).shards(["test"])[0].path) as tar:
+            member = next((m for m in tar if m.name.endswith(".jpg")), None)
+            return tar.extractfile(member).read() if member is not None else None
+    except (UserError, OSError, IndexError, tarfile.TarError):
+        return None
 
 
 # ----------------------------------------------------------------------------- the command
@@ -225,10 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("text_run", help="a finished text-only run (model.kind = text) on the same shards and split")
     ap.add_argument("--out", required=True, help="the fused run folder to write (new or empty)")
     ap.add_argument("--weight", type=float, help="the image run's weight w in [0, 1] (default: picked on val)")
+    track = ap.add_mutually_exclusive_group()
+    track.add_argument("--tracking-uri", help="log the fused run to this MLflow tracking URI (default: where the "
+                                              "image run logged, if it did)")
+    track.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     args = ap.parse_args(argv)
     from ..eval.evaluate import read_predictions, report
 
-    result = build(args.image_run, args.text_run, args.out, args.weight)
+    tracking = "" if args.no_tracking else args.tracking_uri
+    result = build(args.image_run, args.text_run, args.out, args.weight, tracking)
     w = result["weight_of_image"]
     how = "picked on val" if result["val_study_auroc_by_weight"] else "given"
     print(f"weight of the image run: {w:.2f} ({how}); of the text run: {1 - w:.2f}")
@@ -242,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 for r in (ra, rb, rep)) + " |")
     print(f"wrote {Path(args.out) / 'checkpoints' / 'best'} and the run's files "
           f"(`cxr-dist compare --paired {args.image_run} {args.out}` scores the gain)")
+    if result["mlflow_run_id"]:
+        print(f"logged to MLflow as run {result['mlflow_run_id']} (serve: mlflow models serve -m "
+              f"runs:/{result['mlflow_run_id']}/model --env-manager local)")
     return 0
 
 

@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import Any, Callable
 
 from .. import fileio
-from ..config import TrackingConfig
+from ..config import Config, TrackingConfig
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -496,6 +496,42 @@ class MLflowTracker(Tracker):
             self._safe("end_run", self._mlflow.end_run, status)
         else:
             self._safe("end_run", self.client.set_terminated, self.run_id, status)
+
+
+def run_tags(cfg: Config, leaks: list[str]) -> dict[str, str]:
+    """MLflow tags that say what a run's model reads, so that runs compare like with like
+    (`cxr-dist compare`): its kind, its text inputs, report supervision and the leak."""
+    reads_text = cfg.model.kind != "image"
+    return {"model.kind": cfg.model.kind,
+            "fusion": cfg.model.fusion if cfg.model.kind == "image+text" else "",
+            "text_fields": ",".join(cfg.loader.text_fields) if reads_text else "",
+            "report_supervision": ",".join(cfg.loader.report_fields) if cfg.model.report_supervision > 0 else "",
+            "label_leakage": "true" if leaks else "false"}
+
+
+def log_evaluation(tracker: Tracker, evaluation: dict, epoch: int) -> None:
+    """best_<split>/... (image level, per source and view AUROC and mean probabilities, OOD flagged
+    share), best_<split>_study/... and calibration/... to the tracker, at step `epoch` (the end of
+    training, and `cxr-dist fuse`)."""
+    from ..eval.metrics import scalar_metrics  # scikit-learn: not while a command parses --help
+
+    cal = evaluation.get("calibration", {})
+    tracker.log_metrics({"calibration/temperature": cal.get("temperature"),
+                         **{f"calibration/{split}/{k}": v for split in ("val", "test") for k, v in cal.get(split, {}).items()
+                            if k.startswith(("ece", "brier"))}}, step=epoch)
+    for name, rep in evaluation.items():
+        if name == "calibration":
+            continue
+        if rep.get("ood"):
+            tracker.log_metrics({f"best_{name}/ood_flagged_frac": rep["ood"].get("flagged_frac"),
+                                 f"best_{name}/ood_mean_score": rep["ood"]["mean_score"]}, step=epoch)
+        tracker.log_metrics(scalar_metrics(rep["image_level"], f"best_{name}/"), step=epoch)
+        for kind in ("by_source", "by_view"):  # e.g. best_test/source/kermany/auroc
+            tracker.log_metrics({f"best_{name}/{kind[3:]}/{g}/{k}": v for g, m in rep[kind].items()
+                                 for k, v in m.items() if k.startswith(("auroc", "mean_prob")) and k != "auroc_ci95"},
+                                step=epoch)
+        if "study_level" in rep:
+            tracker.log_metrics(scalar_metrics(rep["study_level"], f"best_{name}_study/"), step=epoch)
 
 
 def make_tracker(cfg: TrackingConfig, is_main: bool, run_dir: str | Path, resume: bool = True) -> Tracker:

@@ -45,6 +45,7 @@ from ..eval.evaluate import Scoring, evaluate_split, ood_summary, predictions_cs
 from ..fileio import write_bytes_atomic, write_json_atomic
 from ..data.index import Shard, ShardIndex, train_val_splits
 from ..eval.metrics import balanced_threshold, metric_mode, scalar_metrics
+from ..runs.tracking import log_evaluation
 from ..model.classifier import CXRClassifier
 from ..eval.ood import FeatureDensity, flag_threshold
 from ..product.readout import Readout
@@ -108,7 +109,7 @@ def finish(cfg: Config, accelerator, model: CXRClassifier, tracker, history: lis
         # checkpoints (bench/ensemble.py).
         write_bytes_atomic(run_dir / "predictions.csv", predictions_csv(preds).encode())
         write_json_atomic(run_dir / "history.json", history)
-        _log_metrics(tracker, evaluation, epoch)
+        log_evaluation(tracker, evaluation, epoch)
         figures = _figures(cfg, history, preds, evaluation, run_dir)
         card = _model_card(cfg, index, evaluation, run_dir, product)
         for path in [*figures, run_dir / "evaluation.json", run_dir / "history.json", run_dir / "predictions.csv", card]:
@@ -190,28 +191,6 @@ def _evaluation(preds: dict[str, dict], threshold: float | None) -> dict:
         if name in preds and threshold is not None:
             evaluation[f"{name}_at_val_threshold"] = report(preds[name], threshold)
     return evaluation
-
-
-def _log_metrics(tracker, evaluation: dict, epoch: int) -> None:
-    """best_<split>/... (image level, per source and view AUROC and mean probabilities, OOD flagged
-    share), best_<split>_study/... and calibration/... to the tracker, at step `epoch`."""
-    cal = evaluation.get("calibration", {})
-    tracker.log_metrics({"calibration/temperature": cal.get("temperature"),
-                         **{f"calibration/{split}/{k}": v for split in ("val", "test") for k, v in cal.get(split, {}).items()
-                            if k.startswith(("ece", "brier"))}}, step=epoch)
-    for name, rep in evaluation.items():
-        if name == "calibration":
-            continue
-        if rep.get("ood"):
-            tracker.log_metrics({f"best_{name}/ood_flagged_frac": rep["ood"].get("flagged_frac"),
-                                 f"best_{name}/ood_mean_score": rep["ood"]["mean_score"]}, step=epoch)
-        tracker.log_metrics(scalar_metrics(rep["image_level"], f"best_{name}/"), step=epoch)
-        for kind in ("by_source", "by_view"):  # e.g. best_test/source/kermany/auroc
-            tracker.log_metrics({f"best_{name}/{kind[3:]}/{g}/{k}": v for g, m in rep[kind].items()
-                                 for k, v in m.items() if k.startswith(("auroc", "mean_prob")) and k != "auroc_ci95"},
-                                step=epoch)
-        if "study_level" in rep:
-            tracker.log_metrics(scalar_metrics(rep["study_level"], f"best_{name}_study/"), step=epoch)
 
 
 def _figures(cfg: Config, history: list[dict], preds: dict[str, dict], evaluation: dict, run_dir: Path) -> list[Path]:

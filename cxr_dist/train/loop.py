@@ -32,7 +32,7 @@ from ..log import setup as setup_logging
 from ..model.checkpoint import latest_checkpoint
 from ..model.classifier import count_trainable, logits_of, weights_source
 from ..model.text_inputs import report_loss
-from ..runs.tracking import check_reachable, make_tracker, resolve_uri
+from ..runs.tracking import check_reachable, make_tracker, resolve_uri, run_tags
 from .end_of_run import finish
 from .run import Run, phase_at, seed_everything
 from .state import restore_rng, save_state
@@ -223,17 +223,6 @@ def train_epoch(run: Run, epoch: int, resume: dict | None = None) -> tuple[dict 
 
 def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(xs) if xs else torch.zeros(0)
-
-
-def run_tags(cfg: Config, leaks: list[str]) -> dict[str, str]:
-    """MLflow tags that say what a run's model reads, so that runs compare like with like
-    (`cxr-dist compare`): its kind, its text inputs, report supervision and the leak."""
-    reads_text = cfg.model.kind != "image"
-    return {"model.kind": cfg.model.kind,
-            "fusion": cfg.model.fusion if cfg.model.kind == "image+text" else "",
-            "text_fields": ",".join(cfg.loader.text_fields) if reads_text else "",
-            "report_supervision": ",".join(cfg.loader.report_fields) if cfg.model.report_supervision > 0 else "",
-            "label_leakage": "true" if leaks else "false"}
 
 
 def _exit_on_signal(signum: int, frame) -> None:
