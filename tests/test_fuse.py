@@ -82,6 +82,8 @@ def test_fuse_makes_the_weighed_pair_one_checkpoint_that_evaluate_reproduces(two
     assert reads(str(out)) == "image+text late fusion (indication,comparison)"
     card = (out / "MODEL_CARD.md").read_text()
     assert "late" in card and "indication, comparison" in card
+    assert "## Fused after training" in card and "sigmoid(0.60 logit p_image + 0.40 logit p_text)" in card
+    assert str(text.resolve()) in card and "No shard index was available" not in card  # the image run's shards
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["test"]["image_level"]["auroc"] == pytest.approx(auroc(fused["test"]), abs=1e-4)
 

@@ -36,7 +36,7 @@ NOT_FOR_CLINICAL_USE = "Research use only, not for clinical use."
 
 def write_model_card(cfg: Config, index: ShardIndex | None, evaluation: dict, run_dir: str | Path, *,
                      temperature: float | None = None, calibration: dict | None = None, ood: dict | None = None,
-                     evaluation_calibrated: bool = False) -> Path:
+                     evaluation_calibrated: bool = False, fusion: dict | None = None) -> Path:
     """Write RUN_DIR/MODEL_CARD.md atomically and return its path.
 
     `index`: the shard index (index.load_index; None when unavailable), `evaluation`: the content
@@ -44,16 +44,18 @@ def write_model_card(cfg: Config, index: ShardIndex | None, evaluation: dict, ru
     calibrate.calibration_report on val (either, both or neither), `ood`: the OOD flag, e.g.
     {"quantile": 0.99, "threshold": 12.3}. `evaluation_calibrated`: whether evaluation.json's
     probabilities already had the temperature applied (its threshold is then on calibrated ones).
+    `fusion`: for a model made by `cxr-dist fuse`, its fusion.json record (runs/fuse.py).
     """
     path = Path(run_dir) / CARD_NAME
     text = model_card(cfg, index, evaluation, temperature=temperature, calibration=calibration, ood=ood,
-                      evaluation_calibrated=evaluation_calibrated)
+                      evaluation_calibrated=evaluation_calibrated, fusion=fusion)
     write_bytes_atomic(path, text.encode())
     return path
 
 
 def model_card(cfg: Config, index: ShardIndex | None, evaluation: dict, *, temperature: float | None = None,
-               calibration: dict | None = None, ood: dict | None = None, evaluation_calibrated: bool = False) -> str:
+               calibration: dict | None = None, ood: dict | None = None, evaluation_calibrated: bool = False,
+               fusion: dict | None = None) -> str:
     """The card as Markdown text (write_model_card writes it)."""
     if temperature is None and calibration:
         temperature = calibration.get("temperature")
@@ -64,7 +66,7 @@ def model_card(cfg: Config, index: ShardIndex | None, evaluation: dict, *, tempe
         + (f"\n\n**LABEL LEAKAGE: this model reads {', '.join(cfg.loader.text_fields)}, from which its label was "
            "derived (loader.allow_label_leakage = true). Every number on this card measures the leak, not the "
            "film.**" if cfg.model.kind != "image" and cfg.loader.allow_label_leakage else ""),
-        _model(cfg), _data(cfg, index), _splits(cfg, index), _performance(cfg, evaluation), _findings(evaluation),
+        _model(cfg), _fused(fusion), _data(cfg, index), _splits(cfg, index), _performance(cfg, evaluation), _findings(evaluation),
         _threshold(evaluation, temperature, evaluation_calibrated), _calibration(temperature, calibration),
         _ood(ood), _intended_use(),
         "## Known limitations\n\n" + "\n".join(f"- {line}" for line in limitations(cfg, evaluation, calibration)),
@@ -155,6 +157,18 @@ def _text_line(cfg: Config) -> list[str]:
         how = "its embedding goes into the head beside the image feature."
     encoder = m.text_encoder or "all-MiniLM-L6-v2 (default)"
     return [f"- Text: {', '.join(cfg.loader.text_fields)}, read by `{encoder}`; {how}"]
+
+
+def _fused(fusion: dict | None) -> str:
+    """For a model made by `cxr-dist fuse`: which two runs, and how they were weighed."""
+    if not fusion:
+        return ""
+    w, members = fusion["weight_of_image"], fusion["members"]
+    how = "picked on validation's study AUROC" if fusion.get("picked_on") == "val" else "given by the user"
+    return (f"## Fused after training\n\nTwo runs trained separately, combined by `cxr-dist fuse`: the image run "
+            f"`{members['image']}` (the backbone, head and schedule above) and the text run `{members['text']}` "
+            f"(the text encoder and its head). The probability is sigmoid({w:.2f} logit p_image + {1 - w:.2f} "
+            f"logit p_text) of the two runs' calibrated probabilities, the weight {how}.")
 
 
 def label_definition(src: SourceConfig) -> str:

@@ -224,8 +224,8 @@ def build(image_run: str, text_run: str, out: str | Path, weight: float | None =
     evaluation["calibration"] = calibration
     write_json_atomic(out / "evaluation.json", evaluation)
     write_json_atomic(out / "fusion.json", record)
-    write_model_card(cfg, None, evaluation, out, temperature=temperature, calibration=calibration,
-                     ood=image_meta.get("ood"), evaluation_calibrated=True)
+    write_model_card(cfg, _index(cfg), evaluation, out, temperature=temperature, calibration=calibration,
+                     ood=image_meta.get("ood"), evaluation_calibrated=True, fusion=record)
     run_id = log_fused_run(cfg, out, evaluation, record)
     return {**record, "evaluation": evaluation, "mlflow_run_id": run_id}
 
@@ -252,15 +252,26 @@ def log_fused_run(cfg: Config, out: Path, evaluation: dict, record: dict) -> str
         return tracker.run_id
 
 
+def _index(cfg: Config):
+    """The image run's shard index (for the model card's counts), or None when its shards are gone."""
+    from ..data.index import load_index
+
+    try:
+        return load_index(cfg.data.shards_dir)
+    except (UserError, OSError):
+        return None
+
+
 def _example_film(cfg: Config) -> bytes | None:
     """The served model's input example: the first test film as the shards store it (as training
     logs it); None when the image run's shards are not where its config says."""
     import tarfile
 
-    from ..data.index import load_index
-
+    index = _index(cfg)
+    if index is None:
+        return None
     try:
-        with tarfile.open(load_index(cfg.data.shards_dir).shards(["test"])[0].path) as tar:
+        with tarfile.open(index.shards(["test"])[0].path) as tar:
             member = next((m for m in tar if m.name.endswith(".jpg")), None)
             return tar.extractfile(member).read() if member is not None else None
     except (UserError, OSError, IndexError, tarfile.TarError):
