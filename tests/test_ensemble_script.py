@@ -137,3 +137,27 @@ def test_compare_says_what_an_ensemble_reads_and_marks_a_leak(tmp_path, capsys):
     honest = tmp_path / "honest"  # the mean of two honest runs is not marked
     assert ensemble.main([str(runs["image"]), str(image_csv), "--write", str(honest)]) == 0
     assert paired.reads(str(honest)) == "ensemble of image + ?"
+
+
+def test_the_binormal_ceiling_matches_simulated_scores():
+    """bench/fusion_ceiling.py: the AUROC of the best linear mix of two correlated binormal scores,
+    against scores drawn from that model (the best mix of two equal-variance scores is known)."""
+    spec = importlib.util.spec_from_file_location("fusion_ceiling", ROOT / "bench" / "fusion_ceiling.py")
+    ceiling_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling_mod)
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    n, rho = 200_000, 0.3
+    da, db = 1.1, 0.55  # class-mean distances in within-class standard deviations
+    cov = [[1, rho], [rho, 1]]
+    neg = rng.multivariate_normal([0, 0], cov, n)
+    pos = rng.multivariate_normal([da, db], cov, n)
+    coef = np.linalg.solve(cov, [da, db])  # Fisher's discriminant: the best linear rule
+    scores = np.concatenate([neg @ coef, pos @ coef])
+    labels = np.r_[np.zeros(n), np.ones(n)]
+    auc = lambda d: float(norm.cdf(d / np.sqrt(2)))  # noqa: E731
+    want = ceiling_mod.ceiling(auc(da), auc(db), rho)
+    assert compute_metrics(scores, labels)["auroc"] == pytest.approx(want, abs=2e-3)
+    assert ceiling_mod.ceiling(0.8, 0.5, 0.0) == pytest.approx(0.8)  # a text at chance adds nothing
+    assert ceiling_mod.ceiling(0.8, 0.7, 0.5) < ceiling_mod.ceiling(0.8, 0.7, 0.0)  # what the image knows too
