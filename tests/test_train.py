@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from cxr_dist.config import ModelConfig
 from cxr_dist.model.classifier import build_model
 from cxr_dist.train.loop import seed_everything
-from tests.conftest import ROOT, VENV_BIN, _env, accelerate_launch, tiny_overrides
+from tests.conftest import QUICK_END, ROOT, VENV_BIN, _env, accelerate_launch, tiny_overrides
 from tests.train_hooks import wait_until_held
 
 pytestmark = pytest.mark.slow
@@ -86,12 +86,13 @@ def test_ranks_hold_identical_parameters_after_phase_two(ddp_run):
 
 def test_kill_then_resume_matches_uninterrupted(ddp_run, tiny_shards):
     tmp, _, ref_run, ref_params = ddp_run
+    # The end of the run is not under test here (QUICK_END): the reference run has it.
     run_dir = tmp / "killed"
     hold = tmp / "killed-hold"  # tests.train_hooks holds both ranks after epoch 1's checkpoint: no race
     hold.mkdir()
     args = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch/cpu_2proc.yaml"),
             "-m", "tests.train_hooks", "--hold", str(hold), "tests.rank_probe", str(tmp / "killed-params"),
-            *tiny_overrides(tiny_shards, run_dir)]
+            *tiny_overrides(tiny_shards, run_dir, *QUICK_END)]
     proc = subprocess.Popen(args, cwd=tmp, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     pids = wait_until_held(proc, hold)
@@ -99,7 +100,7 @@ def test_kill_then_resume_matches_uninterrupted(ddp_run, tiny_shards):
         os.kill(pid, signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    res, _, params = probe(tmp, tiny_shards, "killed")
+    res, _, params = probe(tmp, tiny_shards, "killed", *QUICK_END)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "resuming from" in res.stdout + res.stderr
     assert_same_state(params_of(ref_params, 0), params_of(params, 0), skip_running_stats=True)
@@ -115,12 +116,12 @@ def test_preemption_mid_epoch_saves_and_resumes_exactly(ddp_run, tiny_shards):
     the PREEMPTED marker, a mid-epoch checkpoint, and a resumed run identical to the uninterrupted one."""
     tmp, _, ref_run, ref_params = ddp_run
     # 3 steps per epoch with the tiny config (49 samples, 2 ranks x 8): check 5 = epoch 2, step 1.
-    res, run_dir, _ = probe(tmp, tiny_shards, "preempted", env={"CXR_DIST_FAULT_PREEMPT_AT_CHECK": "5"})
+    res, run_dir, _ = probe(tmp, tiny_shards, "preempted", *QUICK_END, env={"CXR_DIST_FAULT_PREEMPT_AT_CHECK": "5"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "finished=False" in res.stdout and (run_dir / "PREEMPTED").exists()
     meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
     assert (meta["progress"]["epoch"], meta["progress"]["step_in_epoch"]) == (1, 1)
-    res, _, params = probe(tmp, tiny_shards, "preempted")
+    res, _, params = probe(tmp, tiny_shards, "preempted", *QUICK_END)  # the end of the run: see ddp_run
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert_same_state(params_of(ref_params, 0), params_of(params, 0), skip_running_stats=True)
     assert len(json.loads((run_dir / "history.json").read_text())) == 3
@@ -165,13 +166,14 @@ def test_deepspeed_resume_restores_the_optimizer_state(ds_run, tiny_shards):
     a DeepSpeed resume did before) changes 22 parameters of the tiny model's last block."""
     config, tmp, _, ref_run, ref_params = ds_run
     env = {"CXR_DIST_FAULT_PREEMPT_AT_CHECK": "5"}  # epoch 2, step 1 (3 steps per epoch)
-    res, run_dir, _ = probe(tmp, tiny_shards, "preempted", config=config, env=env)
+    # The end of the run is not under test here (QUICK_END): the reference run (ds_run) has it.
+    res, run_dir, _ = probe(tmp, tiny_shards, "preempted", *QUICK_END, config=config, env=env)
     assert res.returncode == 0 and (run_dir / "PREEMPTED").exists(), res.stdout[-3000:] + res.stderr[-5000:]
     latest = run_dir / "checkpoints" / "latest"
     recorded = json.loads((latest / "COMPLETE").read_text())["files"]
     for rank in (0, 1):  # each rank's partition, written into the checkpoint and recorded
         assert f"deepspeed/pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in recorded
-    res, _, params = probe(tmp, tiny_shards, "preempted", config=config)
+    res, _, params = probe(tmp, tiny_shards, "preempted", *QUICK_END, config=config)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "resuming from" in res.stdout and "optimizer state not restored" not in res.stdout
     assert_same_state(params_of(ref_params, 0), params_of(params, 0), skip_running_stats=True)
