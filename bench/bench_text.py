@@ -5,8 +5,8 @@
     .venv/bin/python bench/bench_text.py --fields findings,impression --max-tokens 64 --encoder DIR
 
 Input: `indiana_reports.csv` of the team's IU copy (default ../shared/data/iu_xray_small/); each
-report's text is its chosen fields, each normalized and non-empty, as "field: text" joined by
-spaces. Times `TextEncoder.encode` (tokenization included, batches by length, no gradients) after a
+report's text is its chosen fields, each cleaned and non-empty, as "field: text" joined by
+spaces (data/text.joined_text, as in the shards). Times `TextEncoder.encode` (tokenization included, batches by length, no gradients) after a
 one-batch warm-up, and prints one JSON line: reports per second, reports cut at max_tokens, the mean
 number of tokens, the encoder and the machine. Without the CSV it says so and exits 0.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from cxr_dist.model.text_encoder import build_text_encoder, normalize_text
+from cxr_dist.data.text import joined_text
+from cxr_dist.model.text_encoder import build_text_encoder
 
 DEFAULT_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iu_xray_small" / "indiana_reports.csv"
 FIELDS = ("indication", "comparison", "findings", "impression")
@@ -35,11 +36,7 @@ def report_texts(path: Path, fields: list[str]) -> list[str]:
     missing = [c for c in fields if rows and c not in rows[0]]
     if missing:
         raise SystemExit(f"bench_text: {path} has no column {', '.join(missing)} (has {', '.join(rows[0])})")
-    texts = []
-    for row in rows:
-        parts = [(c, normalize_text(row.get(c))) for c in fields]
-        texts.append(" ".join(f"{c}: {t}" for c, t in parts if t))
-    return texts
+    return [joined_text(row, fields) for row in rows]  # as the shards join them
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,3 +272,32 @@ def test_offline_default_is_pretrained():
     cos = v @ v.T
     assert cos[0, 1] > cos[0, 2] + 0.3, cos  # related reports far closer than an unrelated sentence
     assert cos[3, 4] > cos[3, 2] + 0.3, cos
+
+
+def test_bench_text_runs_on_a_reports_csv(bert_dir, tmp_path):
+    # bench/bench_text.py as documented (docs/performance.md), on a 3-report CSV in the IU layout:
+    # it joins the fields as the shards do and prints one JSON line with the rate
+    import csv
+    import json
+
+    path = tmp_path / "indiana_reports.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["uid", "indication", "comparison", "findings", "impression"])
+        w.writerow([1, "chest pain", "", "the lungs are clear", "normal"])
+        w.writerow([2, "", "", "", ""])
+        w.writerow([3, "x", "none", SENTENCES[2], SENTENCES[3]])
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_text.py"
+    res = subprocess.run([sys.executable, str(bench), "--csv", str(path), "--encoder", str(bert_dir),
+                          "--fields", "indication,findings", "--max-tokens", "8", "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(bench.parents[1])})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (out["reports"], out["empty_reports"], out["dim"]) == (3, 1, 32)
+    assert out["fields"] == ["indication", "findings"] and out["reports_per_s"] > 0
+    assert out["n_truncated"] >= 1  # report 3's findings alone are more than 8 tokens
+    res = subprocess.run([sys.executable, str(bench), "--csv", str(path), "--fields", "indication,history"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(bench.parents[1])})
+    assert res.returncode != 0 and "no column history" in res.stderr
