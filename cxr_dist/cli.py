@@ -22,14 +22,14 @@ from .errors import run_main
 
 # sub-command -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
 COMMANDS = {
-    "prepare": ("cxr_dist.data.prepare", "Kaggle-layout IU X-ray folder -> uid-level splits -> WebDataset shards"),
+    "prepare": ("cxr_dist.data.prepare", "an IU folder, or a config's sources -> splits by patient -> WebDataset shards"),
     "train": ("cxr_dist.train.loop", "train the two-phase classifier (wrap in `accelerate launch` for DDP)"),
-    "evaluate": ("cxr_dist.product.evaluate_cli", "metrics of a checkpoint on a split or a Kaggle-layout folder (JSON)"),
-    "predict": ("cxr_dist.product.predict", "probability of 'abnormal' for each image"),
+    "evaluate": ("cxr_dist.product.evaluate_cli", "metrics of a checkpoint on a split of shards or on a folder (iu, nih, folder, csv)"),
+    "predict": ("cxr_dist.product.predict", "probability of 'abnormal' (or of each finding) for each image"),
     "export": ("cxr_dist.product.export", "a checkpoint -> ONNX (calibrated probabilities, dynamic batch)"),
     "audit-text": ("cxr_dist.eval.text_audit", "how much of the label each text field gives away (TF-IDF probe)"),
     "fuse": ("cxr_dist.runs.fuse", "an image run + a text run -> one late-fusion checkpoint (weight picked on val)"),
-    "compare": ("cxr_dist.runs.compare", "table of MLflow runs: differing params and best metrics"),
+    "compare": ("cxr_dist.runs.compare", "table of MLflow runs (differing params, best metrics); --paired: one run's gain"),
     "folds": ("cxr_dist.runs.compare", "summary (mean, spread) of the k-fold runs of an experiment"),
 }
 
@@ -50,7 +50,8 @@ def version() -> str:
 def _usage() -> str:
     lines = ["usage: cxr-dist COMMAND [options]   (cxr-dist COMMAND --help for details)",
              "       cxr-dist --version", "", "commands:"]
-    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "`cxr-dist train --help` lists every config field (dotted name, type, default, meaning)."]
     return "\n".join(lines)
 

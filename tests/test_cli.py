@@ -208,3 +208,12 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"cxr-dist {dist_version('cxr-dist')}"
     res = run_cmd([str(VENV_BIN / "cxr-dist"), "--version"], cwd=ROOT)
     assert res.returncode == 0 and res.stdout.strip() == f"cxr-dist {dist_version('cxr-dist')}"
+
+
+def test_usage_lists_every_command_in_one_column():
+    usage = cli._usage().splitlines()
+    lines = usage[usage.index("commands:") + 1: usage.index("commands:") + 1 + len(cli.COMMANDS)]
+    assert [line.split()[0] for line in lines] == list(cli.COMMANDS)
+    # each description starts in the same column, after the longest name ("audit-text") and a space
+    starts = {len(line) - len(line[2:].split(" ", 1)[1].lstrip()) for line in lines}
+    assert starts == {2 + max(map(len, cli.COMMANDS)) + 1}
