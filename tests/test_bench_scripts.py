@@ -1,7 +1,7 @@
 """The documented GPU experiment script (bench/gpu_experiments.sh) end to end, on the CPU.
 
 No GPU here: the script runs its real pipeline (prepare -> concurrent training runs -> summary,
-and the salvage of a run stopped by RUN_LIMIT) on a tiny dataset with a tiny schedule, in fp32,
+and the salvage of a run stopped before its end) on a tiny dataset with a tiny schedule, in fp32,
 with the offline Lite1 weights (its default); `bench_gpu.py` refuses without CUDA and the
 script goes on. What only a GPU shows (speed, bf16) is in docs/performance.md, section 5.
 """
