@@ -58,7 +58,7 @@ for name in "${names[@]}"; do
     read -r config overrides <<< "${VARIANT[$name]}"
     # Few intra-op threads: the GPU computes; the runs and their data workers share the cores.
     # shellcheck disable=SC2086  # the variant's overrides are meant to split into words
-    OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$RUN_LIMIT" "$PY" -m cxr_dist.train --config "$config" \
+    OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout -k 120 "$RUN_LIMIT" "$PY" -m cxr_dist.train --config "$config" \
         --data.shards_dir "$SHARDS" --train.run_dir "$OUT/runs/$name" --train.cache_views 0 \
         --train.mixed_precision bf16 --loader.num_workers "$WORKERS" --model.weights "$WEIGHTS" \
         --tracking.enabled false $overrides "$@" > "$OUT/runs/$name.log" 2>&1 &

@@ -176,3 +176,34 @@ class PreemptionWatch:
         from .fileio import write_bytes_atomic
 
         write_bytes_atomic(self.flag_file.parent / PREEMPTED_FILE, (json.dumps(info) + "\n").encode())
+
+
+# SIGTERM: scancel, SLURM's time limit, `timeout`, torchrun stopping the other ranks after one
+# failed. Unhandled, it kills without unwinding and leaves the MLflow run RUNNING; as SystemExit
+# it unwinds `with tracker` and ends the run KILLED. But Python drops an exception that a signal
+# handler raises where nothing can catch it (an at-fork hook, a __del__): seen here when SIGTERM
+# landed while a DataLoader worker forked ("Exception ignored in: _releaseLock"), and the run
+# trained on to its last epoch, 1 try in 5 under `timeout`. So the signal is also remembered:
+# `raise_if_terminated()` (once per training step) raises it again, and an alarm ends the process
+# (SIGALRM's default action) if it is still alive TERM_GRACE_S later, however it got stuck.
+TERM_GRACE_S = 60
+_terminated = 0
+
+
+def exit_on_sigterm() -> None:
+    """Main thread, once: SIGTERM becomes SystemExit(143) (see above)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _terminated
+    if not _terminated:
+        _terminated = signum
+        signal.alarm(TERM_GRACE_S)
+    raise SystemExit(128 + signum)
+
+
+def raise_if_terminated() -> None:
+    """SystemExit if SIGTERM arrived, even when the handler's own exception was dropped."""
+    if _terminated:
+        raise SystemExit(128 + _terminated)

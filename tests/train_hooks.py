@@ -10,6 +10,10 @@ MODULE runs as `python -m MODULE` would run it (runpy), after these patches of t
     signal or kill a run "in the middle of training" waits for the held files instead of racing the
     end of a tiny run: the run cannot end before the test has acted. The wait is plain Python
     (time.sleep), so signal handlers (SIGTERM -> SystemExit, SIGUSR1 -> preemption) run at once.
+--sigterm-at-fork N: at this process's N-th fork (a DataLoader worker starting), the parent sends
+    itself SIGTERM from an at-fork hook, so the handler's SystemExit is raised inside the hook,
+    where Python prints "Exception ignored" and drops it: what a SIGTERM arriving while a worker
+    forks does, 1 try in 5 under `timeout`, made certain.
 --record DIR: every rank appends to DIR/rank<R>.jsonl one line per training batch it consumed
     ({"epoch", "keys"}), and one line per file-system write under the run folder
     ({"write": event, "path"}) seen by Python's audit hooks (open for writing, rename/replace,
@@ -75,6 +79,19 @@ def install_hold(hold_dir: Path, epoch: int, loop=None, per_run: bool = False) -
             time.sleep(0.05)
 
     loop.save_state = save_then_hold
+
+
+def install_sigterm_at_fork(n: int) -> None:
+    import signal
+
+    forks = []
+
+    def after_in_parent() -> None:
+        forks.append(True)
+        if len(forks) == n:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside the hook
+
+    os.register_at_fork(after_in_parent=after_in_parent)
 
 
 def install_record(record_dir: Path, run_dir: str | None) -> None:
@@ -143,12 +160,15 @@ def main() -> None:
     ap.add_argument("--hold", type=Path)
     ap.add_argument("--hold-epoch", type=int, default=1)
     ap.add_argument("--record", type=Path)
+    ap.add_argument("--sigterm-at-fork", type=int, default=0)
     ap.add_argument("module")
     ap.add_argument("argv", nargs=argparse.REMAINDER)  # everything after MODULE is the module's own
     args = ap.parse_args()
     argv = args.argv
     if args.hold:
         install_hold(args.hold, args.hold_epoch)
+    if args.sigterm_at_fork:
+        install_sigterm_at_fork(args.sigterm_at_fork)
     if args.record:
         run_dir = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--train.run_dir"), None)
         install_record(args.record, run_dir)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import time
 
 import numpy as np
@@ -187,6 +186,7 @@ def train_epoch(run: Run, epoch: int, resume: dict | None = None) -> tuple[dict 
         # Only a mid-epoch checkpoint's RNG: after a whole epoch, the epoch seed above is what ran.
         if step == skip and resume is not None and resume.get("partial") is not None:
             restore_rng(resume)
+        dist.raise_if_terminated()
         if run.watch.requested():
             progress.step_in_epoch = step
             return None, {"probs": _cat(probs), "labels": _cat(labels), "loss_sum": loss_sum}
@@ -225,10 +225,6 @@ def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(xs) if xs else torch.zeros(0)
 
 
-def _exit_on_signal(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train; a UserError (ConfigError included) propagates to `run_main`, which prints it."""
     parser = argparse.ArgumentParser(prog="cxr_dist.train", description=__doc__.splitlines()[0],
@@ -248,10 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(accelerator.is_main_process, accelerator.process_index)
     resuming = cfg.train.resume and latest_checkpoint(cfg.train.run_dir) is not None
     tracker = make_tracker(cfg.tracking, accelerator.is_main_process, cfg.train.run_dir, resume=resuming)
-    # SIGTERM (scancel, the time limit, torchrun stopping the other ranks after one failed)
-    # kills without unwinding and would leave the MLflow run RUNNING; as SystemExit it ends
-    # the run KILLED. (SLURM's early warning is SIGUSR1/PREEMPT, handled by dist.PreemptionWatch.)
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    # SIGTERM ends the MLflow run KILLED (dist.exit_on_sigterm). SLURM's early warning is
+    # SIGUSR1/PREEMPT, handled by dist.PreemptionWatch: a checkpoint and a requeue.
+    dist.exit_on_sigterm()
     with tracker:
         tracker.set_tags(run_tags(cfg, leaks))
         finished, _ = train(cfg, accelerator, tracker, index)
