@@ -140,3 +140,27 @@ def test_fuse_refuses_bad_input_with_one_line(two_runs, case, capsys):
         assert [p.name for p in out.iterdir()] == ["mine.txt"]  # nothing of the user's touched
     else:
         assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_leaking_text_run_makes_a_leaking_fused_run(two_runs, capsys, caplog):
+    # A text run that reads the findings (allowed on purpose, to measure the leak): fused with the
+    # image run, the leak must stay visible: a warning, LEAK in compare, the card's first limitation.
+    shards, image, _, tmp = two_runs
+    leaking = tmp / "text-findings"
+    res = run_cmd([sys.executable, "-m", "cxr_dist.train", *tiny_overrides(shards, leaking),
+                   "--train.cache_views", "1", "--tracking.enabled", "false", "--product.cam_images", "0",
+                   "--model.kind", "text", "--model.text_encoder", str(tmp / "bert"),
+                   "--train.phases.1.unfreeze_blocks", "0",
+                   "--loader.text_fields", '["findings"]', "--loader.allow_label_leakage", "true"], cwd=tmp, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = tmp / "fused-leak"
+    with caplog.at_level("WARNING"):
+        assert run_main(PROG, main, [str(image), str(leaking), "--out", str(out), "--no-tracking"],
+                        setup_logging=False) == 0
+    assert "LABEL LEAKAGE" in caplog.text and "findings" in caplog.text
+    assert reads(str(out)) == "image+text late fusion (findings) LEAK"
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "**LABEL LEAKAGE: this model reads findings" in card.split("## Model")[0]  # before any number
+    limits = card[card.index("## Known limitations"):]
+    assert limits.split("\n- ")[1].startswith("**LABEL LEAKAGE.**")  # the first limitation

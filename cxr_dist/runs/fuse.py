@@ -40,6 +40,7 @@ decision. `--no-tracking` logs nothing.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -49,6 +50,8 @@ from ..config import Config, dump_toml, from_dict, replace, to_dict, upgrade, va
 from ..errors import CheckpointError, UserError, run_main
 from ..fileio import write_bytes_atomic, write_json_atomic
 from .tracking import check_reachable, log_evaluation, make_tracker, resolve_uri, run_tags
+
+log = logging.getLogger(__name__)
 
 # eval/, model/ and product/ (torch, scipy, scikit-learn) are imported inside the functions:
 # `--help` stays instant.
@@ -177,6 +180,10 @@ def build(image_run: str, text_run: str, out: str | Path, weight: float | None =
         raise UserError(f"--weight must be in [0, 1] (the image run's share), not {weight}")
     t_image, t_text = temperature_of(image_meta), temperature_of(text_meta)
     cfg = fused_config(image_cfg, text_cfg, out)
+    if cfg.loader.allow_label_leakage:  # fused, the leak stays the leak: said as training says it
+        log.warning("LABEL LEAKAGE: the text run %s reads %s with loader.allow_label_leakage = true, so the fused "
+                    "model does too: its scores measure the leak, not the film", text_run,
+                    ", ".join(cfg.loader.text_fields))
     if tracking is not None:
         cfg = replace(cfg, tracking=replace(cfg.tracking, enabled=bool(tracking), uri=tracking or cfg.tracking.uri))
     if cfg.tracking.enabled:  # an unreachable server: said before anything is written
