@@ -4,7 +4,8 @@
 # Edit here: partition, account, time, CPUs (the #SBATCH lines; ##SBATCH lines are off).
 #
 #   sbatch slurm/prepare.sh --data /path/to/iu-xray --out shards [--config configs/x.toml]
-#   sbatch --array=0-7 slurm/prepare.sh --config configs/nih.toml --out shards     # 8 tasks + merge
+#   sbatch --array=0-7 slurm/prepare.sh --config my_nih.toml --out shards     # 8 tasks + merge
+#   (my_nih.toml: your config with a [[data.sources]] entry of format = "nih", docs/sources.md)
 #
 # Workers default to the CPUs of the job (--data.prepare_workers given explicitly wins).
 #
