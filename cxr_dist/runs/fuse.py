@@ -231,14 +231,17 @@ def build(image_run: str, text_run: str, out: str | Path, weight: float | None =
     evaluation["calibration"] = calibration
     write_json_atomic(out / "evaluation.json", evaluation)
     write_json_atomic(out / "fusion.json", record)
-    write_model_card(cfg, _index(cfg), evaluation, out, temperature=temperature, calibration=calibration,
+    index = _index(cfg)
+    write_model_card(cfg, index, evaluation, out, temperature=temperature, calibration=calibration,
                      ood=image_meta.get("ood"), evaluation_calibrated=True, fusion=record)
-    run_id = log_fused_run(cfg, out, evaluation, record)
-    return {**record, "evaluation": evaluation, "mlflow_run_id": run_id}
+    run_id = log_fused_run(cfg, out, evaluation, record, index)
+    members = {s: {"image": report(a[s]), "text": report(b[s])} for s in splits}  # for the command's table
+    return {**record, "evaluation": evaluation, "members_evaluation": members, "mlflow_run_id": run_id}
 
 
-def log_fused_run(cfg: Config, out: Path, evaluation: dict, record: dict) -> str | None:
-    """The fused run in MLflow (module docstring); its run id, or None when tracking is off."""
+def log_fused_run(cfg: Config, out: Path, evaluation: dict, record: dict, index) -> str | None:
+    """The fused run in MLflow (module docstring); its run id, or None when tracking is off.
+    `index`: the image run's shard index (`_index`), for the served model's example film."""
     from ..model.checkpoint import find_checkpoint
     from ..product.serve import log_servable
 
@@ -255,7 +258,7 @@ def log_fused_run(cfg: Config, out: Path, evaluation: dict, record: dict) -> str
         log_evaluation(tracker, evaluation, 0)
         for name in ("config.toml", "evaluation.json", "predictions.csv", "fusion.json", "MODEL_CARD.md"):
             tracker.log_artifact(out / name)
-        log_servable(tracker, find_checkpoint(out, "best"), _example_film(cfg))
+        log_servable(tracker, find_checkpoint(out, "best"), _example_film(index))
         return tracker.run_id
 
 
@@ -269,12 +272,11 @@ def _index(cfg: Config):
         return None
 
 
-def _example_film(cfg: Config) -> bytes | None:
+def _example_film(index) -> bytes | None:
     """The served model's input example: the first test film as the shards store it (as training
-    logs it); None when the image run's shards are not where its config says."""
+    logs it); None when the image run's shards are not where its config says (`index` None)."""
     import tarfile
 
-    index = _index(cfg)
     if index is None:
         return None
     try:
@@ -304,21 +306,17 @@ def main(argv: list[str] | None = None) -> int:
                                               "image run logged, if it did)")
     track.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     args = ap.parse_args(argv)
-    from ..eval.evaluate import read_predictions, report
-
     tracking = "" if args.no_tracking else args.tracking_uri
     result = build(args.image_run, args.text_run, args.out, args.weight, tracking)
     w = result["weight_of_image"]
     how = "picked on val" if result["val_study_auroc_by_weight"] else "given"
     print(f"weight of the image run: {w:.2f} ({how}); of the text run: {1 - w:.2f}")
-    a, b = read_predictions(args.image_run), read_predictions(args.text_run)
     print("| split | image run (image / study AUROC) | text run | fused |")
     print("|---|---|---|---|")
-    for split, rep in result["evaluation"].items():
-        if split in a and split in b and "image_level" in rep:
-            ra, rb = report(a[split]), report(b[split])
-            print(f"| {split} | " + " | ".join(f"{_auroc(r, 'image_level')} / {_auroc(r, 'study_level')}"
-                                                for r in (ra, rb, rep)) + " |")
+    for split, members in result["members_evaluation"].items():
+        reps = (members["image"], members["text"], result["evaluation"][split])
+        print(f"| {split} | " + " | ".join(f"{_auroc(r, 'image_level')} / {_auroc(r, 'study_level')}"
+                                            for r in reps) + " |")
     print(f"wrote {Path(args.out) / 'checkpoints' / 'best'} and the run's files "
           f"(`cxr-dist compare --paired {args.image_run} {args.out}` scores the gain)")
     if result["mlflow_run_id"]:
